@@ -1,0 +1,170 @@
+"""The one loop: every stream is segments of adapt / train / eval steps, every strategy answers the same three calls.
+
+Per segment: materialise it on the device, run its steps (no host sync inside), then move the segment's
+predictions to the host once, append its rows to the run folder and checkpoint, so an interrupted run keeps
+every finished segment and ``resume=True`` continues after the last one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ctta.errors import ConfigError, UnsupportedError
+from ctta.evaluation import DEFINITIONS, CostMeter, Recorder, SegmentAccumulator, error_table, plot_accuracy, run_metrics
+from ctta.streams.base import Stream
+from ctta.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` picks CUDA when available; anything torch cannot use is a one-line error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def check_compatible(stream: Stream, strategy: Strategy) -> None:
+    """Refuse, before any work, a stream whose step kinds or setting the strategy does not support."""
+    missing = sorted(stream.step_kinds - strategy.step_kinds)
+    if missing:
+        raise UnsupportedError(
+            f"strategy {strategy.name!r} cannot run stream {stream.name!r}: the stream has {'/'.join(missing)} "
+            f"steps, the strategy supports only {'/'.join(sorted(strategy.step_kinds))}")
+    if stream.setting not in strategy.settings:
+        raise UnsupportedError(
+            f"strategy {strategy.name!r} is not meant for the {stream.setting!r} setting of stream {stream.name!r}; "
+            f"it supports: {', '.join(sorted(strategy.settings))}")
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the per-step and per-segment tables, the summary and the run folder (if any)."""
+
+    summary: Dict[str, Any]
+    steps: pd.DataFrame
+    segments: pd.DataFrame
+    out: Optional[Path] = None
+    files: Dict[str, Path] = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        """One-row paper-style table: per-domain error (%), mean, forgetting and images/s."""
+        return error_table({self.summary["strategy"]: self.summary})
+
+    def plot(self, path: Optional[str | Path] = None) -> Path:
+        """Accuracy over time with domain boundaries, written to ``path`` (default: the run folder)."""
+        target = Path(path) if path else (self.out or Path(".")) / "accuracy_over_time.png"
+        return plot_accuracy(self.steps, target, title=f"{self.summary['strategy']} on {self.summary['stream']}")
+
+
+def _save_checkpoint(out: Path, payload: Dict[str, Any]) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = "auto",
+        out: Optional[str | Path] = None, resume: bool = False, progress: bool = True,
+        config: Optional[Mapping[str, Any]] = None) -> RunResult:
+    """Run ``strategy`` over ``stream`` on ``device``; write the run folder ``out`` as it goes when given."""
+    check_compatible(stream, strategy)
+    dev = resolve_device(device)
+    strategy.to(dev)
+    out_path = Path(out) if out is not None else None
+    recorder = Recorder(out_path)
+    first = 0
+    if resume:
+        if out_path is None or not (out_path / CHECKPOINT).is_file():
+            raise ConfigError(f"nothing to resume: no {CHECKPOINT} in {str(out_path)!r}")
+        ckpt = torch.load(out_path / CHECKPOINT, map_location=dev, weights_only=False)
+        if ckpt.get("stream_spec") != stream.spec or ckpt.get("strategy") != strategy.name:
+            raise ConfigError(f"cannot resume {str(out_path)!r}: it holds a run of {ckpt.get('strategy')!r} on "
+                              f"another stream spec; use a new --out folder")
+        strategy.load_checkpoint_state(ckpt["strategy_state"])
+        first = int(ckpt["next_segment"])
+        recorder.restore(first)
+        log.info("resuming %s after segment %d of %d", out_path, first, len(stream))
+    elif out_path is not None:
+        for name in ("steps.csv", "segments.csv", "summary.json", CHECKPOINT):
+            if (out_path / name).exists():
+                (out_path / name).unlink()
+    if config is not None and out_path is not None:
+        from ctta.config import dump_yaml
+
+        dump_yaml(config, out_path / "config.yaml")
+
+    meter = CostMeter(dev)
+    calls = {"adapt": lambda x, y: strategy.adapt(x), "train": strategy.learn,
+             "eval": lambda x, y: strategy.predict(x)}
+    bar = tqdm(total=stream.num_steps, initial=sum(s.num_batches for s in stream.segments[:first]),
+               disable=not progress, unit="step", dynamic_ncols=True, leave=False)
+    seen_domain = any(s.role == "domain" for s in stream.segments[:first])
+    try:
+        for index, seg in enumerate(stream.segments):
+            if index < first:
+                continue
+            if stream.reset_each_domain and seg.role == "domain":
+                if seen_domain:
+                    strategy.reset()
+                seen_domain = True
+            bar.set_description(seg.name)
+            x_all, y_all = seg.load(dev)
+            acc = SegmentAccumulator()
+            call = calls[seg.kind]
+            meter.start()
+            for i in range(0, x_all.shape[0], seg.batch_size):
+                x, y = x_all[i:i + seg.batch_size], y_all[i:i + seg.batch_size]
+                acc.update(call(x, y), y)
+                bar.update(1)
+            seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)
+            rec = acc.finish()
+            recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds)
+            log.info("%-24s %-5s accuracy %.2f%%  (%.1f img/s)", seg.name, seg.kind, 100 * rec.accuracy,
+                     rec.n / max(seconds, 1e-12))
+            if out_path is not None:
+                _save_checkpoint(out_path, {"next_segment": index + 1, "strategy": strategy.name,
+                                            "stream_spec": stream.spec,
+                                            "strategy_state": strategy.checkpoint_state()})
+    except KeyboardInterrupt:
+        bar.close()
+        if out_path is not None:
+            log.warning("interrupted: finished segments are in %s; continue with resume (--resume)", out_path)
+        raise
+    bar.close()
+
+    segments = recorder.segments()
+    summary: Dict[str, Any] = {"stream": stream.name, "strategy": strategy.name, "device": str(dev),
+                               "stream_spec": stream.spec}
+    summary.update(run_metrics(segments))
+    summary.update(meter.summary(strategy.trainable_parameters()))
+    summary["memory_kind"] = meter.memory_kind()
+    summary["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in summary or k == "domain_error"}
+    result = RunResult(summary=summary, steps=recorder.steps(), segments=segments, out=out_path)
+    if out_path is not None:
+        recorder.write_summary(summary)
+        result.table().to_csv(out_path / "domains.csv", index_label="strategy")
+        result.files = {"steps": out_path / "steps.csv", "segments": out_path / "segments.csv",
+                        "domains": out_path / "domains.csv", "summary": out_path / "summary.json",
+                        "plot": result.plot()}
+        if config is not None:
+            result.files["config"] = out_path / "config.yaml"
+    return result

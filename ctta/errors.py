@@ -1,0 +1,29 @@
+"""User-facing errors: each names the problem in one line; the CLI prints them without a traceback."""
+from __future__ import annotations
+
+
+class CttaError(Exception):
+    """Base of every error that is the user's input rather than a bug; printed as one line by the CLI."""
+
+
+class UnknownNameError(CttaError, KeyError):
+    """A stream, strategy, backbone or corruption name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(CttaError, ValueError):
+    """A malformed config file, override or argument value."""
+
+
+class DataNotFoundError(CttaError, FileNotFoundError):
+    """A dataset that is not where it was asked for; the message says how to get it."""
+
+
+class CheckpointError(CttaError, ValueError):
+    """A checkpoint that cannot be read or does not fit the backbone."""
+
+
+class UnsupportedError(CttaError, ValueError):
+    """A strategy asked to run a stream (step kind or setting) it does not support."""

@@ -1,0 +1,107 @@
+"""The strategy interface: what the engine calls on each step, what a strategy declares it supports, and the registry."""
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ctta.registry import Registry
+
+STEP_KINDS: FrozenSet[str] = frozenset({"adapt", "train", "eval"})
+
+STRATEGIES: Registry[type] = Registry("strategy")
+
+
+class Strategy(nn.Module):
+    """A learner wrapped around a backbone; the engine drives it one batch at a time.
+
+    * ``adapt(x)``: predict on an unlabelled batch, then (optionally) adapt on it; returns the prediction's logits.
+    * ``learn(x, y)``: a labelled batch of a learning session; returns the logits seen before the update.
+    * ``predict(x)``: logits only, no change of state (``eval`` steps).
+
+    Subclasses declare ``step_kinds`` (which of adapt/train/eval they handle) and ``settings`` (the stream
+    settings they are meant for, e.g. ``"tta"`` or ``"class_incremental"``); the engine refuses a stream that
+    needs something else before any work starts. ``configure()`` puts the model in the state the method needs,
+    and the initial state is kept so ``reset()`` can return to it.
+    """
+
+    name: ClassVar[str] = ""
+    step_kinds: ClassVar[FrozenSet[str]] = frozenset({"adapt", "eval"})
+    settings: ClassVar[FrozenSet[str]] = frozenset({"tta"})
+
+    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.seed = seed
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._generator: Optional[torch.Generator] = None
+        self._initial: Optional[Dict[str, Any]] = None
+
+    # --- the three step kinds -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits for ``x`` without changing any state."""
+        return self.model(x)
+
+    def adapt(self, x: Tensor) -> Tensor:
+        """Predict on an unlabelled batch, then adapt on it; the default adapts nothing."""
+        return self.predict(x)
+
+    def learn(self, x: Tensor, y: Tensor) -> Tensor:
+        """Learn from a labelled batch; strategies that support ``train`` steps override this."""
+        raise NotImplementedError(f"strategy {self.name!r} does not learn from labelled batches")
+
+    # --- state ------------------------------------------------------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The strategy's random generator on ``device`` (seeded), for masks and sampling drawn on the device."""
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """Parameters the method updates (used for the cost report)."""
+        if self.optimizer is None:
+            return []
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def remember_initial_state(self) -> None:
+        """Keep the configured state so :meth:`reset` can return to it; call at the end of ``__init__``."""
+        self._initial = copy.deepcopy(self.checkpoint_state())
+
+    def reset(self) -> None:
+        """Return to the state right after construction (used by reset-each-shift streams)."""
+        if self._initial is None:
+            raise RuntimeError(f"strategy {self.name!r} did not record its initial state")
+        self.load_checkpoint_state(copy.deepcopy(self._initial))
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """Everything needed to resume: module tensors, optimizer state and random generator state."""
+        return {
+            "module": self.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "generator": self._generator.get_state() if self._generator is not None else None,
+            "extra": self.extra_state(),
+        }
+
+    def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        self.load_state_dict(state["module"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("generator") is not None and self._generator is not None:
+            self._generator.set_state(state["generator"])
+        self.load_extra_state(state.get("extra"))
+
+    def extra_state(self) -> Any:
+        """Non-tensor state a subclass must carry across a resume (e.g. an augmentation generator)."""
+        return None
+
+    def load_extra_state(self, state: Any) -> None:
+        return None
+
+
+def register(cls: type) -> type:
+    """Class decorator: register a strategy under its ``name``."""
+    STRATEGIES.register(cls.name, cls)
+    return cls

@@ -1,0 +1,41 @@
+"""Fine-tuning: plain supervised SGD on every labelled batch (the lower bound of continual-learning tables)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Strategy, register
+
+
+@register
+class Finetune(Strategy):
+    """Cross-entropy on ``train`` steps with SGD on all weights; ``eval`` steps predict in eval mode."""
+
+    name = "finetune"
+    step_kinds = frozenset({"train", "eval"})
+    settings = frozenset({"class_incremental", "domain_incremental", "online_cl", "tta"})
+
+    def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
+                 seed: int = 0) -> None:
+        super().__init__(model, seed)
+        self.model.requires_grad_(True)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.model.eval()
+        self.remember_initial_state()
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(x)
+
+    def learn(self, x: Tensor, y: Tensor) -> Tensor:
+        self.model.train()
+        with torch.enable_grad():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return logits.detach()

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models and tiny data made by the tests themselves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU x2, pooling, linear: small enough for CPU tests, with every layer kind the strategies touch."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_tiny(seed: int = 0, num_classes: int = 4) -> TinyNet:
+    torch.manual_seed(seed)
+    m = TinyNet(num_classes)
+    # non-trivial source statistics, as a trained model would have
+    for bn in (m.bn1, m.bn2):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.fixture
+def tiny_model() -> TinyNet:
+    return make_tiny()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(16, 3, 8, 8, generator=g)
+
+
+@pytest.fixture
+def npz_dataset(tmp_path: Path) -> Path:
+    """A CIFAR-like .npz test set: 60 images of 32x32 (uint8 NHWC), 10 classes."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "test.npz"
+    np.savez(path, images=rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(60) % 10, classes=np.array([f"c{i}" for i in range(10)]))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the demo model cache inside the test session, never in the user's home."""
+    monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,90 @@
+"""The command line end to end on temporary data, and each bad input's one-line error."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ctta.cli import main
+
+
+def _run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_end_to_end_writes_every_output(tmp_path, npz_dataset, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, "--stream", "cifar10c", "--strategy", "source,tent", "--backbone", "tiny_cnn",
+                             "--data-root", str(npz_dataset), "--corruptions", "gaussian_noise,contrast",
+                             "--num-samples", "20", "--batch-size", "10", "--device", "cpu", "--out", str(out),
+                             "--no-progress", "-q", "--set", "strategy.lr=0.01")
+    assert code == 0, err
+    assert "gaussian" in stdout and "mean" in stdout and "tent" in stdout
+    for strategy in ("source", "tent"):
+        d = out / strategy
+        for f in ("steps.csv", "segments.csv", "domains.csv", "summary.json", "config.yaml", "accuracy_over_time.png"):
+            assert (d / f).is_file(), (strategy, f)
+        steps = pd.read_csv(d / "steps.csv")
+        assert len(steps) == 2 * 2 + 2 * 2  # 2 domains + 2 clean probes, 2 batches each
+        assert json.loads((d / "summary.json").read_text())["stream_spec"]["num_samples"] == 20
+    assert (out / "comparison.csv").is_file() and (out / "accuracy_over_time.png").is_file()
+    assert "lr: 0.01" in (out / "tent" / "config.yaml").read_text()
+
+
+def test_cli_list(capsys):
+    code, out, _ = _run(capsys, "list")
+    assert code == 0
+    for name in ("cifar10c", "digits_c", "cotta", "tent", "bn", "source", "resnet20_cifar", "wrn28_10_cifar"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stream", "cifar10x", "--strategy", "tent"], "unknown stream 'cifar10x'. Did you mean 'cifar10c'?"),
+    (["--stream", "cifar10c", "--strategy", "tnet"], "unknown strategy 'tnet'. Did you mean 'tent'?"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--set", "strategy.momentum=3"], "no hyperparameter 'momentum'"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--device", "tpu"], "device"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "gausian_noise"], "unknown corruption"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, npz_dataset, capsys, args, message):
+    code, _, err = _run(capsys, *args, "--data-root", str(npz_dataset), "--backbone", "tiny_cnn", "--no-progress",
+                        "-q", "--out", str(tmp_path / "r"))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--severity", "6"], "severity must be an integer from 1 to 5"),
+    (["--batch-size", "0"], "expected a positive integer"),
+])
+def test_cli_bad_numbers(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--stream", "cifar10c", "--strategy", "tent", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_dataset_says_where_and_how(tmp_path, capsys):
+    code, _, err = _run(capsys, "--stream", "cifar10c", "--strategy", "source", "--data-root", str(tmp_path / "nope"),
+                        "--backbone", "tiny_cnn", "-q", "--no-progress")
+    assert code == 2 and str(tmp_path / "nope") in err and "download" in err
+
+
+def test_cli_checkpoint_that_does_not_fit(tmp_path, npz_dataset, capsys):
+    import torch
+
+    bad = tmp_path / "bad.th"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, bad)
+    code, _, err = _run(capsys, "--stream", "cifar10c", "--strategy", "source", "--data-root", str(npz_dataset),
+                        "--backbone", "resnet20_cifar", "--weights", str(bad), "-q", "--no-progress")
+    assert code == 2 and "conv1.weight" in err
+
+
+def test_cli_malformed_config(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("stream:\n  name: cifar10c\n strategy: tent\n")
+    code, _, err = _run(capsys, "--config", str(cfg))
+    assert code == 2 and "not valid YAML" in err
