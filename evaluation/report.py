@@ -41,12 +41,14 @@ def plot_accuracy(steps: pd.DataFrame, path: Path, title: str = "", window: int 
         curves = {"accuracy": steps}
     fig, ax = plt.subplots(figsize=(11, 4))
     for label, df in curves.items():
-        d = df[df["kind"] != "eval"]
+        d = df[df["kind"] != "eval"].reset_index(drop=True)
         x = range(len(d))
-        acc = 100 * d["accuracy"].to_numpy()
-        line, = ax.plot(x, acc, lw=0.6, alpha=0.35)
-        ax.plot(x, pd.Series(acc).rolling(window, min_periods=1).mean(), lw=1.8, color=line.get_color(),
-                label=f"{label} (rolling mean, {window} steps)")
+        acc = 100 * d["accuracy"]
+        line, = ax.plot(x, acc.to_numpy(), lw=0.6, alpha=0.35)
+        # the rolling mean restarts at each domain, so a boundary is not smeared over the next window
+        rolling = acc.groupby(d["segment_index"]).transform(lambda a: a.rolling(window, min_periods=1).mean())
+        ax.plot(x, rolling.to_numpy(), lw=1.8, color=line.get_color(),
+                label=f"{label} (rolling mean over {window} steps within a domain)")
     ref = next(iter(curves.values()))
     d = ref[ref["kind"] != "eval"].reset_index(drop=True)
     seg = d["segment"].to_numpy()

@@ -19,6 +19,7 @@ read the anchor's confidence; the official code also always computes them); rest
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -58,7 +59,8 @@ class CoTTA(Strategy):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0,
                  steps: int = 1, mt: float = 0.999, rst: float = 0.01, ap: float = 0.92, views: int = 32,
-                 soft_augment: bool = False, views_per_chunk: Union[int, str] = "auto", seed: int = 0) -> None:
+                 soft_augment: bool = False, hflip_p: Optional[float] = None,
+                 views_per_chunk: Union[int, str] = "auto", seed: int = 0) -> None:
         super().__init__(model, seed)
         self.steps, self.mt, self.rst, self.ap, self.views = steps, mt, rst, ap, views
         self.views_per_chunk = views_per_chunk
@@ -67,7 +69,10 @@ class CoTTA(Strategy):
         self.source_state: Dict[str, Tensor] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.teacher = frozen_copy(self.model)
         self.anchor = frozen_copy(self.model)
-        self.augment = TTAAugment(AugmentConfig.soft() if soft_augment else AugmentConfig(), seed=seed)
+        aug = AugmentConfig.soft() if soft_augment else AugmentConfig()
+        if hflip_p is not None:  # e.g. 0 for data whose mirror image is another class (digits, text)
+            aug = dataclasses.replace(aug, hflip_p=hflip_p)
+        self.augment = TTAAugment(aug, seed=seed)
         params = [p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "bias")]
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(beta, 0.999), weight_decay=weight_decay)
         self.remember_initial_state()

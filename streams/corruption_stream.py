@@ -11,10 +11,10 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ctta.errors import ConfigError
+from ctta.errors import ConfigError, CttaError
 
 from .base import STREAMS, Segment, Stream, tensor_segment
-from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt
+from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
 from .datasets import ImageSet, load_corrupted, load_cifar
 
 ORDERS = ("continual", "random", "reset")
@@ -77,11 +77,13 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
         if pre is not None:
             seg = tensor_segment(f"{c}-{severity}", "adapt", pre.images[idx], pre.labels[idx], batch_size,
                                  meta={"corruption": c, "severity": severity, "source": "files"})
+        elif c not in generated_corruptions():
+            raise CttaError(f"corruption {c!r} cannot be generated yet (generated: {', '.join(generated_corruptions())})"
+                            f"; put the -C files ({c}.npy, labels.npy) under --data-root or choose other --corruptions")
         else:
             seg = tensor_segment(
                 f"{c}-{severity}", "adapt", clean.images[idx], clean.labels[idx], batch_size,
-                transform=lambda x, dev, c=c: corrupt(x, c, severity, seed=stable_seed(seed, c) % 2**31,
-                                                      params=params),
+                transform=lambda x, dev, c=c: corrupt(x, c, severity, seed=seed, params=params),
                 meta={"corruption": c, "severity": severity, "source": "generated"})
         segments.append(seg)
     if clean_eval:

@@ -1,6 +1,6 @@
 """The offline default dataset: scikit-learn's 8x8 handwritten digits (UCI), shipped inside the scikit-learn wheel.
 
-Real images that need no download: upsampled to 32x32 RGB so the CIFAR corruptions and CIFAR-size networks apply.
+Real images that need no download: upsampled to 16x16 RGB so the CIFAR corruptions apply and a CPU runs the demo in about a minute.
 The train/test split (2/3 : 1/3, stratified) is fixed by a seed so the cached source model and the stream agree.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from .datasets import ImageSet
 
 SPLIT_SEED = 0
-SIZE = 32
+SIZE = 16
 
 
 def load_digits(train: bool = False) -> ImageSet:
-    """The digits train or test split as uint8 3 x 32 x 32 images (bilinear upsampling of the 8x8 originals)."""
+    """The digits train or test split as uint8 3 x 16 x 16 images (bilinear upsampling of the 8x8 originals)."""
     from sklearn.datasets import load_digits as _load
 
     data = _load()

@@ -47,9 +47,12 @@ def test_cli_list(capsys):
     (["--stream", "cifar10c", "--strategy", "tent", "--set", "strategy.momentum=3"], "no hyperparameter 'momentum'"),
     (["--stream", "cifar10c", "--strategy", "tent", "--device", "tpu"], "device"),
     (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "gausian_noise"], "unknown corruption"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "fog"], "'fog' cannot be generated yet"),
+    (["--stream", "cifar10c", "--strategy", "finetune"], "strategy 'finetune' cannot run stream 'cifar10c'"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, npz_dataset, capsys, args, message):
-    code, _, err = _run(capsys, *args, "--data-root", str(npz_dataset), "--backbone", "tiny_cnn", "--no-progress",
+    code, _, err = _run(capsys, "--corruptions", "gaussian_noise", *args, "--data-root", str(npz_dataset),
+                        "--backbone", "tiny_cnn", "--no-progress",
                         "-q", "--out", str(tmp_path / "r"))
     assert code == 2
     assert message in err
@@ -69,7 +72,7 @@ def test_cli_bad_numbers(capsys, args, message):
 
 def test_cli_missing_dataset_says_where_and_how(tmp_path, capsys):
     code, _, err = _run(capsys, "--stream", "cifar10c", "--strategy", "source", "--data-root", str(tmp_path / "nope"),
-                        "--backbone", "tiny_cnn", "-q", "--no-progress")
+                        "--corruptions", "contrast", "--backbone", "tiny_cnn", "-q", "--no-progress")
     assert code == 2 and str(tmp_path / "nope") in err and "download" in err
 
 
@@ -79,7 +82,8 @@ def test_cli_checkpoint_that_does_not_fit(tmp_path, npz_dataset, capsys):
     bad = tmp_path / "bad.th"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, bad)
     code, _, err = _run(capsys, "--stream", "cifar10c", "--strategy", "source", "--data-root", str(npz_dataset),
-                        "--backbone", "resnet20_cifar", "--weights", str(bad), "-q", "--no-progress")
+                        "--corruptions", "contrast", "--backbone", "resnet20_cifar", "--weights", str(bad), "-q",
+                        "--no-progress")
     assert code == 2 and "conv1.weight" in err
 
 

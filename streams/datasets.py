@@ -1,0 +1,268 @@
+"""Clean CIFAR test/train sets and the released CIFAR-10-C / CIFAR-100-C files, loaded as uint8 tensors.
+
+Where the data may be (``root``): an ``.npz`` file with ``images`` (uint8 N x H x W x 3) and ``labels`` (optional
+``classes``); a folder holding such a file (``test.npz`` / ``train.npz`` or ``<name>_test.npz``); or a folder in
+torchvision's layout (``cifar-10-batches-py`` / ``cifar-100-python``), which torchvision downloads on request.
+The batch files are read here (the CIFAR python pickle format) rather than through ``torchvision.datasets`` so
+that a partial or re-packed folder loads without torchvision's whole-archive checksum test.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Literal, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctta.errors import ConfigError, DataNotFoundError
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+DatasetName = Literal["cifar10", "cifar100"]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+SEVERITIES = 5
+
+# torchvision's folder names and files (torchvision.datasets.CIFAR10 / CIFAR100)
+_TV_FOLDER = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_TV_TRAIN = {"cifar10": tuple(f"data_batch_{i}" for i in range(1, 6)), "cifar100": ("train",)}
+_TV_TEST = {"cifar10": ("test_batch",), "cifar100": ("test",)}
+_TV_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
+_C_FOLDER = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
+
+_HOW_TO_GET = ("pass --download when online, or point --data-root at a torchvision CIFAR folder or an .npz file "
+               "with 'images' (uint8 N x H x W x 3) and 'labels'")
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, N x 3 x H x W), their int64 labels and the class names: a dataset held in memory."""
+
+    images: Tensor
+    labels: Tensor
+    classes: List[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4 or self.images.shape[0] != self.labels.shape[0]:
+            raise ConfigError(f"an image set needs N x C x H x W images and N labels, got images of shape "
+                              f"{tuple(self.images.shape)} and {tuple(self.labels.shape)} labels")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, indices: Union[Tensor, Sequence[int], slice]) -> "ImageSet":
+        """The images at ``indices`` (a tensor, a list or a slice), same classes."""
+        if not isinstance(indices, (Tensor, slice)):
+            indices = torch.as_tensor(list(indices), dtype=torch.long)
+        return ImageSet(self.images[indices], self.labels[indices], list(self.classes))
+
+    def to(self, device: Union[str, torch.device]) -> "ImageSet":
+        """The same set with its tensors on ``device``."""
+        return ImageSet(self.images.to(device), self.labels.to(device), list(self.classes))
+
+    def float(self) -> Tensor:
+        """Images as float32 in [0, 1], the input range of the corruptions and the models."""
+        return self.images.float().div_(255.0) if self.images.dtype == torch.uint8 else self.images.float()
+
+
+def default_data_root() -> Path:
+    """``$CTTA_BENCH_DATA``, else ``$XDG_CACHE_HOME/ctta-bench/data``, else ``~/.cache/ctta-bench/data``."""
+    if os.environ.get("CTTA_BENCH_DATA"):
+        return Path(os.environ["CTTA_BENCH_DATA"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ctta-bench" / "data"
+
+
+def _check_name(name: str) -> str:
+    if name not in NUM_CLASSES:
+        raise ConfigError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {name!r}")
+    return name
+
+
+def _default_classes(name: str) -> List[str]:
+    return list(CIFAR10_CLASSES) if name == "cifar10" else [str(i) for i in range(NUM_CLASSES[name])]
+
+
+def _to_imageset(images: np.ndarray, labels: np.ndarray, classes: Optional[Sequence[str]], name: str,
+                 source: Path) -> ImageSet:
+    """Check and convert NHWC uint8 images and labels read from ``source`` into an :class:`ImageSet`."""
+    images, labels = np.asarray(images), np.asarray(labels).reshape(-1)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(f"{source}: 'images' must be uint8 N x H x W x 3, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.integer) or images.min(initial=0) < 0 or images.max(initial=0) > 255:
+            raise ConfigError(f"{source}: 'images' must be uint8 (0..255), got dtype {images.dtype}")
+        images = images.astype(np.uint8)
+    if labels.shape[0] != images.shape[0]:
+        raise ConfigError(f"{source}: {images.shape[0]} images but {labels.shape[0]} labels")
+    classes = [str(c) for c in classes] if classes is not None else _default_classes(name)
+    n_cls = NUM_CLASSES[name]
+    if len(classes) != n_cls:
+        raise ConfigError(f"{source}: {len(classes)} classes, but {name} has {n_cls}; is this the right dataset?")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_cls):
+        raise ConfigError(f"{source}: labels must lie in 0..{n_cls - 1}, got {labels.min()}..{labels.max()}")
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(labels.astype(np.int64))
+    return ImageSet(images=x, labels=y, classes=classes)
+
+
+def _load_npz(path: Path, name: str) -> ImageSet:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("images", "labels") if k not in data.files]
+            if missing:
+                raise ConfigError(f"{path}: an .npz data set needs arrays 'images' and 'labels'; missing "
+                                  f"{', '.join(missing)} (has: {', '.join(data.files) or 'none'})")
+            classes = data["classes"].tolist() if "classes" in data.files else None
+            images, labels = data["images"], data["labels"]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
+    log.info("loaded %s from %s (%d images)", name, path, len(labels))
+    return _to_imageset(images, labels, classes, name, path)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _tv_folder(root: Path, name: str) -> Optional[Path]:
+    """The torchvision CIFAR folder at or inside ``root``, if it holds the meta file."""
+    for folder in (root / _TV_FOLDER[name], root):
+        if (folder / _TV_META[name][0]).is_file():
+            return folder
+    return None
+
+
+def _load_torchvision_folder(folder: Path, name: str, train: bool) -> ImageSet:
+    """Read the CIFAR python pickles (``data``: N x 3072 uint8 rows, channel-major; ``labels``/``fine_labels``)."""
+    files = (_TV_TRAIN if train else _TV_TEST)[name]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DataNotFoundError(f"{folder} is an incomplete {name} folder: missing {', '.join(missing)}; "
+                                f"{_HOW_TO_GET}")
+    meta_file, meta_key = _TV_META[name]
+    try:
+        classes = list(_unpickle(folder / meta_file)[meta_key])
+        xs, ys = [], []
+        for f in files:
+            batch = _unpickle(folder / f)
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"] if "labels" in batch else batch["fine_labels"]))
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise ConfigError(f"{folder}: not a readable {name} batch folder ({type(e).__name__}: {e})") from None
+    images = np.concatenate(xs).transpose(0, 2, 3, 1)
+    log.info("loaded %s %s split from %s (%d images)", name, "train" if train else "test", folder, len(images))
+    return _to_imageset(images, np.concatenate(ys), classes, name, folder)
+
+
+def _download(root: Path, name: str, train: bool) -> Path:
+    """Fetch the CIFAR archive into ``root`` with torchvision; any failure (offline, disk) is a DataNotFoundError."""
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    log.info("downloading %s into %s", name, root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cls(root=str(root), train=train, download=True)
+    except Exception as e:  # urllib, socket, checksum and disk errors all mean: no data here
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise DataNotFoundError(f"could not download {name} into {root} ({reason}); when offline, point "
+                                f"--data-root at a torchvision CIFAR folder or an .npz file") from None
+    folder = _tv_folder(root, name)
+    if folder is None:
+        raise DataNotFoundError(f"downloaded {name} into {root} but found no {_TV_FOLDER[name]} folder there")
+    return folder
+
+
+def _npz_candidates(name: str, train: bool) -> Tuple[str, ...]:
+    split = "train" if train else "test"
+    return (f"{split}.npz", f"{name}_{split}.npz")
+
+
+def load_cifar(name: DatasetName, root: Optional[PathLike], train: bool = False,
+               download: bool = False) -> ImageSet:
+    """The CIFAR-10/100 test (or train) split from an .npz file, a folder holding one, or a torchvision folder.
+
+    ``root=None`` means :func:`default_data_root`. With ``download=True`` a missing set is fetched by torchvision.
+    """
+    _check_name(name)
+    root = default_data_root() if root is None else Path(root).expanduser()
+    if root.is_file():
+        if root.suffix != ".npz":
+            raise ConfigError(f"data root {root} is a file but not an .npz file; {_HOW_TO_GET}")
+        return _load_npz(root, name)
+    if root.is_dir():
+        for fname in _npz_candidates(name, train):
+            if (root / fname).is_file():
+                return _load_npz(root / fname, name)
+        folder = _tv_folder(root, name)
+        if folder is not None:
+            return _load_torchvision_folder(folder, name, train)
+    elif root.suffix == ".npz":
+        raise DataNotFoundError(f"no {name} data: {root} does not exist; {_HOW_TO_GET}")
+    looked = [*_npz_candidates(name, train), f"{_TV_FOLDER[name]}/"]
+    if download:
+        return _load_torchvision_folder(_download(root, name, train), name, train)
+    where = f"in {root}" if root.is_dir() else f"at {root} (no such folder)"
+    raise DataNotFoundError(f"no {name} {'train' if train else 'test'} set {where}: looked for "
+                            f"{', '.join(looked)}; {_HOW_TO_GET}")
+
+
+def _c_folder(root: Path, name: str, corruption: str) -> Optional[Path]:
+    """The -C folder (``<root>/CIFAR-10-C`` or ``root`` itself) holding ``<corruption>.npy``, if any."""
+    base = root.parent if root.is_file() else root
+    for folder in (base / _C_FOLDER[name], base):
+        if (folder / f"{corruption}.npy").is_file():
+            return folder
+    return None
+
+
+def load_corrupted(name: DatasetName, root: Optional[PathLike], corruption: str,
+                   severity: int) -> Optional[ImageSet]:
+    """One severity of a released -C file (``CIFAR-10-C/<corruption>.npy``: 5 severities stacked), or None if absent.
+
+    ``root`` may be the data folder, an .npz file inside it, or the -C folder itself; None tells the caller to
+    generate the corruption instead.
+    """
+    _check_name(name)
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= SEVERITIES:
+        raise ConfigError(f"severity must be an integer from 1 to {SEVERITIES}, got {severity!r}")
+    if not corruption or Path(corruption).name != corruption:
+        raise ConfigError(f"not a corruption name: {corruption!r}")
+    root = default_data_root() if root is None else Path(root).expanduser()
+    folder = _c_folder(root, name, corruption)
+    if folder is None:
+        log.debug("no %s/%s.npy under %s; the corruption will be generated", _C_FOLDER[name], corruption, root)
+        return None
+    path, labels_path = folder / f"{corruption}.npy", folder / "labels.npy"
+    if not labels_path.is_file():
+        raise DataNotFoundError(f"{folder} holds {path.name} but no labels.npy; copy the whole "
+                                f"{_C_FOLDER[name]} folder")
+    try:
+        stack = np.load(path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(labels_path, mmap_mode="r", allow_pickle=False).reshape(-1)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable .npy file ({e})") from None
+    total = stack.shape[0]
+    if stack.ndim != 4 or total % SEVERITIES:
+        raise ConfigError(f"{path}: expected {SEVERITIES} severities x N images (N x H x W x 3) stacked, got "
+                          f"shape {stack.shape}")
+    n = total // SEVERITIES
+    sl = slice((severity - 1) * n, severity * n)
+    if labels.shape[0] == total:
+        labels = labels[sl]
+    elif labels.shape[0] != n:
+        raise ConfigError(f"{labels_path}: {labels.shape[0]} labels for {total} images in {path.name}")
+    log.info("using %s severity %d from %s", corruption, severity, path)
+    return _to_imageset(np.array(stack[sl]), np.array(labels), None, name, path)
+
+
+__all__ = ["CIFAR10_CLASSES", "ImageSet", "default_data_root", "load_cifar", "load_corrupted"]

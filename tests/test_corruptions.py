@@ -1,0 +1,299 @@
+"""Generated corruptions against NumPy oracles written from the published scripts (make_cifar_c.py, make_imagenet_c.py).
+
+The oracles follow the scripts' per-image HWC NumPy code (float64, clip, ``np.uint8`` truncation); deterministic
+corruptions must match almost exactly, noises in the statistics of (output - input).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctta.errors import ConfigError, CttaError, UnknownNameError
+from ctta.streams.corruptions import (CORRUPTION_ORDER, CORRUPTIONS, corrupt, corruption_seed,
+                                      generated_corruptions, quantize_8bit)
+
+FIVE = ("gaussian_noise", "shot_noise", "impulse_noise", "brightness", "contrast")
+
+# The scripts' constants, typed in again from the sources so a slip in either copy shows.
+LEVELS = {
+    "cifar10": {"gaussian_noise": [0.04, 0.06, .08, .09, .10], "shot_noise": [500, 250, 100, 75, 50],
+                "impulse_noise": [.01, .02, .03, .05, .07], "contrast": [.75, .5, .4, .3, 0.15],
+                "brightness": [.05, .1, .15, .2, .3]},
+    "imagenet": {"gaussian_noise": [.08, .12, 0.18, 0.26, 0.38], "shot_noise": [60, 25, 12, 5, 3],
+                 "impulse_noise": [.03, .06, .09, 0.17, 0.27], "contrast": [0.4, .3, .2, .1, .05],
+                 "brightness": [.1, .2, .3, .4, .5]},
+}
+
+
+def _uint8_images(n: int = 128, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Random uint8 HWC images with the HSV edge cases: black, white, grey and two-channel-tie pixels."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    x[:, 0, :4] = 0
+    x[:, 1, :4] = 255
+    x[:, 2, :4] = rng.integers(0, 256, (n, 4, 1), dtype=np.uint8)  # grey
+    x[:, 3, :4, 1] = x[:, 3, :4, 0]  # r == g
+    x[:, 4, :4, 2] = x[:, 4, :4, 1]  # g == b
+    return x
+
+
+def _to_torch(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).float() / 255.0
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).double().numpy()
+
+
+def _save(x: np.ndarray) -> np.ndarray:
+    """What the scripts store: ``np.uint8(clip(x, 0, 1) * 255)``, read back as float in [0, 1]."""
+    return np.uint8(np.clip(x, 0, 1) * 255) / 255.0
+
+
+# ---- oracles (per image HWC, float64, as the scripts; vectorised over the batch) -------------------------------
+
+def _rgb2hsv(x: np.ndarray) -> np.ndarray:
+    """skimage.color.rgb2hsv: v = max, s = delta / v, hue by the maximal channel (later channels win ties)."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = x.max(-1)
+    delta = v - x.min(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(delta == 0, 0.0, delta / v)
+        h = np.zeros_like(v)
+        h = np.where(r == v, (g - b) / delta, h)
+        h = np.where(g == v, 2.0 + (b - r) / delta, h)
+        h = np.where(b == v, 4.0 + (r - g) / delta, h)
+    h = np.where(delta == 0, 0.0, (h / 6.0) % 1.0)
+    return np.stack((h, s, v), -1)
+
+
+def _hsv2rgb(x: np.ndarray) -> np.ndarray:
+    """skimage.color.hsv2rgb: sector floor(6 h) picks (v,t,p), (q,v,p), (p,v,t), (p,q,v), (t,p,v) or (v,p,q)."""
+    h, s, v = x[..., 0], x[..., 1], x[..., 2]
+    i = np.floor(h * 6)
+    f = h * 6 - i
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    i = i.astype(int) % 6
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    return np.stack([np.choose(i, [row[k] for row in table]) for k in range(3)], -1)
+
+
+def _oracle(name: str, x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    """The scripts' formula for ``name`` on a batch of HWC float images in [0, 1] (before the uint8 save)."""
+    if name == "gaussian_noise":
+        return np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1)
+    if name == "shot_noise":
+        return np.clip(rng.poisson(x * c) / c, 0, 1)
+    if name == "impulse_noise":  # skimage.util.random_noise(mode='s&p', amount=c, salt_vs_pepper=0.5)
+        out = x.copy()
+        flipped = rng.random(x.shape) <= c
+        salted = rng.random(x.shape) <= 0.5
+        out[flipped & salted] = 1.0
+        out[flipped & ~salted] = 0.0
+        return np.clip(out, 0, 1)
+    if name == "contrast":
+        means = x.mean(axis=(1, 2), keepdims=True)
+        return np.clip((x - means) * c + means, 0, 1)
+    if name == "brightness":
+        hsv = _rgb2hsv(x)
+        hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
+        return np.clip(_hsv2rgb(hsv), 0, 1)
+    raise KeyError(name)
+
+
+# ---- registry and constants -------------------------------------------------------------------------------------
+
+def test_registry_knows_all_fifteen_in_the_standard_order():
+    assert len(CORRUPTION_ORDER) == 15 and len(set(CORRUPTION_ORDER)) == 15
+    assert CORRUPTION_ORDER[:3] == ("gaussian_noise", "shot_noise", "impulse_noise")
+    assert CORRUPTION_ORDER[-1] == "jpeg_compression"
+    assert sorted(CORRUPTIONS.names()) == sorted(CORRUPTION_ORDER)
+    assert generated_corruptions() == FIVE
+
+
+@pytest.mark.parametrize("params", ["cifar10", "imagenet"])
+@pytest.mark.parametrize("name", FIVE)
+def test_levels_are_the_published_constants(name, params):
+    assert list(CORRUPTIONS.get(name).levels[params]) == pytest.approx(LEVELS[params][name])
+
+
+# ---- deterministic corruptions: almost exact ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("params", ["cifar10", "imagenet"])
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("name", ["brightness", "contrast"])
+def test_deterministic_corruptions_match_the_oracle(name, severity, params):
+    x8 = _uint8_images(n=32)
+    x = _to_torch(x8)
+    out = _to_numpy(corrupt(x, name, severity, params=params))
+    raw = _oracle(name, x8 / 255.0, LEVELS[params][name][severity - 1], np.random.default_rng(0))
+    ref = _save(raw)
+    diff = np.abs(out - ref)
+    assert diff.mean() <= 2 / 255
+    assert diff.max() <= 1 / 255 + 1e-6  # at most one truncation step apart, from float32 vs float64
+    # The scripts truncate float64 values that are integers up to rounding (v + 51/255 for c = 0.2) one step
+    # low; those aside, all but a few boundary cases agree exactly.
+    artefact = (raw * 255 - np.floor(raw * 255)) > 1 - 1e-6
+    assert (diff[~artefact] > 1e-6).mean() < 0.005
+
+
+def test_contrast_uses_the_per_image_per_channel_mean():
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, 0] = 1.0  # image 0: red channel white, the others black
+    out = corrupt(x, "contrast", 5, quantize=False)  # c = 0.15: every channel is constant, so unchanged
+    assert torch.allclose(out, x)
+
+
+# ---- noises: statistics of (output - input) ----------------------------------------------------------------------
+
+def _close(a: float, b: float, rel: float = 0.1, floor: float = 0.0) -> bool:
+    return abs(a - b) <= rel * abs(b) + floor
+
+
+@pytest.mark.parametrize("params", ["cifar10", "imagenet"])
+@pytest.mark.parametrize("severity", [1, 3, 5])
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise"])
+def test_additive_noise_statistics_match_the_oracle(name, severity, params):
+    x8 = _uint8_images(n=128)
+    x8 = (x8 // 2).astype(np.uint8)  # darker images, so that clipping at 0 biases the mean measurably
+    x = _to_torch(x8)
+    out = _to_numpy(corrupt(x, name, severity, seed=3, params=params))
+    ref = _save(_oracle(name, x8 / 255.0, LEVELS[params][name][severity - 1], np.random.default_rng(3)))
+    d_out, d_ref = out - x8 / 255.0, ref - x8 / 255.0
+    assert _close(d_out.std(), d_ref.std())
+    assert _close(d_out.mean(), d_ref.mean(), floor=0.01 * d_ref.std())
+    assert _close(np.abs(d_out).mean(), np.abs(d_ref).mean())
+    # on the 8-bit grid, in range
+    assert np.allclose(out * 255, np.round(out * 255), atol=1e-4) and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("params", ["cifar10", "imagenet"])
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_impulse_noise_flips_the_published_fraction(severity, params):
+    x8 = _uint8_images(n=128)
+    x = _to_torch(x8)
+    out = _to_numpy(corrupt(x, "impulse_noise", severity, seed=5, params=params))
+    ref = _save(_oracle("impulse_noise", x8 / 255.0, LEVELS[params]["impulse_noise"][severity - 1],
+                        np.random.default_rng(5)))
+    x32 = _to_numpy(x)  # the input as float32 values, so that untouched elements compare equal
+    changed, changed_ref = out != x32, ref != x8 / 255.0
+    assert _close(changed.mean(), changed_ref.mean())
+    # changed elements became 0 or 1, half each; all others are untouched, bit for bit
+    assert set(np.unique(out[changed])) <= {0.0, 1.0}
+    assert _close((out[changed] == 1).mean(), 0.5)
+    assert np.array_equal(out[~changed], x32[~changed])
+    # the flip probability itself: elements that were neither 0 nor 1 change whenever flipped
+    inner = (x8 > 0) & (x8 < 255)
+    assert _close(changed[inner].mean(), LEVELS[params]["impulse_noise"][severity - 1])
+
+
+# ---- determinism -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FIVE)
+def test_same_seed_same_output(name):
+    x = _to_torch(_uint8_images(n=4, size=8))
+    a = corrupt(x, name, 3, seed=7)
+    b = corrupt(x, name, 3, seed=7)
+    corrupt(x, name, 3, seed=8)  # an unrelated call in between changes nothing
+    c = corrupt(x, name, 3, seed=7)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert a.dtype == torch.float32 and a.shape == x.shape
+    assert torch.equal(x, _to_torch(_uint8_images(n=4, size=8)))  # the input is not modified
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise"])
+def test_different_seed_or_severity_different_noise(name):
+    x = _to_torch(_uint8_images(n=4, size=16))
+    assert not torch.equal(corrupt(x, name, 3, seed=0), corrupt(x, name, 3, seed=1))
+    assert not torch.equal(corrupt(x, name, 3, seed=0), corrupt(x, name, 4, seed=0))
+
+
+def test_global_rng_is_neither_used_nor_changed():
+    x = _to_torch(_uint8_images(n=2, size=8))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = corrupt(x, "gaussian_noise", 5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    assert torch.equal(corrupt(x, "gaussian_noise", 5), a)
+
+
+def test_corruption_seed_is_stable_and_distinct():
+    assert corruption_seed(0, "gaussian_noise", 5) == corruption_seed(0, "gaussian_noise", 5)
+    seeds = {corruption_seed(s, n, v) for s in (0, 1) for n in FIVE for v in (1, 5)}
+    assert len(seeds) == 20 and all(0 <= s < 2**63 for s in seeds)
+
+
+# ---- output format -----------------------------------------------------------------------------------------------
+
+def test_quantization_truncates_like_np_uint8():
+    x = torch.tensor([0.0, 0.5 / 255, 1.0 / 255, 254.7 / 255, 1.0]).view(1, 1, 1, 5)
+    assert torch.equal(quantize_8bit(x) * 255, torch.tensor([0.0, 0.0, 1.0, 254.0, 255.0]).view(1, 1, 1, 5))
+    # unchanged grid values survive float32 rounding
+    grid = torch.arange(256, dtype=torch.float32) / 255.0
+    assert torch.equal(quantize_8bit(grid), grid)
+
+
+def test_quantize_false_keeps_full_precision():
+    x = _to_torch(_uint8_images(n=2, size=8))
+    raw = corrupt(x, "contrast", 2, quantize=False)
+    q = corrupt(x, "contrast", 2)
+    assert not torch.allclose(raw * 255, torch.round(raw * 255))
+    assert torch.allclose(q, quantize_8bit(raw))
+
+
+def test_float64_and_empty_batches():
+    x = _to_torch(_uint8_images(n=2, size=8)).double()
+    assert corrupt(x, "shot_noise", 2).dtype == torch.float64
+    empty = torch.zeros(0, 3, 8, 8)
+    assert corrupt(empty, "gaussian_noise", 1).shape == (0, 3, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", FIVE)
+def test_runs_on_the_gpu(name):
+    x = _to_torch(_uint8_images(n=64)).cuda()
+    out = corrupt(x, name, 5, seed=1)
+    assert out.device == x.device and torch.equal(out, corrupt(x, name, 5, seed=1))
+    cpu = corrupt(x.cpu(), name, 5, seed=1)
+    assert abs((out.cpu() - x.cpu()).std().item() - (cpu - x.cpu()).std().item()) < 0.1 * (cpu - x.cpu()).std().item()
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+def test_unknown_corruption_lists_the_valid_ones():
+    with pytest.raises(UnknownNameError, match="Did you mean 'gaussian_noise'.*Valid corruptions: .*contrast"):
+        corrupt(torch.rand(1, 3, 4, 4), "gausian_noise", 1)
+
+
+@pytest.mark.parametrize("severity", [0, 6, -1, 2.0, True, "3"])
+def test_bad_severity(severity):
+    with pytest.raises(ConfigError, match="severity must be an integer from 1 to 5"):
+        corrupt(torch.rand(1, 3, 4, 4), "contrast", severity)
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.rand(3, 4, 4), r"shape N x 3 x H x W, got shape \(3, 4, 4\)"),
+    (torch.rand(2, 1, 4, 4), r"got shape \(2, 1, 4, 4\)"),
+    (torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8), "float images in \\[0, 1\\], got dtype torch.uint8"),
+    (torch.linspace(0, 255, 96).view(2, 3, 4, 4), r"got values from 0 to 255 \(dtype torch.float32\)"),
+    (torch.linspace(-0.5, 0.5, 96).view(2, 3, 4, 4), "got values from -0.5 to 0.5"),
+    (torch.full((1, 3, 2, 2), float("nan")), "got values from nan"),
+])
+def test_bad_images(images, message):
+    with pytest.raises(ConfigError, match=message):
+        corrupt(images, "gaussian_noise", 1)
+
+
+def test_bad_params_and_seed():
+    with pytest.raises(ConfigError, match="cifar10, imagenet"):
+        corrupt(torch.rand(1, 3, 4, 4), "contrast", 1, params="tinyimagenet")
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        corrupt(torch.rand(1, 3, 4, 4), "contrast", 1, seed=0.5)
+
+
+@pytest.mark.parametrize("name", [n for n in CORRUPTION_ORDER if n not in FIVE])
+def test_not_yet_generated_corruptions_say_so(name):
+    with pytest.raises(CttaError, match=f"corruption '{name}' cannot be generated yet .*--data-root"):
+        corrupt(torch.rand(1, 3, 4, 4), name, 1)
