@@ -115,8 +115,6 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     meter = CostMeter(dev)
     calls = {"adapt": lambda x, y: strategy.adapt(x), "train": strategy.learn,
              "eval": lambda x, y: strategy.predict(x)}
-    bar = tqdm(total=stream.num_steps, initial=sum(s.num_batches for s in stream.segments[:first]),
-               disable=not progress, unit="step", dynamic_ncols=True, leave=False)
     seen_domain = any(s.role == "domain" for s in stream.segments[:first])
     try:
         for index, seg in enumerate(stream.segments):
@@ -126,8 +124,9 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
                 if seen_domain:
                     strategy.reset()
                 seen_domain = True
-            bar.set_description(seg.name)
             x_all, y_all = seg.load(dev)
+            bar = tqdm(total=seg.num_batches, desc=f"[{index + 1}/{len(stream)}] {seg.name}", unit="batch",
+                       disable=not progress, dynamic_ncols=True, leave=False)
             acc = SegmentAccumulator()
             call = calls[seg.kind]
             meter.start()
@@ -135,6 +134,7 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
                 x, y = x_all[i:i + seg.batch_size], y_all[i:i + seg.batch_size]
                 acc.update(call(x, y), y)
                 bar.update(1)
+            bar.close()
             seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)
             rec = acc.finish()
             recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds)
@@ -145,11 +145,9 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
                                             "stream_spec": stream.spec,
                                             "strategy_state": strategy.checkpoint_state()})
     except KeyboardInterrupt:
-        bar.close()
         if out_path is not None:
             log.warning("interrupted: finished segments are in %s; continue with resume (--resume)", out_path)
         raise
-    bar.close()
 
     segments = recorder.segments()
     summary: Dict[str, Any] = {"stream": stream.name, "strategy": strategy.name, "device": str(dev),

@@ -6,23 +6,18 @@ original -C files when present, otherwise generated on the device by :mod:`.corr
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from ctta.errors import ConfigError, CttaError
+from ctta.seeding import stable_seed
 
 from .base import STREAMS, Segment, Stream, tensor_segment
 from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
 from .datasets import ImageSet, load_corrupted, load_cifar
 
 ORDERS = ("continual", "random", "reset")
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed from any parts, stable across processes (unlike Python's salted ``hash``)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def _check_spec(severity: int, batch_size: int, num_samples: Optional[int], order: str) -> None:

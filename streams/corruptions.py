@@ -12,7 +12,6 @@ levels))`` over ``fn(x, level, generator) -> Tensor``; clipping, quantisation, s
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import Tensor
 from ctta.errors import ConfigError, CttaError
 from ctta.imageops import hsv_to_rgb, rgb_to_hsv
 from ctta.registry import Registry
+from ctta.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def generated_corruptions() -> Tuple[str, ...]:
 
 def corruption_seed(seed: int, corruption: str, severity: int) -> int:
     """A 63-bit generator seed from (seed, corruption, severity), stable across processes (unlike ``hash``)."""
-    digest = hashlib.sha256(f"{seed}/{corruption}/{severity}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return stable_seed(seed, corruption, severity)
 
 
 def quantize_8bit(x: Tensor) -> Tensor:
