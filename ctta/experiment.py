@@ -46,7 +46,7 @@ def build_model(cfg: Mapping[str, Any], num_classes: int):
 def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
     """Run every strategy named in ``cfg`` on its stream; returns {strategy: RunResult}, each in its own folder."""
     from ctta import strategies
-    from ctta.engine import resolve_device, run
+    from ctta.engine import CHECKPOINT, resolve_device, run
 
     names = strategy_names(cfg)
     for n in names:
@@ -70,8 +70,9 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
         out = out_root / name if len(names) > 1 else out_root
         one_cfg = {**cfg, "strategy": {"name": name, **defaults, **hp}}
         log.info("running %s on %s (%s) -> %s", name, stream.name, device, out)
-        results[name] = run(stream, strategy, device=device, out=out, resume=bool(run_cfg.get("resume")),
-                            progress=show, config=one_cfg)
+        # with several strategies, those not started yet when the run was interrupted start fresh
+        resume = bool(run_cfg.get("resume")) and (len(names) == 1 or (out / CHECKPOINT).is_file())
+        results[name] = run(stream, strategy, device=device, out=out, resume=resume, progress=show, config=one_cfg)
     if len(names) > 1:
         write_comparison(results, out_root)
     return results

@@ -92,3 +92,16 @@ def test_cli_malformed_config(tmp_path, capsys):
     cfg.write_text("stream:\n  name: cifar10c\n strategy: tent\n")
     code, _, err = _run(capsys, "--config", str(cfg))
     assert code == 2 and "not valid YAML" in err
+
+
+def test_cli_resume_after_a_finished_run_gives_the_same_table(tmp_path, npz_dataset, capsys):
+    args = ["--stream", "cifar10c", "--strategy", "source,bn", "--backbone", "tiny_cnn", "--data-root",
+            str(npz_dataset), "--corruptions", "contrast", "--num-samples", "20", "--batch-size", "10", "--device",
+            "cpu", "--out", str(tmp_path / "r"), "--no-progress", "-q"]
+    assert main(args) == 0
+    first = (tmp_path / "r" / "comparison.csv").read_text()
+    (tmp_path / "r" / "bn" / "checkpoint.pt").unlink()  # as if interrupted before bn started
+    assert main(args + ["--resume"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "r" / "comparison.csv").read_text().split("\n")[1].split(",")[:3] == \
+        first.split("\n")[1].split(",")[:3]
