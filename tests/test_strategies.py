@@ -178,3 +178,18 @@ def test_finetune_learns_from_labelled_batches():
     for _ in range(30):
         s.learn(x, y)
     assert (s.predict(x).argmax(1) == y).float().mean() > max(acc0, 0.9)
+
+
+def test_strategies_on_a_timm_transformer():
+    """No BatchNorm: TENT adapts the LayerNorm affines only, CoTTA still runs (views, EMA, restore)."""
+    from ctta import backbones
+
+    model = backbones.create("test_vit", num_classes=5)
+    x = torch.rand(4, 3, *model.net.pretrained_cfg["input_size"][1:])
+    before = _state(model)
+    tent = strategies.create("tent", model, lr=1e-2)
+    assert tent.adapt(x).shape == (4, 5)
+    changed = _changed(before, _state(model))
+    assert changed and all(".norm" in k or "norm1" in k or "norm2" in k or k.startswith("net.norm") for k in changed)
+    cotta = strategies.create("cotta", backbones.create("test_vit", num_classes=5), views=2)
+    assert cotta.adapt(x).shape == (4, 5)
