@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ctta.registry import Registry
+from ctta.seeding import same_device
 
 STEP_KINDS: FrozenSet[str] = frozenset({"adapt", "train", "eval"})
 
@@ -56,7 +57,7 @@ class Strategy(nn.Module):
     # --- state ------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
         """The strategy's random generator on ``device`` (seeded), for masks and sampling drawn on the device."""
-        if self._generator is None or self._generator.device != torch.device(device):
+        if self._generator is None or not same_device(self._generator.device, device):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 

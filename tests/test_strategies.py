@@ -193,3 +193,14 @@ def test_strategies_on_a_timm_transformer():
     assert changed and all(".norm" in k or "norm1" in k or "norm2" in k or k.startswith("net.norm") for k in changed)
     cotta = strategies.create("cotta", backbones.create("test_vit", num_classes=5), views=2)
     assert cotta.adapt(x).shape == (4, 5)
+
+
+def test_device_generator_is_kept_across_steps():
+    """Restore masks must advance one generator, not restart a fresh one each step."""
+    from ctta.seeding import same_device
+
+    s = strategies.create("cotta", make_tiny(), views=2)
+    g = s.generator(torch.device("cpu"))
+    assert s.generator(torch.device("cpu")) is g
+    assert same_device(torch.device("cpu"), torch.device("cpu:0"))
+    assert not same_device(torch.device("cpu"), torch.device("meta"))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctta.imageops import grayscale, shift_hue
+from ctta.seeding import same_device
 
 Range = Tuple[float, float]
 
@@ -74,7 +75,7 @@ class TTAAugment:
         self._dev_gen: Optional[torch.Generator] = None
 
     def _device_generator(self, device: torch.device) -> torch.Generator:
-        if self._dev_gen is None or self._dev_gen.device != device:
+        if self._dev_gen is None or not same_device(self._dev_gen.device, device):
             self._dev_gen = torch.Generator(device=device).manual_seed(self.seed + 1)
         return self._dev_gen
 
