@@ -62,7 +62,7 @@ def plot_accuracy(steps: pd.DataFrame, path: Path, title: str = "", window: int 
     ax.set_ylabel("online accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title or "online accuracy over time", pad=60)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
