@@ -205,6 +205,167 @@ def contrast(x: Tensor, c: float, gen: torch.Generator) -> Tensor:
     return (x - means) * c + means
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Shared filtering helpers: padding by index (any pad width, as OpenCV / SciPy do), per-channel 2-D correlation.
+
+def _pad_index(n: int, pad: int, mode: str, device: torch.device) -> Tensor:
+    """Source indices of a length-``n`` axis padded by ``pad`` on both sides.
+
+    ``reflect101`` is OpenCV's BORDER_REFLECT_101 (``gfedcb|abcdefgh|gfedcba``, the edge sample not repeated);
+    ``nearest`` is SciPy's ``mode='nearest'`` (edge sample repeated). Works for pads wider than the axis.
+    """
+    i = torch.arange(-pad, n + pad, device=device)
+    if mode == "nearest" or n == 1:
+        return i.clamp(0, n - 1)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def _pad2d(x: Tensor, ph: int, pw: int, mode: str) -> Tensor:
+    h, w = x.shape[-2:]
+    x = x.index_select(-2, _pad_index(h, ph, mode, x.device))
+    return x.index_select(-1, _pad_index(w, pw, mode, x.device))
+
+
+def _filter_channels(x: Tensor, kernel: Tensor, mode: str) -> Tensor:
+    """Correlate every channel of NCHW ``x`` with the odd-sized 2-D ``kernel`` (``cv2.filter2D`` style, anchor at centre)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel.shape
+    xp = _pad2d(x.reshape(n * c, 1, h, w), kh // 2, kw // 2, mode)
+    out = torch.nn.functional.conv2d(xp, kernel.to(device=x.device, dtype=x.dtype).view(1, 1, kh, kw))
+    return out.view(n, c, h, w)
+
+
+def _gaussian_1d(sigma: float, radius: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    t = torch.arange(-radius, radius + 1, dtype=dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blur. Constants: make_cifar_c.py / make_imagenet_c.py (= imagecorruptions) defocus_blur and (extra) gaussian_blur.
+
+def _defocus_kernel(radius: float, alias_blur: float) -> Tensor:
+    """The scripts' ``disk(radius, alias_blur)``: a normalised disk on a 17 x 17 grid (radius <= 8; else
+    (2r+1)^2), then ``cv2.GaussianBlur(ksize=(3, 3) (radius <= 8) or (5, 5), sigmaX=alias_blur)`` on the kernel image
+    itself, which uses OpenCV's sampled Gaussian ``exp(-(i - (k-1)/2)^2 / (2 sigma^2))`` and BORDER_REFLECT_101.
+    """
+    half, ks = (8, 3) if radius <= 8 else (int(radius), 5)
+    grid = torch.arange(-half, half + 1, dtype=torch.float64)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    disk = ((xx ** 2 + yy ** 2) <= radius ** 2).to(torch.float64)
+    disk = (disk / disk.sum()).to(torch.float32).to(torch.float64)  # the scripts build it in float32
+    g = _gaussian_1d(alias_blur, ks // 2)
+    return _filter_channels(disk.view(1, 1, *disk.shape), torch.outer(g, g), "reflect101")[0, 0]
+
+
+@register_corruption("defocus_blur", cifar10=((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+                     imagenet=((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)))
+def defocus_blur(x: Tensor, c: Tuple[float, float], gen: torch.Generator) -> Tensor:
+    """Defocus: every channel filtered with an anti-aliased disk of radius c[0] (alias blur sigma c[1]).
+
+    As ``cv2.filter2D(x[:, :, d], -1, disk(*c))`` in the scripts: correlation with BORDER_REFLECT_101 padding.
+    """
+    return _filter_channels(x, _defocus_kernel(float(c[0]), float(c[1])), "reflect101")
+
+
+@register_corruption("gaussian_blur", cifar10=(0.4, 0.6, 0.7, 0.8, 1), imagenet=(1, 2, 3, 4, 6))
+def gaussian_blur(x: Tensor, c: float, gen: torch.Generator) -> Tensor:
+    """Gaussian blur of standard deviation c per channel (extra corruption of the original release).
+
+    As ``skimage.filters.gaussian(x, sigma=c, multichannel=True)``, i.e. ``scipy.ndimage.gaussian_filter`` with
+    sigma (c, c, 0), ``truncate=4.0`` (radius ``int(4 c + 0.5)``) and ``mode='nearest'``; applied separably.
+    """
+    g = _gaussian_1d(float(c), int(4.0 * float(c) + 0.5))
+    r = g.numel() // 2
+    n, ch, h, w = x.shape
+    g = g.to(device=x.device, dtype=x.dtype)
+    xp = _pad2d(x.reshape(n * ch, 1, h, w), r, r, "nearest")
+    out = torch.nn.functional.conv2d(xp, g.view(1, 1, -1, 1))
+    out = torch.nn.functional.conv2d(out, g.view(1, 1, 1, -1))
+    return out.view(n, ch, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Digital (PIL-based in the scripts). Constants: make_cifar_c.py / make_imagenet_c.py (= imagecorruptions)
+# pixelate, jpeg_compression; saturate is an extra corruption of the original release.
+
+def _round_8bit(x: Tensor) -> Tensor:
+    """Round half up to the 256-level grid, as PIL's fixed-point 8-bit results (``quantize_8bit`` then keeps them)."""
+    return torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5) / 255.0
+
+
+def _pil_box_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The n_out x n_in resampling matrix of PIL's ``Image.BOX`` filter (``precompute_coeffs`` in Resample.c).
+
+    Output sample i has centre ``(i + 0.5) * scale``, support ``0.5 * max(scale, 1)``, window
+    ``[int(centre - support + 0.5), int(centre + support + 0.5))`` and weight ``box((j - centre + 0.5) / max(scale, 1))``
+    with ``box(t) = 1`` for ``-0.5 < t <= 0.5``, normalised. Downsampling averages the input samples whose centres
+    fall in the output pixel; upsampling picks one input sample (identical to ``Image.NEAREST``).
+    """
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 0.5 * fscale
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    lo = torch.floor(centre - support + 0.5).clamp_min(0)
+    hi = torch.floor(centre + support + 0.5).clamp_max(n_in)
+    j = torch.arange(n_in, dtype=torch.float64)
+    t = (j[None, :] - centre[:, None] + 0.5) / fscale
+    inside = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]) & (t > -0.5) & (t <= 0.5)
+    wts = inside.to(torch.float64)
+    wts = wts / wts.sum(dim=1, keepdim=True)
+    return wts.to(device=device, dtype=dtype)
+
+
+def _pil_box_resize(x: Tensor, h_out: int, w_out: int) -> Tensor:
+    """PIL ``resize((w_out, h_out), Image.BOX)`` of 8-bit images: horizontal pass, then vertical, each rounded."""
+    h, w = x.shape[-2:]
+    if w_out != w:
+        x = _round_8bit(torch.einsum("nchw,vw->nchv", x, _pil_box_weights(w, w_out, x.device, x.dtype)))
+    if h_out != h:
+        x = _round_8bit(torch.einsum("nchw,uh->ncuw", x, _pil_box_weights(h, h_out, x.device, x.dtype)))
+    return x
+
+
+@register_corruption("pixelate", cifar10=(0.95, 0.9, 0.85, 0.75, 0.65), imagenet=(0.6, 0.5, 0.4, 0.3, 0.25))
+def pixelate(x: Tensor, c: float, gen: torch.Generator) -> Tensor:
+    """Downsample to ``int(size * c)`` with PIL BOX, then back to full size with BOX (= nearest when enlarging).
+
+    The scripts resize the 8-bit PIL image, so the input is first rounded to 8 bits, as PIL would hold it.
+    """
+    h, w = x.shape[-2:]
+    small = _pil_box_resize(_round_8bit(x), int(h * c), int(w * c))
+    return _pil_box_resize(small, h, w)
+
+
+@register_corruption("jpeg_compression", cifar10=(80, 65, 58, 50, 40), imagenet=(25, 18, 15, 10, 7))
+def jpeg_compression(x: Tensor, c: int, gen: torch.Generator) -> Tensor:
+    """A real JPEG encode / decode at quality c (libjpeg through ``torchvision.io``), as PIL's ``save('JPEG')``.
+
+    Runs on uint8 CPU copies of the images (one JPEG stream each) and returns to the input device and dtype.
+    """
+    import warnings
+
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    u8 = torch.round(x.detach().clamp(0.0, 1.0) * 255.0).to(device="cpu", dtype=torch.uint8)
+    with warnings.catch_warnings():  # torchvision >= 0.29 flags its image codecs as deprecated (torchcodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        streams = encode_jpeg(list(u8.unbind(0)), quality=int(c))
+        decoded = decode_jpeg(streams)
+    return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255.0
+
+
+@register_corruption("saturate", cifar10=((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+                     imagenet=((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)))
+def saturate(x: Tensor, c: Tuple[float, float], gen: torch.Generator) -> Tensor:
+    """Scale and shift the HSV saturation: ``clip(s * c[0] + c[1], 0, 1)`` (extra corruption of the release)."""
+    hsv = rgb_to_hsv(x)
+    s = (hsv[:, 1:2] * c[0] + c[1]).clamp_(0.0, 1.0)
+    return hsv_to_rgb(torch.cat((hsv[:, :1], s, hsv[:, 2:]), dim=1))
+
+
 # The remaining names are known (their -C files load) but not generated yet: a later change registers each with
 # @register_corruption, and this loop then skips it.
 for _name in CORRUPTION_ORDER:

@@ -14,15 +14,28 @@ from ctta.streams.corruptions import (CORRUPTION_ORDER, CORRUPTIONS, corrupt, co
                                       generated_corruptions, quantize_8bit)
 
 FIVE = ("gaussian_noise", "shot_noise", "impulse_noise", "brightness", "contrast")
+# Deterministic corruptions added after the first five; the last two are extras of the original release.
+ADDED = ("defocus_blur", "pixelate", "jpeg_compression", "gaussian_blur", "saturate")
+EXTRAS = ("gaussian_blur", "saturate")
+GENERATED = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "brightness", "contrast", "pixelate",
+             "jpeg_compression", "gaussian_blur", "saturate")
 
 # The scripts' constants, typed in again from the sources so a slip in either copy shows.
 LEVELS = {
     "cifar10": {"gaussian_noise": [0.04, 0.06, .08, .09, .10], "shot_noise": [500, 250, 100, 75, 50],
                 "impulse_noise": [.01, .02, .03, .05, .07], "contrast": [.75, .5, .4, .3, 0.15],
-                "brightness": [.05, .1, .15, .2, .3]},
+                "brightness": [.05, .1, .15, .2, .3],
+                "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+                "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65], "jpeg_compression": [80, 65, 58, 50, 40],
+                "gaussian_blur": [.4, .6, 0.7, .8, 1],
+                "saturate": [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)]},
     "imagenet": {"gaussian_noise": [.08, .12, 0.18, 0.26, 0.38], "shot_noise": [60, 25, 12, 5, 3],
                  "impulse_noise": [.03, .06, .09, 0.17, 0.27], "contrast": [0.4, .3, .2, .1, .05],
-                 "brightness": [.1, .2, .3, .4, .5]},
+                 "brightness": [.1, .2, .3, .4, .5],
+                 "defocus_blur": [(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)],
+                 "pixelate": [0.6, 0.5, 0.4, 0.3, 0.25], "jpeg_compression": [25, 18, 15, 10, 7],
+                 "gaussian_blur": [1, 2, 3, 4, 6],
+                 "saturate": [(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)]},
 }
 
 
@@ -108,12 +121,12 @@ def test_registry_knows_all_fifteen_in_the_standard_order():
     assert len(CORRUPTION_ORDER) == 15 and len(set(CORRUPTION_ORDER)) == 15
     assert CORRUPTION_ORDER[:3] == ("gaussian_noise", "shot_noise", "impulse_noise")
     assert CORRUPTION_ORDER[-1] == "jpeg_compression"
-    assert sorted(CORRUPTIONS.names()) == sorted(CORRUPTION_ORDER)
-    assert generated_corruptions() == FIVE
+    assert sorted(CORRUPTIONS.names()) == sorted(CORRUPTION_ORDER + EXTRAS)
+    assert generated_corruptions() == GENERATED  # the standard order first, then the extras
 
 
 @pytest.mark.parametrize("params", ["cifar10", "imagenet"])
-@pytest.mark.parametrize("name", FIVE)
+@pytest.mark.parametrize("name", FIVE + ADDED)
 def test_levels_are_the_published_constants(name, params):
     assert list(CORRUPTIONS.get(name).levels[params]) == pytest.approx(LEVELS[params][name])
 
@@ -293,7 +306,123 @@ def test_bad_params_and_seed():
         corrupt(torch.rand(1, 3, 4, 4), "contrast", 1, seed=0.5)
 
 
-@pytest.mark.parametrize("name", [n for n in CORRUPTION_ORDER if n not in FIVE])
+@pytest.mark.parametrize("name", [n for n in CORRUPTION_ORDER if n not in GENERATED])
 def test_not_yet_generated_corruptions_say_so(name):
     with pytest.raises(CttaError, match=f"corruption '{name}' cannot be generated yet .*--data-root"):
         corrupt(torch.rand(1, 3, 4, 4), name, 1)
+
+
+# ---- defocus_blur, pixelate, jpeg_compression, gaussian_blur, saturate: against cv2 / PIL / SciPy oracles ---------
+
+def _natural_uint8(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random uint8 images (noise blurred with sigma 1.5), closer to photos than white noise for JPEG."""
+    from scipy.ndimage import gaussian_filter
+    x = gaussian_filter(np.random.default_rng(seed).random((n, size, size, 3)), (0, 1.5, 1.5, 0))
+    return np.uint8((x - x.min()) / (x.max() - x.min()) * 255)
+
+
+def _disk(radius: float, alias_blur: float) -> np.ndarray:
+    """The scripts' disk(): a normalised float32 disk, anti-aliased by cv2.GaussianBlur on the kernel."""
+    import cv2
+    grid = np.arange(-8, 8 + 1) if radius <= 8 else np.arange(-radius, radius + 1)
+    xx, yy = np.meshgrid(grid, grid)
+    kernel = np.array((xx ** 2 + yy ** 2) <= radius ** 2, dtype=np.float32)
+    kernel /= kernel.sum()
+    return cv2.GaussianBlur(kernel, ksize=(3, 3) if radius <= 8 else (5, 5), sigmaX=alias_blur)
+
+
+def _added_oracle(name: str, img: np.ndarray, c) -> np.ndarray:
+    """The scripts' code for one uint8 HWC image, returning the stored uint8 result as float in [0, 1]."""
+    from io import BytesIO
+
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+    if name == "defocus_blur":
+        import cv2
+        x, kernel = img / 255.0, _disk(*c)
+        return _save(np.stack([cv2.filter2D(x[:, :, d], -1, kernel) for d in range(3)], -1))
+    if name == "gaussian_blur":  # skimage gaussian(multichannel=True) = scipy, sigma (c, c, 0), nearest, truncate 4
+        return _save(gaussian_filter(img / 255.0, (c, c, 0), mode="nearest", truncate=4.0))
+    if name == "saturate":
+        hsv = _rgb2hsv(img / 255.0)
+        hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
+        return _save(_hsv2rgb(hsv))
+    pil = Image.fromarray(img)
+    h, w = img.shape[:2]
+    if name == "pixelate":
+        out = pil.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX)
+    elif name == "jpeg_compression":
+        buf = BytesIO()
+        pil.save(buf, "JPEG", quality=c)
+        out = Image.open(buf)
+    else:
+        raise KeyError(name)
+    return np.asarray(out, dtype=np.float64) / 255.0
+
+
+@pytest.mark.parametrize("params, n, size", [("cifar10", 8, 32), ("imagenet", 2, 224)])
+@pytest.mark.parametrize("severity", [1, 3, 5])
+@pytest.mark.parametrize("name", ADDED)
+def test_added_corruptions_match_the_oracle(name, severity, params, n, size):
+    x8 = _natural_uint8(n, size)
+    if name == "saturate":
+        x8[:, :5] = _uint8_images(n=n, size=size)[:, :5]  # HSV edge cases: black, white, grey, ties
+    out = _to_numpy(corrupt(_to_torch(x8), name, severity, params=params))
+    c = LEVELS[params][name][severity - 1]
+    ref = np.stack([_added_oracle(name, img, c) for img in x8])
+    diff = np.abs(out - ref)
+    # measured: jpeg_compression and pixelate bit-exact; the filters <= 0.04 / 255 in the mean. saturate truncates
+    # exact multiples of 1/255 (v - 2 delta for c = 2) on either side in float32 vs float64: up to 0.22 / 255.
+    assert diff.mean() <= (0.5 if name == "saturate" else 0.1) / 255
+    assert diff.max() <= 1 / 255 + 1e-6  # at most one truncation step, from float32 vs float64 / cv2's DFT
+    assert np.allclose(out * 255, np.round(out * 255), atol=1e-4)
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_added_imagenet_corruptions_match_the_imagecorruptions_package(severity, monkeypatch):
+    """The installed ``imagecorruptions`` functions themselves (its import needs ``pkg_resources``, stubbed here)."""
+    import sys
+    import types
+    from PIL import Image
+    if "pkg_resources" not in sys.modules:
+        stub = types.ModuleType("pkg_resources")
+        stub.resource_filename = lambda *args: ""
+        monkeypatch.setitem(sys.modules, "pkg_resources", stub)
+    try:
+        from imagecorruptions import corruptions as ic
+    except Exception as err:  # pragma: no cover - depends on the environment
+        pytest.skip(f"imagecorruptions does not import: {err}")
+    x8 = _natural_uint8(2, 224, seed=1)
+    x = _to_torch(x8)
+    for name in ("defocus_blur", "pixelate", "jpeg_compression", "saturate"):
+        fn = getattr(ic, name)
+        ref = np.stack([np.uint8(np.asarray(fn(img if name in ("defocus_blur", "saturate") else Image.fromarray(img),
+                                                  severity))) for img in x8]) / 255.0
+        out = _to_numpy(corrupt(x, name, severity, params="imagenet"))
+        assert np.abs(out - ref).mean() <= 2 / 255, name
+
+
+def test_blurs_keep_constant_images_and_small_images():
+    x = torch.full((2, 3, 5, 7), 100 / 255)  # smaller than the 17 x 17 / 21 x 21 kernels: padding wraps around
+    for name in ("defocus_blur", "gaussian_blur", "pixelate"):
+        for params in ("cifar10", "imagenet"):
+            out = corrupt(x, name, 5, params=params)
+            assert out.shape == x.shape and torch.allclose(out, x, atol=1 / 255 + 1e-6), (name, params)
+
+
+@pytest.mark.parametrize("name", ADDED)
+def test_added_corruptions_are_deterministic_and_keep_dtype(name):
+    x = _to_torch(_natural_uint8(2, 32))
+    a = corrupt(x, name, 3, seed=0)
+    assert torch.equal(a, corrupt(x, name, 3, seed=1))  # no randomness
+    assert a.dtype == torch.float32 and a.shape == x.shape
+    assert corrupt(x.double(), name, 3).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ADDED)
+def test_added_corruptions_run_on_the_gpu(name):
+    x = _to_torch(_natural_uint8(4, 32))
+    out = corrupt(x.cuda(), name, 5)
+    assert out.device == x.cuda().device
+    assert (out.cpu() - corrupt(x, name, 5)).abs().mean().item() <= 0.5 / 255  # as on the CPU (cuDNN may use TF32)
