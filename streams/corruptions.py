@@ -17,6 +17,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Literal, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -212,11 +213,15 @@ def _pad_index(n: int, pad: int, mode: str, device: torch.device) -> Tensor:
     """Source indices of a length-``n`` axis padded by ``pad`` on both sides.
 
     ``reflect101`` is OpenCV's BORDER_REFLECT_101 (``gfedcb|abcdefgh|gfedcba``, the edge sample not repeated);
-    ``nearest`` is SciPy's ``mode='nearest'`` (edge sample repeated). Works for pads wider than the axis.
+    ``nearest`` is SciPy's ``mode='nearest'`` (edge sample repeated); ``reflect`` is SciPy's ``mode='reflect'``
+    (edge sample repeated once, mirror about the pixel edge). Works for pads wider than the axis.
     """
     i = torch.arange(-pad, n + pad, device=device)
     if mode == "nearest" or n == 1:
         return i.clamp(0, n - 1)
+    if mode == "reflect":  # SciPy's mode='reflect' (half-sample symmetric): dcba|abcd|dcba
+        i = i.remainder(2 * n)
+        return torch.where(i >= n, 2 * n - 1 - i, i)
     period = 2 * (n - 1)
     i = i.remainder(period)
     return torch.where(i >= n, period - i, i)
@@ -277,14 +282,32 @@ def gaussian_blur(x: Tensor, c: float, gen: torch.Generator) -> Tensor:
     As ``skimage.filters.gaussian(x, sigma=c, multichannel=True)``, i.e. ``scipy.ndimage.gaussian_filter`` with
     sigma (c, c, 0), ``truncate=4.0`` (radius ``int(4 c + 0.5)``) and ``mode='nearest'``; applied separably.
     """
-    g = _gaussian_1d(float(c), int(4.0 * float(c) + 0.5))
+    return _gaussian_filter(x, float(c), 4.0, "nearest")
+
+
+def _gaussian_filter(x: Tensor, sigma: float, truncate: float, mode: str) -> Tensor:
+    """``scipy.ndimage.gaussian_filter`` over the last two axes of NCHW ``x`` (radius ``int(truncate * sigma + 0.5)``,
+    padding ``mode`` of :func:`_pad_index`), applied separably; sigma 0 returns ``x`` as SciPy does."""
+    if sigma <= 0:
+        return x
+    g = _gaussian_1d(sigma, int(truncate * sigma + 0.5))
+    h, w = x.shape[-2:]
+    mh = _filter_matrix(g, h, mode).to(device=x.device, dtype=x.dtype)
+    mw = _filter_matrix(g, w, mode).to(device=x.device, dtype=x.dtype)
+    return torch.einsum("uh,nchw,vw->ncuv", mh, x, mw)
+
+
+def _filter_matrix(g: Tensor, n: int, mode: str) -> Tensor:
+    """The n x n matrix of correlating a length-n axis with the odd 1-D kernel ``g`` under padding ``mode``.
+
+    Folding the padding into the matrix keeps wide kernels (radius > n, as elastic_transform's) cheap.
+    """
     r = g.numel() // 2
-    n, ch, h, w = x.shape
-    g = g.to(device=x.device, dtype=x.dtype)
-    xp = _pad2d(x.reshape(n * ch, 1, h, w), r, r, "nearest")
-    out = torch.nn.functional.conv2d(xp, g.view(1, 1, -1, 1))
-    out = torch.nn.functional.conv2d(out, g.view(1, 1, 1, -1))
-    return out.view(n, ch, h, w)
+    src = _pad_index(n, r, mode, torch.device("cpu")).unfold(0, g.numel(), 1)  # n x (2r + 1) source indices
+    mat = torch.zeros(n, n, dtype=g.dtype)
+    rows = torch.arange(n).view(n, 1).expand_as(src)
+    mat.index_put_((rows, src), g.view(1, -1).expand_as(src), accumulate=True)
+    return mat
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,6 +387,239 @@ def saturate(x: Tensor, c: Tuple[float, float], gen: torch.Generator) -> Tensor:
     hsv = rgb_to_hsv(x)
     s = (hsv[:, 1:2] * c[0] + c[1]).clamp_(0.0, 1.0)
     return hsv_to_rgb(torch.cat((hsv[:, :1], s, hsv[:, 2:]), dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Glass blur. Constants (sigma, max_delta, iterations): make_cifar_c.py glass_blur (0.05, 1, 1), (0.25, 1, 1),
+# (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2); make_imagenet_c.py / imagecorruptions glass_blur (0.7, 1, 2), (0.9, 2, 1),
+# (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2).
+
+def _local_shuffle(x: Tensor, d: int, iterations: int, gen: torch.Generator) -> Tensor:
+    """The scripts' local pixel shuffle, vectorised: every pixel (h, w) with ``d < h <= H - d``, ``d < w <= W - d``
+    swaps (all channels) with ``(h + dy, w + dx)``, ``dx, dy`` uniform integers in ``[-d, d - 1]`` (``np.random.randint
+    (-d, d)``, upper bound exclusive), once per iteration.
+
+    The scripts swap one pixel at a time in reverse raster order. Here the pixels are split into ``(2d + 1)^2``
+    phases by ``(h mod (2d + 1), w mod (2d + 1))``: within a phase the swap windows ``[h - d, h + d - 1]`` are
+    disjoint and hold no other pixel of the phase, so its swaps commute and run at once for the whole batch. Same
+    swaps and offset distribution; only the order in which overlapping swaps compose differs (phases, descending).
+    """
+    n, ch, h, w = x.shape
+    if h - d <= d or w - d <= d:
+        return x
+    out = x.reshape(n, ch, h * w).clone()
+    stride = 2 * d + 1
+    dev = x.device
+    for _ in range(iterations):
+        for ph in range(stride - 1, -1, -1):
+            for pw in range(stride - 1, -1, -1):
+                hs = torch.arange(d + 1, h - d + 1, device=dev)
+                ws = torch.arange(d + 1, w - d + 1, device=dev)
+                hs, ws = hs[hs % stride == ph], ws[ws % stride == pw]
+                if hs.numel() == 0 or ws.numel() == 0:
+                    continue
+                shape = (n, hs.numel(), ws.numel())
+                dy = torch.randint(-d, d, shape, generator=gen, device=dev)
+                dx = torch.randint(-d, d, shape, generator=gen, device=dev)
+                a = (hs.view(1, -1, 1) * w + ws.view(1, 1, -1)).expand(shape).reshape(n, 1, -1).expand(n, ch, -1)
+                b = ((hs.view(1, -1, 1) + dy) * w + ws.view(1, 1, -1) + dx).reshape(n, 1, -1).expand(n, ch, -1)
+                va, vb = out.gather(2, a), out.gather(2, b)
+                out.scatter_(2, a, vb)
+                out.scatter_(2, b, va)
+    return out.view(n, ch, h, w)
+
+
+@register_corruption("glass_blur", cifar10=((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+                     imagenet=((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)))
+def glass_blur(x: Tensor, c: Tuple[float, int, int], gen: torch.Generator) -> Tensor:
+    """Glass: Gaussian blur (sigma c[0]) stored as uint8, c[2] rounds of local pixel swaps within c[1], blur again.
+
+    The blurs are the scripts' ``skimage gaussian(multichannel=True)`` (SciPy, ``mode='nearest'``, truncate 4), as
+    :func:`gaussian_blur`; the first result is truncated to 8 bits (``np.uint8(... * 255)``); the swaps are
+    :func:`_local_shuffle` (vectorised in phases; see there for the one difference from the sequential loop).
+    """
+    sigma, d, iters = float(c[0]), int(c[1]), int(c[2])
+    x = quantize_8bit(_gaussian_filter(x, sigma, 4.0, "nearest").clamp(0.0, 1.0))
+    return _gaussian_filter(_local_shuffle(x, d, iters, gen), sigma, 4.0, "nearest")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zoom blur. Constants: make_cifar_c.py zoom_blur (np.arange(1, 1.06 .. 1.26, 0.01)) and make_imagenet_c.py /
+# imagecorruptions zoom_blur (np.arange(1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
+# (1, 1.31, 0.03)); a level is the (start, stop, step) of that np.arange.
+
+def _zoom_matrix(n: int, z: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The n x n linear map of the scripts' ``clipped_zoom`` along one axis of length n.
+
+    ``clipped_zoom``: crop ``ch = ceil(n / z)`` samples from ``top = (n - ch) // 2``, ``scipy.ndimage.zoom(order=1)``
+    to ``m = round(ch * z)`` samples (output i samples the crop at ``i * (ch - 1) / (m - 1)``, linear interpolation),
+    then keep ``n`` samples from ``(m - n) // 2`` (the CIFAR / ImageNet scripts' centre trim).
+    """
+    ch = int(np.ceil(n / float(z)))
+    top = (n - ch) // 2
+    m = int(round(ch * float(z)))
+    trim = max((m - n) // 2, 0)
+    i = torch.arange(trim, trim + n, dtype=torch.float64)
+    pos = i * ((ch - 1) / (m - 1)) if m > 1 else torch.zeros_like(i)
+    pos = pos.clamp(0, ch - 1) + top
+    lo = pos.floor().clamp(0, n - 1)
+    frac = pos - lo
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=n - 1)
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)
+    mat.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    mat.index_put_((rows, hi), frac, accumulate=True)
+    return mat.to(device=device, dtype=dtype)
+
+
+@register_corruption("zoom_blur", cifar10=((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01),
+                                           (1, 1.26, 0.01)),
+                     imagenet=((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
+                               (1, 1.31, 0.03)))
+def zoom_blur(x: Tensor, c: Tuple[float, float, float], gen: torch.Generator) -> Tensor:
+    """Zoom blur: the mean of the image and its centre zooms by every factor in ``np.arange(*c)``.
+
+    As the scripts: ``(x + sum_z clipped_zoom(x, z)) / (len(zooms) + 1)``, each zoom being SciPy's ``zoom(order=1)``
+    of a centre crop (bilinear = separable linear interpolation, applied here as two small matrices per factor to
+    the whole batch). ``imagecorruptions`` keeps the top-left ``H x W`` of the zoom instead of the centre: at most one
+    pixel of shift. Non-square images are cropped per axis.
+    """
+    h, w = x.shape[-2:]
+    zooms = np.arange(*c)
+    out = x.clone()
+    for z in zooms:
+        zh = _zoom_matrix(h, float(z), x.device, x.dtype)
+        zw = _zoom_matrix(w, float(z), x.device, x.dtype)
+        out += torch.einsum("uh,nchw,vw->ncuv", zh, x, zw)
+    return out / (len(zooms) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fog. Constants: make_cifar_c.py fog ((.2, 3), (.5, 3), (.75, 2.5), (1, 2), (1.5, 1.75)) with plasma_fractal(
+# mapsize=32); make_imagenet_c.py / imagecorruptions fog ((1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)) with
+# mapsize 256 (imagecorruptions: the next power of two of the largest side, which gives both).
+
+def _plasma_fractal(n: int, mapsize: int, wibbledecay: float, gen: torch.Generator, device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+    """``n`` independent diamond-square heightmaps (N x mapsize x mapsize) in [0, 1], as the scripts' plasma_fractal.
+
+    Starts from 0 at the corner with ``wibble = 100``; every step fills square centres, then the two diamond
+    lattices, each with ``sum / 4 + wibble * U(-wibble, wibble)`` (toroidal neighbours, as ``np.roll``), and divides
+    wibble by ``wibbledecay``; finally min-max normalised per map. Same distribution, drawn from ``gen``.
+    """
+    maps = torch.zeros(n, mapsize, mapsize, device=device, dtype=dtype)
+    step, wibble = mapsize, 100.0
+
+    def wibbled(acc: Tensor) -> Tensor:
+        noise = torch.rand(acc.shape, generator=gen, device=device, dtype=dtype) * (2 * wibble) - wibble
+        return acc / 4 + wibble * noise
+
+    while step >= 2:
+        half = step // 2
+        corners = maps[:, 0::step, 0::step]
+        acc = corners + corners.roll(-1, dims=1)
+        acc = acc + acc.roll(-1, dims=2)
+        maps[:, half::step, half::step] = wibbled(acc)
+        centres = maps[:, half::step, half::step]
+        corners = maps[:, 0::step, 0::step]
+        left = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
+        maps[:, 0::step, half::step] = wibbled(left)
+        top = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
+        maps[:, half::step, 0::step] = wibbled(top)
+        step //= 2
+        wibble /= wibbledecay
+    flat = maps.view(n, -1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    return (flat / flat.max(dim=1, keepdim=True).values).view(n, mapsize, mapsize)
+
+
+@register_corruption("fog", cifar10=((.2, 3), (.5, 3), (.75, 2.5), (1, 2), (1.5, 1.75)),
+                     imagenet=((1.5, 2), (2., 2), (2.5, 1.7), (2.5, 1.5), (3., 1.4)))
+def fog(x: Tensor, c: Tuple[float, float], gen: torch.Generator) -> Tensor:
+    """Fog: ``(x + c[0] * plasma[:H, :W]) * max_val / (max_val + c[0])`` with ``max_val`` the image's maximum.
+
+    One plasma fractal (diamond-square, ``wibbledecay = c[1]``) per image, of side the next power of two of the
+    largest image side (32 for CIFAR, 256 for 224 x 224 ImageNet, as the scripts), shared by the three channels.
+    """
+    n, _, h, w = x.shape
+    mapsize = 1 << max(int(max(h, w)) - 1, 0).bit_length()
+    plasma = _plasma_fractal(n, mapsize, float(c[1]), gen, x.device, x.dtype)[:, None, :h, :w]
+    max_val = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x + c[0] * plasma) * max_val / (max_val + c[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elastic transform. Constants (alpha, sigma, affine jitter), in pixels: make_cifar_c.py elastic_transform with
+# IMSIZE = 32: (0, 0, .08), (.05, .2, .07), (.08, .06, .06), (.1, .04, .05), (.1, .03, .03) times 32;
+# make_imagenet_c.py elastic_transform: (2, .7, .1), (2, .08, .2), (.05, .01, .02), (.07, .01, .02), (.12, .01, .02)
+# times 244 (sic, "should have been 224"). ``imagecorruptions`` replaced this with an affine-free variant
+# (alpha 250 * (.05 .. .12), sigma 0.01 * size); the ImageNet-C script's version is generated here.
+
+def _sample_bilinear(x: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
+    """Bilinear samples of NCHW ``x`` at per-image pixel coordinates ``ys``, ``xs`` (N x H x W), already in range."""
+    h, w = x.shape[-2:]
+    grid = torch.stack((xs * (2.0 / max(w - 1, 1)) - 1.0, ys * (2.0 / max(h - 1, 1)) - 1.0), dim=-1)
+    return torch.nn.functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
+                                           align_corners=True)
+
+
+def _reflect101_coord(c: Tensor, n: int) -> Tensor:
+    """Continuous coordinates mirrored about the edge samples (OpenCV BORDER_REFLECT_101: -1 -> 1)."""
+    if n == 1:
+        return torch.zeros_like(c)
+    period = 2 * (n - 1)
+    c = c.remainder(period)
+    return torch.where(c > n - 1, period - c, c)
+
+
+def _reflect_coord(c: Tensor, n: int) -> Tensor:
+    """SciPy ``map_coordinates(mode='reflect')`` for order 1: mirror about the pixel edges (-0.5, n - 0.5), the
+    half pixel beyond each edge sample holding that sample."""
+    u = (c + 0.5).remainder(2 * n)
+    u = torch.where(u > n, 2 * n - u, u)
+    return (u - 0.5).clamp(0, n - 1)
+
+
+@register_corruption("elastic_transform",
+                     cifar10=((32 * 0, 32 * 0, 32 * 0.08), (32 * 0.05, 32 * 0.2, 32 * 0.07),
+                              (32 * 0.08, 32 * 0.06, 32 * 0.06), (32 * 0.1, 32 * 0.04, 32 * 0.05),
+                              (32 * 0.1, 32 * 0.03, 32 * 0.03)),
+                     imagenet=((244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2),
+                               (244 * 0.05, 244 * 0.01, 244 * 0.02), (244 * 0.07, 244 * 0.01, 244 * 0.02),
+                               (244 * 0.12, 244 * 0.01, 244 * 0.02)))
+def elastic_transform(x: Tensor, c: Tuple[float, float, float], gen: torch.Generator) -> Tensor:
+    """Elastic: a random affine warp, then a smooth random displacement field of amplitude c[0] and scale c[1].
+
+    As the scripts, per image: the three points ``centre + s``, ``(centre_0 + s, centre_1 - s)``, ``centre - s``
+    (``centre = size // 2``, ``s = min(size) // 3``) are jittered by ``U(-c[2], c[2])``; ``cv2.warpAffine`` with the
+    fitted affine (bilinear, BORDER_REFLECT_101); then ``dx, dy = gaussian(U(-1, 1), c[1], mode='reflect',
+    truncate=3) * c[0]`` and ``map_coordinates(order=1, mode='reflect')`` at ``(y + dy, x + dx)``. Bilinear sampling
+    is float here (OpenCV's warpAffine rounds weights to 1/32 of a pixel). Batched; one draw per image.
+    """
+    n, _, h, w = x.shape
+    dev, f64 = x.device, torch.float64
+    alpha, sigma, jitter = (float(v) for v in c)
+    centre = torch.tensor([h // 2, w // 2], dtype=f64, device=dev)
+    s = float(min(h, w) // 3)
+    pts1 = torch.stack((centre + s, centre + torch.tensor([s, -s], dtype=f64, device=dev), centre - s))
+    pts2 = pts1 + (torch.rand((n, 3, 2), generator=gen, device=dev, dtype=f64) * 2 - 1) * jitter
+    # getAffineTransform: [p1 1] @ M^T = p2 (points are (x, y) to OpenCV); warpAffine samples src at M^-1 (dst).
+    src_h = torch.cat((pts1, torch.ones(3, 1, dtype=f64, device=dev)), dim=1).expand(n, 3, 3)
+    mt = torch.linalg.solve(src_h, pts2)  # N x 3 x 2: rows A^T, last row b
+    a, b = mt[:, :2, :].transpose(1, 2), mt[:, 2, :]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=f64, device=dev), torch.arange(w, dtype=f64, device=dev),
+                            indexing="ij")
+    dst = torch.stack((xx, yy), dim=-1).view(1, h * w, 2) - b[:, None, :]
+    src = torch.linalg.solve(a, dst.transpose(1, 2)).transpose(1, 2).reshape(n, h, w, 2)
+    warped = _sample_bilinear(x, _reflect101_coord(src[..., 1], h), _reflect101_coord(src[..., 0], w))
+
+    shape = (n, 1, h, w)
+    dx = _gaussian_filter(torch.rand(shape, generator=gen, device=dev, dtype=f64) * 2 - 1, sigma, 3.0, "reflect")
+    dy = _gaussian_filter(torch.rand(shape, generator=gen, device=dev, dtype=f64) * 2 - 1, sigma, 3.0, "reflect")
+    ys = _reflect_coord(yy + alpha * dy[:, 0], h)
+    xs = _reflect_coord(xx + alpha * dx[:, 0], w)
+    return _sample_bilinear(warped, ys, xs)
 
 
 # The remaining names are known (their -C files load) but not generated yet: a later change registers each with

@@ -47,7 +47,7 @@ def test_cli_list(capsys):
     (["--stream", "cifar10c", "--strategy", "tent", "--set", "strategy.momentum=3"], "no hyperparameter 'momentum'"),
     (["--stream", "cifar10c", "--strategy", "tent", "--device", "tpu"], "device"),
     (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "gausian_noise"], "unknown corruption"),
-    (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "fog"], "'fog' cannot be generated yet"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "frost"], "'frost' cannot be generated yet"),
     (["--stream", "cifar10c", "--strategy", "finetune"], "strategy 'finetune' cannot run stream 'cifar10c'"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, npz_dataset, capsys, args, message):
