@@ -134,3 +134,16 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def check_options(fn: Any, options: Mapping[str, Any], what: str, noun: str, skip: Iterable[str] = ()) -> None:
+    """Raise a one-line ConfigError when ``options`` holds a keyword that ``fn`` does not take.
+
+    ``what`` names the thing (e.g. "strategy 'tent'"), ``noun`` the kind of keyword ("hyperparameter", "option").
+    """
+    import inspect
+
+    accepted = [p for p in inspect.signature(fn).parameters if p not in set(skip)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{what} has no {noun} {', '.join(map(repr, unknown))}; it takes: {', '.join(accepted)}")

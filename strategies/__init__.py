@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from ctta.config import strategy_defaults
+from ctta.config import check_options, strategy_defaults
 
 from . import bn, cotta, finetune, source, tent  # noqa: F401  (registration)
 from .base import STEP_KINDS, STRATEGIES, Strategy, register
@@ -20,16 +20,7 @@ def create(name: str, model: nn.Module, **overrides: Any) -> Strategy:
 
 def build(cls: type, model: nn.Module, hparams: dict) -> Strategy:
     """Instantiate ``cls`` with ``hparams``, turning an unknown hyperparameter into a one-line ConfigError."""
-    import inspect
-
-    from ctta.errors import ConfigError
-
-    sig = inspect.signature(cls.__init__)
-    accepted = [p for p in sig.parameters if p not in ("self", "model")]
-    unknown = sorted(set(hparams) - set(accepted))
-    if unknown:
-        raise ConfigError(f"strategy {cls.name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
-                          f"it takes: {', '.join(accepted)}")
+    check_options(cls.__init__, hparams, f"strategy {cls.name!r}", "hyperparameter", skip=("self", "model"))
     return cls(model, **hparams)
 
 

@@ -9,18 +9,11 @@ from .corruption_stream import corruption_stream  # noqa: F401  (registers cifar
 
 def create(name: str, **spec: Any) -> Stream:
     """Build the registered stream ``name`` from its spec (``configs/streams/<name>.yaml`` gives the defaults)."""
-    import inspect
-
-    from ctta.config import stream_defaults
-    from ctta.errors import ConfigError
+    from ctta.config import check_options, stream_defaults
 
     factory = STREAMS.get(name)
     spec = {**stream_defaults(name), **spec}
-    accepted = set(inspect.signature(factory).parameters)
-    unknown = sorted(set(spec) - accepted)
-    if unknown:
-        raise ConfigError(f"stream {name!r} has no option {', '.join(map(repr, unknown))}; "
-                          f"it takes: {', '.join(sorted(accepted))}")
+    check_options(factory, spec, f"stream {name!r}", "option")
     return factory(**spec)
 
 

@@ -45,6 +45,7 @@ def test_cli_list(capsys):
     (["--stream", "cifar10x", "--strategy", "tent"], "unknown stream 'cifar10x'. Did you mean 'cifar10c'?"),
     (["--stream", "cifar10c", "--strategy", "tnet"], "unknown strategy 'tnet'. Did you mean 'tent'?"),
     (["--stream", "cifar10c", "--strategy", "tent", "--set", "strategy.momentum=3"], "no hyperparameter 'momentum'"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--set", "stream.sevrity=3"], "stream 'cifar10c' has no option 'sevrity'"),
     (["--stream", "cifar10c", "--strategy", "tent", "--device", "tpu"], "device"),
     (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "gausian_noise"], "unknown corruption"),
     (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "frost"], "'frost' cannot be generated yet"),
