@@ -1,14 +1,20 @@
 """Strategies: one file per method, composed from the shared mechanics in ``common``; ``create`` is the one door in."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from torch import nn
 
 from ctta.config import check_options, strategy_defaults
 
-from . import bn, cotta, finetune, source, tent  # noqa: F401  (registration)
 from .base import STEP_KINDS, STRATEGIES, Strategy, register
+
+# Registration: every module of this package is one strategy and registers itself on import.
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.ispkg and _info.name not in ("base",) and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 
 def create(name: str, model: nn.Module, **overrides: Any) -> Strategy:

@@ -16,6 +16,7 @@ from ctta.errors import ConfigError
 from ctta.registry import Registry
 
 Batch = Tuple[Tensor, Tensor]
+Loaded = Tuple[Tensor, Tensor, Optional[Tensor]]  # images, labels, per-sample group index (or None)
 StepKind = str  # "adapt" | "train" | "eval"
 KINDS = ("adapt", "train", "eval")
 
@@ -27,6 +28,12 @@ class Segment:
     ``load(device)`` returns images (float in [0, 1], N x C x H x W) and int64 labels on ``device``; the
     engine cuts them into batches of ``batch_size`` in order. ``role`` tells the evaluator what the segment
     is for: ``domain`` (a shift the learner meets), ``session``, or ``probe`` (a held-out check).
+
+    ``groups`` names sub-populations inside one segment (the domains of a mixed stream, the sessions evaluated
+    by an ``eval`` segment, clean vs. shifted samples): then ``load`` returns ``(x, y, g)`` with ``g`` an int64
+    index into ``groups`` per sample, and the evaluator reports each group as well as the segment. An ``eval``
+    segment of a learning stream sets ``meta["after"]`` to the name of the last learned segment, so that
+    R[i, j] (accuracy on group j after segment i) can be read off the run.
     """
 
     name: str
@@ -36,6 +43,7 @@ class Segment:
     load: Callable[[torch.device], Batch]
     role: str = "domain"
     meta: Dict[str, Any] = field(default_factory=dict)
+    groups: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -47,9 +55,21 @@ class Segment:
     def num_batches(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
+    def materialise(self, device: torch.device) -> Loaded:
+        """The whole segment on ``device``: images, labels and the per-sample group index (None without groups)."""
+        out = self.load(device)
+        if len(out) == 3:
+            x, y, g = out
+        else:
+            (x, y), g = out, None
+        if (g is None) != (self.groups is None):
+            raise ConfigError(f"segment {self.name!r}: a group index per sample goes with a list of group names "
+                              f"(groups={self.groups!r}, index given: {g is not None})")
+        return x, y, g
+
     def batches(self, device: torch.device) -> Iterator[Batch]:
-        """Materialise the segment on ``device`` and yield its batches in order."""
-        x, y = self.load(device)
+        """Materialise the segment on ``device`` and yield its (images, labels) batches in order."""
+        x, y, _ = self.materialise(device)
         for i in range(0, x.shape[0], self.batch_size):
             yield x[i:i + self.batch_size], y[i:i + self.batch_size]
 

@@ -532,12 +532,12 @@ def test_fog_statistics_match_the_oracle(severity, params, n, size):
 
 
 def test_plasma_fractal_statistics_match_the_oracle():
-    from ctta.streams.corruptions import _plasma_fractal
-    gen = torch.Generator().manual_seed(0)
+    from ctta.streams.corruptions import ImageRng
+    from ctta.streams.corruptions.weather import _plasma_fractal
     rng = np.random.default_rng(0)
     for mapsize, decay in ((32, 3.0), (32, 1.75), (256, 1.4)):
         n = 400 if mapsize == 32 else 16
-        ours = _plasma_fractal(n, mapsize, decay, gen, torch.device("cpu"), torch.float32).double().numpy()
+        ours = _plasma_fractal(ImageRng(0, torch.arange(n)), mapsize, decay, torch.float32).double().numpy()
         ref = np.stack([_plasma_oracle(rng, mapsize, decay) for _ in range(n)])
         assert ours.shape == ref.shape
         assert np.allclose(ours.min(axis=(1, 2)), 0) and np.allclose(ours.max(axis=(1, 2)), 1)
@@ -576,7 +576,7 @@ def test_elastic_levels_are_the_published_constants(params):
 def test_elastic_resampling_matches_scipy_map_coordinates_and_gaussian():
     from scipy.ndimage import gaussian_filter, map_coordinates
 
-    from ctta.streams.corruptions import _gaussian_filter, _reflect_coord, _sample_bilinear
+    from ctta.streams.corruptions.filters import gaussian_filter as _gaussian_filter, reflect_coord as _reflect_coord, sample_bilinear as _sample_bilinear
     rng = np.random.default_rng(0)
     img = rng.random((3, 12, 17))
     yy, xx = np.meshgrid(np.arange(12), np.arange(17), indexing="ij")
@@ -670,12 +670,13 @@ def test_glass_blur_statistics_match_the_oracle(params, severity, n, size):
 
 
 def test_local_shuffle_is_a_local_permutation_moving_pixels_as_far_as_the_loop():
-    from ctta.streams.corruptions import _local_shuffle
+    from ctta.streams.corruptions import ImageRng
+    from ctta.streams.corruptions.blur import _local_shuffle
     h_size, w_size = 20, 23
     x = torch.arange(h_size * w_size, dtype=torch.float64).view(1, 1, h_size, w_size).expand(8, 3, -1, -1)
     rng = np.random.default_rng(0)
     for d, iters in ((1, 1), (2, 3), (4, 2)):
-        out = _local_shuffle(x, d, iters, torch.Generator().manual_seed(d))
+        out = _local_shuffle(x, d, iters, ImageRng(d, torch.arange(8)))
         assert torch.equal(out.flatten(2).sort(dim=2).values, x.flatten(2))  # a permutation per image and channel
         assert torch.equal(out[:, 1], out[:, 0]) and torch.equal(out[:, 2], out[:, 0])  # whole pixels move
         src = out[:, 0].long()
@@ -705,3 +706,53 @@ def test_geometric_and_weather_corruptions_are_seeded_and_keep_dtype(name):
     assert corrupt(x.double(), name, 3).dtype == torch.float64
     assert torch.equal(x, _to_torch(_natural_uint8(2, 32)))  # the input is not modified
     assert corrupt(torch.rand(1, 3, 5, 6), name, 5, params="imagenet").shape == (1, 3, 5, 6)  # tiny images
+
+
+# --- per-image random numbers: batch independence and distribution ------------------------------------------------
+
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "fog", "elastic_transform")
+
+
+@pytest.mark.parametrize("name", [n for n in RANDOM if n in generated_corruptions()])
+def test_random_corruptions_do_not_depend_on_the_batch(name):
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    whole = corrupt(x, name, 5, seed=7)
+    for i in (0, 4):
+        alone = corrupt(x[i:i + 1], name, 5, seed=7)
+        assert torch.equal(alone[0], whole[i]), name
+    reordered = corrupt(x.flip(0), name, 5, seed=7)
+    assert torch.equal(reordered.flip(0), whole)
+    keyed = corrupt(x, name, 5, seed=7, keys=torch.arange(100, 106))
+    assert torch.equal(corrupt(x[2:3], name, 5, seed=7, keys=torch.tensor([102]))[0], keyed[2])
+    assert not torch.equal(corrupt(x, name, 5, seed=8), whole)
+
+
+def test_corrupt_rejects_bad_keys():
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="keys"):
+        corrupt(x, "gaussian_noise", 1, keys=torch.arange(3))
+    with pytest.raises(ConfigError, match="keys"):
+        corrupt(x, "gaussian_noise", 1, keys=torch.rand(2))
+
+
+def test_image_rng_distributions():
+    from scipy import stats
+
+    from ctta.streams.corruptions import ImageRng
+
+    rng = ImageRng(123, torch.arange(64))
+    u = rng.rand(4096).double()
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert stats.kstest(u.flatten().numpy()[:20000], "uniform").pvalue > 1e-3
+    z = rng.randn(4096).double().flatten().numpy()
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert stats.kstest(z[:20000], "norm").pvalue > 1e-3
+    k = rng.randint(-2, 3, 4096)
+    assert int(k.min()) == -2 and int(k.max()) == 2
+    counts = torch.bincount((k + 2).flatten(), minlength=5).double()
+    assert float((counts / counts.sum() - 0.2).abs().max()) < 0.01
+    # successive draws and different keys are uncorrelated
+    a, b = rng.rand(4096).flatten().numpy(), rng.rand(4096).flatten().numpy()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
+    rows = ImageRng(123, torch.arange(64)).rand(4096).numpy()
+    assert abs(np.corrcoef(rows[0], rows[1])[0, 1]) < 0.05
