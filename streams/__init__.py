@@ -5,6 +5,24 @@ from typing import Any
 
 from .base import STREAMS, Segment, Stream, from_batches, tensor_segment
 from .corruption_stream import corruption_stream  # noqa: F401  (registers cifar10c, cifar100c, digits_c)
+from .custom import from_dataset, from_folders, from_tensors  # registers folders
+from .gilcd import gilcd_stream  # registers digits_gilcd, cifar10_gilcd, cifar100_gilcd
+from .incremental import class_incremental_stream, domain_incremental_stream, few_shot_stream  # *_ci, *_online, ...
+from .sfda import sfda_stream  # registers sfda
+
+
+def to_avalanche(stream: Stream, device: str = "cpu") -> Any:
+    """Export a class-incremental stream as an Avalanche benchmark (imports Avalanche now)."""
+    from .avalanche_io import to_avalanche as _to
+
+    return _to(stream, device)
+
+
+def from_avalanche(benchmark: Any, **kwargs: Any) -> Stream:
+    """A ctta stream (train sessions + accuracy-matrix evals) from an Avalanche benchmark."""
+    from .avalanche_io import from_avalanche as _from
+
+    return _from(benchmark, **kwargs)
 
 
 def create(name: str, **spec: Any) -> Stream:
@@ -29,5 +47,7 @@ def list_streams() -> list[str]:
     return STREAMS.names()
 
 
-__all__ = ["STREAMS", "Segment", "Stream", "create", "corruption", "corruption_stream", "from_batches",
-           "list_streams", "tensor_segment"]
+__all__ = ["STREAMS", "Segment", "Stream", "class_incremental_stream", "create", "corruption", "corruption_stream",
+           "domain_incremental_stream", "few_shot_stream", "from_avalanche", "from_batches", "from_dataset",
+           "from_folders", "from_tensors", "gilcd_stream", "list_streams", "sfda_stream", "tensor_segment",
+           "to_avalanche"]

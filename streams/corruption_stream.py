@@ -6,9 +6,13 @@ original -C files when present, otherwise generated on the device by :mod:`.corr
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+import logging
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from ctta.errors import ConfigError, CttaError
 from ctta.seeding import stable_seed
@@ -16,19 +20,48 @@ from ctta.seeding import stable_seed
 from .base import STREAMS, Segment, Stream, tensor_segment
 from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
 from .datasets import ImageSet, load_corrupted, load_cifar
+from .label_shift import check_label_shift, dirichlet_order, prior_counts, select_counts
+from .orders import ORDERS, check_clean_ratio, check_rounds, clean_mix_slots, severity_schedule
 
-ORDERS = ("continual", "random", "reset")
+log = logging.getLogger(__name__)
+
+Key = Optional[Tuple[str, int]]  # (corruption, severity) of a source; None = the clean set
 
 
-def _check_spec(severity: int, batch_size: int, num_samples: Optional[int], order: str) -> None:
+@dataclass
+class StreamOptions:
+    """The validated order and label-shift options of a corruption stream."""
+
+    rounds: int
+    clean_per_batch: int
+    label_shift: List[Dict[str, Any]]
+
+    @property
+    def dirichlet(self) -> Optional[Dict[str, Any]]:
+        return next((d for d in self.label_shift if d["kind"] == "dirichlet"), None)
+
+    @property
+    def prior(self) -> Optional[Dict[str, Any]]:
+        return next((d for d in self.label_shift if d["kind"] in ("longtail", "zipf")), None)
+
+
+def check_stream_options(severity: int, batch_size: int, num_samples: Optional[int], order: str,
+                         rounds: Optional[int] = None, interleave_clean: bool = False, clean_ratio: float = 0.0,
+                         label_shift: Any = None) -> StreamOptions:
+    """Validate a corruption stream's spec before any data is read; one-line ConfigError on bad input."""
     if not isinstance(severity, int) or isinstance(severity, bool) or not 1 <= severity <= 5:
         raise ConfigError(f"severity must be an integer from 1 to 5, got {severity!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
+                                    or num_samples < 1):
         raise ConfigError(f"num_samples must be a positive integer or omitted, got {num_samples!r}")
     if order not in ORDERS:
         raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if not isinstance(interleave_clean, bool):
+        raise ConfigError(f"interleave_clean must be true or false, got {interleave_clean!r}")
+    return StreamOptions(rounds=check_rounds(order, rounds), clean_per_batch=check_clean_ratio(clean_ratio, batch_size),
+                         label_shift=check_label_shift(label_shift))
 
 
 def _corruption_list(corruptions: Union[str, Sequence[str]]) -> List[str]:
@@ -42,51 +75,262 @@ def _corruption_list(corruptions: Union[str, Sequence[str]]) -> List[str]:
     return names
 
 
+@dataclass
+class _Part:
+    """A block of one segment: the clean-set indices ``index`` seen through source ``key``, in group ``group``."""
+
+    key: Key
+    index: Tensor
+    group: int
+    noise_seed: int
+
+
+@dataclass
+class _Source:
+    images: Tensor  # uint8 N x C x H x W on the host (a -C file compacted to the used images, or the clean set)
+    labels: Tensor
+    position: Optional[Tensor]  # clean index -> row of ``images`` (None: identity)
+    generated: bool
+
+
+class _Planner:
+    """Draws the clean-set indices of every block: seeded, without repeats within a draw while the set lasts."""
+
+    def __init__(self, labels: Tensor, seed: int, n: int, options: StreamOptions):
+        self.labels, self.seed, self.n, self.options = labels, seed, n, options
+        self.n_total = int(labels.shape[0])
+        self.classes = torch.unique(labels).tolist()
+        self.counts: Optional[List[int]] = None
+        if options.prior is not None:
+            avail = [int((labels == c).sum()) for c in self.classes]
+            self.counts = prior_counts(options.prior, avail, n, stable_seed(seed, "prior"))
+
+    def _perms(self, *tag: object) -> Iterator[Tensor]:
+        k = 0
+        while True:
+            parts = tag if k == 0 else (*tag, "more", k)
+            yield torch.randperm(self.n_total, generator=torch.Generator().manual_seed(stable_seed(self.seed, *parts)))
+            k += 1
+
+    def draw(self, steps: int, *tag: object, count: Optional[int] = None, prior: bool = True) -> List[Tensor]:
+        """``steps`` disjoint blocks of ``count`` (default n) indices, or of the label-shift class counts."""
+        counts = self.counts if prior and count is None else None
+        want = self.n if count is None else count
+        perms = self._perms(*tag)
+        remaining = next(perms)
+        out: List[Tensor] = []
+        for _ in range(steps):
+            if counts is None and want > self.n_total:  # more than the set holds: whole passes, repeats unavoidable
+                take = torch.cat([remaining] + [next(perms) for _ in range(want // self.n_total)])[:want]
+                out.append(take)
+                remaining = next(perms)
+                continue
+            if not self._enough(remaining, counts, want):
+                fresh = next(perms)
+                used = torch.zeros(self.n_total, dtype=torch.bool)
+                used[remaining] = True
+                remaining = torch.cat([remaining, fresh[~used[fresh]]])
+            if counts is None:
+                take, remaining = remaining[:want], remaining[want:]
+            else:
+                pos = select_counts(self.labels[remaining], self.classes, counts)
+                keep = torch.ones(len(remaining), dtype=torch.bool)
+                keep[pos] = False
+                take, remaining = remaining[pos], remaining[keep]
+            out.append(take)
+        return out
+
+    def _enough(self, remaining: Tensor, counts: Optional[List[int]], want: int) -> bool:
+        if counts is None:
+            return len(remaining) >= want
+        y = self.labels[remaining]
+        return all(int((y == c).sum()) >= k for c, k in zip(self.classes, counts))
+
+    def reorder(self, index: Tensor, *tag: object) -> Tensor:
+        """``index`` in Dirichlet order when the spec asks for temporally correlated classes, else as is."""
+        d = self.options.dirichlet
+        if d is None:
+            return index
+        return index[dirichlet_order(self.labels[index], d["delta"], stable_seed(self.seed, "dirichlet", *tag))]
+
+
+def _planned_segment(name: str, parts: List[_Part], perm: Optional[Tensor], groups: Optional[List[str]],
+                     sources: Dict[Key, _Source], batch_size: int, params: str, meta: Dict[str, Any]) -> Segment:
+    """A segment that gathers its parts from the sources on the device (corrupting generated ones there)."""
+    total = sum(len(p.index) for p in parts)
+
+    def load(device: torch.device):
+        xs, ys, gs = [], [], []
+        for p in parts:
+            src = sources[p.key]
+            rows = p.index if src.position is None else src.position[p.index]
+            x = src.images[rows].to(device, non_blocking=True)
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+            if src.generated:
+                x = corrupt(x, p.key[0], p.key[1], seed=p.noise_seed, params=params)
+            xs.append(x)
+            ys.append(src.labels[rows])
+            gs.append(torch.full((len(rows),), p.group, dtype=torch.long))
+        x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(gs)
+        if perm is not None:
+            x, y, g = x[perm.to(device)], y[perm], g[perm]
+        y = y.to(device, dtype=torch.long, non_blocking=True)
+        if groups is None:
+            return x, y
+        return x, y, g.to(device, non_blocking=True)
+
+    return Segment(name=name, kind="adapt", num_samples=total, batch_size=batch_size, load=load, meta=meta,
+                   groups=groups)
+
+
+def _sources(keys: List[Key], clean: ImageSet, used: Dict[Key, List[Tensor]],
+             files: Optional[Callable[[str, int], Optional[ImageSet]]]) -> Dict[Key, _Source]:
+    """One source per (corruption, severity): its -C file cut down to the images the stream uses, or generated."""
+    out: Dict[Key, _Source] = {None: _Source(clean.images, clean.labels, None, generated=False)}
+    for key in keys:
+        c, s = key
+        pre = files(c, s) if files is not None else None
+        if pre is None:
+            if c not in generated_corruptions():
+                raise CttaError(f"corruption {c!r} cannot be generated yet (generated: "
+                                f"{', '.join(generated_corruptions())}); put the -C files ({c}.npy, labels.npy) "
+                                f"under --data-root or choose other --corruptions")
+            out[key] = _Source(clean.images, clean.labels, None, generated=True)
+            continue
+        if len(pre) != len(clean) or not torch.equal(pre.labels.long(), clean.labels.long()):
+            raise ConfigError(f"the -C file of {c} (severity {s}) holds {len(pre)} images whose labels do not "
+                              f"match the {len(clean)} clean test images; use the matching -C release")
+        rows = torch.unique(torch.cat(used[key]))  # sorted
+        position = torch.full((len(clean),), -1, dtype=torch.long)
+        position[rows] = torch.arange(len(rows))
+        out[key] = _Source(pre.images[rows].clone(), pre.labels[rows].clone(), position, generated=False)
+    return out
+
+
 def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequence[str]] = "all",
                       severity: int = 5, batch_size: int = 200, num_samples: Optional[int] = None,
                       order: str = "continual", seed: int = 1, clean_eval: bool = True,
                       params: str = "cifar10",
                       files: Optional[Callable[[str, int], Optional[ImageSet]]] = None,
-                      spec: Optional[dict] = None) -> Stream:
-    """Build a corruption stream over ``clean``; ``files(corruption, severity)`` may supply precomputed -C images."""
-    _check_spec(severity, batch_size, num_samples, order)
+                      spec: Optional[dict] = None, rounds: Optional[int] = None, interleave_clean: bool = False,
+                      clean_ratio: float = 0.0, label_shift: Any = None) -> Stream:
+    """Build a corruption stream over ``clean``; ``files(corruption, severity)`` may supply precomputed -C images.
+
+    ``order`` (see :mod:`.orders`), ``rounds``, ``interleave_clean`` (a clean adapt domain after every shifted
+    one but the last), ``clean_ratio`` (that share of every batch is clean, groups shifted/clean) and
+    ``label_shift`` (see :mod:`.label_shift`) shape the stream; ``num_samples`` counts samples per domain (per
+    severity step for the gradual orders). The same arguments give the same stream.
+    """
+    opts = check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
+                                label_shift)
     names = _corruption_list(corruptions)
     if order == "random":
         perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(stable_seed(seed, "order")))
         names = [names[i] for i in perm.tolist()]
     n_total = len(clean)
     n = min(num_samples or n_total, n_total)
+    plan = _Planner(clean.labels, seed, n, opts)
+    rounds_n = opts.rounds
 
     def pick(tag: str) -> torch.Tensor:
         g = torch.Generator().manual_seed(stable_seed(seed, tag))
         return torch.randperm(n_total, generator=g)[:n]
 
+    # 1) plan every adapt segment as parts over sources (no image is read yet)
+    planned: List[Tuple[str, List[_Part], Optional[Tensor], Optional[List[str]], Dict[str, Any]]] = []
+    used: Dict[Key, List[Tensor]] = {}
+    for r in range(rounds_n):
+        tag = r if order == "recurring" else 0  # other orders repeat their first round verbatim
+        suffix = f"#{r + 1}" if rounds_n > 1 else ""
+        occurrences: Dict[Key, int] = {}
+
+        def noise_seed(key: Key) -> int:
+            k = occurrences.get(key, 0)
+            occurrences[key] = k + 1
+            return seed if (tag == 0 and k == 0) else stable_seed(seed, "noise", key[0], key[1], tag, k)
+
+        def domain_tag(c: str) -> tuple:
+            return (c,) if tag == 0 else (c, "round", tag)
+
+        round_segments = []
+        if order == "mixed":
+            parts = []
+            for gi, c in enumerate(names):
+                idx = plan.draw(1, *domain_tag(c))[0]
+                parts.append(_Part((c, severity), idx, gi, noise_seed((c, severity))))
+            labels = plan.labels[torch.cat([p.index for p in parts])]
+            if opts.dirichlet is not None:
+                mix = dirichlet_order(labels, opts.dirichlet["delta"], stable_seed(seed, "dirichlet", "mixed", tag))
+            else:
+                mix = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
+                    stable_seed(seed, "mixed", tag)))
+            round_segments.append((f"mixed{suffix}", parts, mix, [f"{c}-{severity}" for c in names],
+                                   {"corruptions": list(names), "severity": severity, "round": r + 1}))
+        else:
+            for i, c in enumerate(names):
+                sevs = severity_schedule(order, i, severity)
+                blocks = plan.draw(len(sevs), *domain_tag(c))
+                parts = []
+                for j, (s, idx) in enumerate(zip(sevs, blocks)):
+                    idx = plan.reorder(idx, c, s, j, tag)
+                    group = sorted(set(sevs)).index(s)
+                    parts.append(_Part((c, s), idx, group, noise_seed((c, s))))
+                gradual = len(sevs) > 1
+                seg_name = f"{c}-gradual{suffix}" if gradual else f"{c}-{severity}{suffix}"
+                groups = [f"{c}-{s}" for s in sorted(set(sevs))] if gradual else None
+                meta = {"corruption": c, "severity": severity, "round": r + 1}
+                if gradual:
+                    meta["severities"] = list(sevs)
+                round_segments.append((seg_name, parts, None, groups, meta))
+        planned.extend(round_segments)
+    # 2) interleave clean domains, mix clean samples into batches
+    segs_plan: List[Tuple[str, List[_Part], Optional[Tensor], Optional[List[str]], Dict[str, Any]]] = []
+    for k, (seg_name, parts, perm, groups, meta) in enumerate(planned):
+        for p in parts:
+            used.setdefault(p.key, []).append(p.index)
+        if opts.clean_per_batch:
+            m = sum(len(p.index) for p in parts)
+            slots = clean_mix_slots(m, batch_size, opts.clean_per_batch, stable_seed(seed, "slots", seg_name))
+            nc = int(slots.sum())
+            groups = list(groups or ["shifted"])
+            clean_idx = plan.draw(1, "clean-mix", seg_name, count=nc, prior=False)[0]
+            parts = parts + [_Part(None, clean_idx, len(groups), seed)]
+            groups.append("clean")
+            final = torch.empty(m + nc, dtype=torch.long)
+            final[~slots] = perm if perm is not None else torch.arange(m)
+            final[slots] = m + torch.arange(nc)
+            perm = final
+            meta = {**meta, "clean_per_batch": opts.clean_per_batch}
+        segs_plan.append((seg_name, parts, perm, groups, meta))
+        if interleave_clean and k < len(planned) - 1:
+            idx = plan.reorder(plan.draw(1, "interleave", k)[0], "interleave", k)
+            segs_plan.append((f"clean-after-{seg_name}", [_Part(None, idx, 0, seed)], None, None,
+                              {"clean": True, "interleaved": True}))
+    # 3) read the -C files (only the images used) and build the segments
+    keys = sorted(k for k in used if k is not None)
+    sources = _sources(keys, clean, used, files)
     segments: List[Segment] = []
     probe_idx = pick("clean")
     if clean_eval:
         segments.append(tensor_segment("clean@start", "eval", clean.images[probe_idx], clean.labels[probe_idx],
                                        batch_size, role="probe"))
-    for c in names:
-        idx = pick(c)
-        pre = files(c, severity) if files is not None else None
-        if pre is not None:
-            seg = tensor_segment(f"{c}-{severity}", "adapt", pre.images[idx], pre.labels[idx], batch_size,
-                                 meta={"corruption": c, "severity": severity, "source": "files"})
-        elif c not in generated_corruptions():
-            raise CttaError(f"corruption {c!r} cannot be generated yet (generated: {', '.join(generated_corruptions())})"
-                            f"; put the -C files ({c}.npy, labels.npy) under --data-root or choose other --corruptions")
-        else:
-            seg = tensor_segment(
-                f"{c}-{severity}", "adapt", clean.images[idx], clean.labels[idx], batch_size,
-                transform=lambda x, dev, c=c: corrupt(x, c, severity, seed=seed, params=params),
-                meta={"corruption": c, "severity": severity, "source": "generated"})
-        segments.append(seg)
+    for seg_name, parts, perm, groups, meta in segs_plan:
+        kinds = {sources[p.key].generated for p in parts if p.key is not None}
+        if kinds:
+            meta = {**meta, "source": "generated" if kinds == {True} else ("files" if kinds == {False} else "mixed")}
+        if opts.label_shift:
+            meta = {**meta, "label_shift": [d["kind"] for d in opts.label_shift]}
+        segments.append(_planned_segment(seg_name, parts, perm, groups, sources, batch_size, params, meta))
     if clean_eval:
         segments.append(tensor_segment("clean@end", "eval", clean.images[probe_idx], clean.labels[probe_idx],
                                        batch_size, role="probe"))
     full_spec = dict(spec or {})
     full_spec.update(name=name, corruptions=names, severity=severity, batch_size=batch_size, num_samples=n,
-                     order=order, seed=seed, clean_eval=clean_eval, params=params)
+                     order=order, seed=seed, clean_eval=clean_eval, params=params, rounds=rounds_n,
+                     interleave_clean=interleave_clean, clean_ratio=float(clean_ratio),
+                     label_shift=opts.label_shift or None)
+    if plan.counts is not None:
+        full_spec["class_counts"] = list(plan.counts)
     return Stream(name=name, segments=segments, num_classes=len(clean.classes), setting="tta", spec=full_spec,
                   reset_each_domain=(order == "reset"))
 
@@ -94,12 +338,16 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
 def _cifar_c(dataset: str):
     def build(data_root: Optional[str] = None, corruptions: Union[str, Sequence[str]] = "all", severity: int = 5,
               batch_size: int = 200, num_samples: Optional[int] = None, order: str = "continual", seed: int = 1,
-              clean_eval: bool = True, download: bool = False) -> Stream:
+              clean_eval: bool = True, download: bool = False, rounds: Optional[int] = None,
+              interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None) -> Stream:
+        check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
+                             label_shift)
         clean = load_cifar(dataset, data_root, train=False, download=download)
         return corruption_stream(
             f"{dataset}c", clean, corruptions, severity, batch_size, num_samples, order, seed, clean_eval,
             params="cifar10", files=lambda c, s: load_corrupted(dataset, data_root, c, s) if data_root else None,
-            spec={"dataset": dataset, "data_root": str(data_root) if data_root else None})
+            spec={"dataset": dataset, "data_root": str(data_root) if data_root else None}, rounds=rounds,
+            interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift)
 
     build.__doc__ = f"{dataset.upper()}-C: the {dataset} test set under the 15 corruptions (files or generated)."
     return build
@@ -107,12 +355,15 @@ def _cifar_c(dataset: str):
 
 def digits_c(corruptions: Union[str, Sequence[str]] = "gaussian_noise,shot_noise,impulse_noise,brightness,contrast",
              severity: int = 5, batch_size: int = 64, num_samples: Optional[int] = None, order: str = "continual",
-             seed: int = 1, clean_eval: bool = True, data_root: Optional[str] = None) -> Stream:
+             seed: int = 1, clean_eval: bool = True, data_root: Optional[str] = None, rounds: Optional[int] = None,
+             interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None) -> Stream:
     """Offline default: scikit-learn's digits test split under corruptions (no download needed)."""
     from .digits import load_digits
 
+    check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio, label_shift)
     return corruption_stream("digits_c", load_digits(train=False), corruptions, severity, batch_size, num_samples,
-                             order, seed, clean_eval, params="cifar10", spec={"dataset": "digits"})
+                             order, seed, clean_eval, params="cifar10", spec={"dataset": "digits"}, rounds=rounds,
+                             interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift)
 
 
 STREAMS.register("cifar10c", _cifar_c("cifar10"))

@@ -1,7 +1,8 @@
-"""Clean CIFAR test/train sets and the released CIFAR-10-C / CIFAR-100-C files, loaded as uint8 tensors.
+"""Clean CIFAR test/train sets, the released CIFAR-10-C / CIFAR-100-C files and image folders, as uint8 tensors.
 
 Where the data may be (``root``): an ``.npz`` file with ``images`` (uint8 N x H x W x 3) and ``labels`` (optional
-``classes``); a folder holding such a file (``test.npz`` / ``train.npz`` or ``<name>_test.npz``); or a folder in
+``classes``), or with ``jpeg`` (JPEG files back to back), ``offsets`` and ``labels`` (decoded once with PIL and
+cached under :func:`cache_dir`); a folder holding such a file (``test.npz`` / ``train.npz`` / ``train_jpeg.npz`` or ``<name>_test.npz``); or a folder in
 torchvision's layout (``cifar-10-batches-py`` / ``cifar-100-python``), which torchvision downloads on request.
 The batch files are read here (the CIFAR python pickle format) rather than through ``torchvision.datasets`` so
 that a partial or re-packed folder loads without torchvision's whole-archive checksum test.
@@ -116,6 +117,12 @@ def _to_imageset(images: np.ndarray, labels: np.ndarray, classes: Optional[Seque
 def _load_npz(path: Path, name: str) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as data:
+            if "jpeg" in data.files and "offsets" in data.files:
+                classes = data["classes"].tolist() if "classes" in data.files else None
+                labels = data["labels"]
+                images = _decoded_jpeg_npz(path, data)
+                log.info("loaded %s from %s (%d JPEG-decoded images)", name, path, len(labels))
+                return _to_imageset(images, labels, classes, name, path)
             missing = [k for k in ("images", "labels") if k not in data.files]
             if missing:
                 raise ConfigError(f"{path}: an .npz data set needs arrays 'images' and 'labels'; missing "
@@ -126,6 +133,65 @@ def _load_npz(path: Path, name: str) -> ImageSet:
         raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
     log.info("loaded %s from %s (%d images)", name, path, len(labels))
     return _to_imageset(images, labels, classes, name, path)
+
+
+def cache_dir() -> Path:
+    """``$CTTA_BENCH_CACHE``, else ``$XDG_CACHE_HOME/ctta-bench``, else ``~/.cache/ctta-bench``: decoded data, models."""
+    if os.environ.get("CTTA_BENCH_CACHE"):
+        return Path(os.environ["CTTA_BENCH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ctta-bench"
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, source: Path) -> np.ndarray:
+    """Decode JPEG files stored back to back (image i is ``blob[offsets[i]:offsets[i + 1]]``) to uint8 N x H x W x 3."""
+    import io
+
+    from PIL import Image
+
+    n = len(offsets) - 1
+    out: Optional[np.ndarray] = None
+    for i in range(n):
+        try:
+            with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises several types for a corrupt file
+            raise ConfigError(f"{source}: image {i} is not a readable JPEG ({type(e).__name__}: {e})") from None
+        if out is None:
+            out = np.empty((n,) + arr.shape, dtype=np.uint8)
+        elif arr.shape != out.shape[1:]:
+            raise ConfigError(f"{source}: image {i} has shape {arr.shape}, the first had {out.shape[1:]}")
+        out[i] = arr
+    return out if out is not None else np.zeros((0, 32, 32, 3), dtype=np.uint8)
+
+
+def _decoded_jpeg_npz(path: Path, data: "np.lib.npyio.NpzFile") -> np.ndarray:
+    """The images of a JPEG-bytes .npz (``jpeg`` + ``offsets``), decoded once and cached as .npy under :func:`cache_dir`.
+
+    The cache key is the file's resolved path, size and modification time, so a changed file is decoded again;
+    the data folder itself is never written (it may be read-only).
+    """
+    import hashlib
+
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "decoded" / f"{path.stem}-{key}.npy"
+    if cached.is_file():
+        try:
+            return np.load(cached, allow_pickle=False)
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable cache file %s", cached)
+    offsets = np.asarray(data["offsets"], dtype=np.int64)
+    images = _decode_jpegs(data["jpeg"], offsets, path)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, images)
+        os.replace(tmp, cached)
+        log.info("decoded %d JPEGs of %s; cached at %s", len(images), path, cached)
+    except OSError as e:  # a read-only home is not fatal: decode again next time
+        log.warning("could not cache decoded images at %s (%s)", cached, e)
+    return images
 
 
 def _unpickle(path: Path) -> dict:
@@ -184,7 +250,7 @@ def _download(root: Path, name: str, train: bool) -> Path:
 
 def _npz_candidates(name: str, train: bool) -> Tuple[str, ...]:
     split = "train" if train else "test"
-    return (f"{split}.npz", f"{name}_{split}.npz")
+    return (f"{split}.npz", f"{name}_{split}.npz", f"{split}_jpeg.npz", f"{name}_{split}_jpeg.npz")
 
 
 def load_cifar(name: DatasetName, root: Optional[PathLike], train: bool = False,
@@ -265,4 +331,88 @@ def load_corrupted(name: DatasetName, root: Optional[PathLike], corruption: str,
     return _to_imageset(np.array(stack[sl]), np.array(labels), None, name, path)
 
 
-__all__ = ["CIFAR10_CLASSES", "ImageSet", "default_data_root", "load_cifar", "load_corrupted"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
+
+
+def _read_image(path: Path, size: Optional[int]) -> np.ndarray:
+    """One image as uint8 H x W x 3; with ``size``: shorter side resized to ``size``, then centre-cropped square."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                w, h = im.size
+                scale = size / min(w, h)
+                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                if (nw, nh) != (w, h):
+                    im = im.resize((nw, nh), Image.BILINEAR)
+                left, top = (nw - size) // 2, (nh - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im)
+    except OSError as e:
+        raise ConfigError(f"{path}: not a readable image ({e})") from None
+
+
+def load_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None, size: Optional[int] = None,
+                      max_per_class: Optional[int] = None, seed: int = 0) -> ImageSet:
+    """An ImageFolder tree (``<root>/<class>/<image>``) as an :class:`ImageSet`.
+
+    Labels follow ``classes`` when given (so several domains share one label space; a folder not in it is an
+    error), else the sorted folder names (torchvision's ImageFolder order, which is ImageNet's class index for
+    wnid folders). ``size`` resizes (shorter side) and centre-crops; without it all images must share one shape.
+    ``max_per_class`` keeps a seeded random subset of each class (sorted file order otherwise).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataNotFoundError(f"image folder {root} does not exist")
+    if max_per_class is not None and (not isinstance(max_per_class, int) or max_per_class < 1):
+        raise ConfigError(f"max_per_class must be a positive integer or omitted, got {max_per_class!r}")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = [str(c) for c in classes] if classes is not None else folders
+    index = {c: i for i, c in enumerate(names)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise ConfigError(f"image folder {root} has class folders not among the {len(names)} given classes: "
+                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    files: List[Path] = []
+    labels: List[int] = []
+    rng = np.random.default_rng(seed)
+    for f in folders:
+        members = sorted(p for p in (root / f).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if max_per_class is not None and len(members) > max_per_class:
+            members = [members[i] for i in sorted(rng.permutation(len(members))[:max_per_class].tolist())]
+        files += members
+        labels += [index[f]] * len(members)
+    if not files:
+        raise DataNotFoundError(f"image folder {root} holds no images (expected <class>/<image> with one of "
+                                f"{', '.join(IMAGE_EXTENSIONS)})")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        arrays = list(pool.map(lambda p: _read_image(p, size), files))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ConfigError(f"image folder {root} holds images of {len(shapes)} sizes (e.g. "
+                          f"{', '.join(str(s[:2]) for s in list(shapes)[:3])}); pass size=N to resize and crop")
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
+    log.info("loaded %d images of %d classes from %s", len(files), len(names), root)
+    return ImageSet(images=x, labels=torch.tensor(labels, dtype=torch.long), classes=names)
+
+
+def load_imagenet_c(root: PathLike, corruption: str, severity: int, size: Optional[int] = None,
+                    max_per_class: Optional[int] = None, classes: Optional[Sequence[str]] = None,
+                    seed: int = 0) -> ImageSet:
+    """One corruption and severity of ImageNet-C in its released layout ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``."""
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= SEVERITIES:
+        raise ConfigError(f"severity must be an integer from 1 to {SEVERITIES}, got {severity!r}")
+    if not corruption or Path(corruption).name != corruption:
+        raise ConfigError(f"not a corruption name: {corruption!r}")
+    folder = Path(root).expanduser() / corruption / str(severity)
+    if not folder.is_dir():
+        raise DataNotFoundError(f"no ImageNet-C folder {folder}; expected <root>/<corruption>/<severity>/<wnid>/")
+    return load_image_folder(folder, classes=classes, size=size, max_per_class=max_per_class, seed=seed)
+
+
+__all__ = ["CIFAR10_CLASSES", "ImageSet", "default_data_root", "cache_dir", "load_cifar", "load_corrupted",
+           "load_image_folder", "load_imagenet_c"]

@@ -16,9 +16,10 @@ from ctta.streams.corruptions import (CORRUPTION_ORDER, CORRUPTIONS, corrupt, co
 FIVE = ("gaussian_noise", "shot_noise", "impulse_noise", "brightness", "contrast")
 # Deterministic corruptions added after the first five; the last two are extras of the original release.
 ADDED = ("defocus_blur", "pixelate", "jpeg_compression", "gaussian_blur", "saturate")
-EXTRAS = ("gaussian_blur", "saturate")
-GENERATED = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "zoom_blur", "fog", "brightness",
-             "contrast", "elastic_transform", "pixelate", "jpeg_compression", "gaussian_blur", "saturate")
+EXTRAS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+GENERATED = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+             "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+             "speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 # The scripts' constants, typed in again from the sources so a slip in either copy shows.
 LEVELS = {
@@ -756,3 +757,19 @@ def test_image_rng_distributions():
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
     rows = ImageRng(123, torch.arange(64)).rand(4096).numpy()
     assert abs(np.corrcoef(rows[0], rows[1])[0, 1]) < 0.05
+
+
+def test_mix32_wraps_like_uint32_arithmetic():
+    from ctta.streams.corruptions.rng import mix32
+
+    def ref(v: int) -> int:
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+
+    vals = [0, 1, 2, 12345, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF, 0x9E3779B9]
+    as_i32 = torch.tensor([v - 2 ** 32 if v >= 2 ** 31 else v for v in vals], dtype=torch.int32)
+    got = [int(v) & 0xFFFFFFFF for v in mix32(as_i32)]
+    assert got == [ref(v) for v in vals]

@@ -237,3 +237,73 @@ def test_shared_cifar10_test_set():
     assert len(s.classes) == 10 and s.classes[0] == "airplane"
     assert sorted(s.labels.unique().tolist()) == list(range(10))
     assert len(load_cifar("cifar10", SHARED_TEST.parent)) == 10000
+
+
+# ---- JPEG-bytes .npz (the shared train_jpeg.npz format), image folders, ImageNet-C layout ------------------------
+
+def _write_jpeg_npz(path: Path, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    import io
+
+    from PIL import Image
+
+    x = np.broadcast_to((np.arange(n) * 40 + 10).astype(np.uint8)[:, None, None, None], (n, 32, 32, 3)).copy()
+    x[:, :, :, 1] //= 2  # flat colours: JPEG keeps them within a grey level or two
+    y = np.arange(n) % 10
+    blobs = []
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets, labels=y.astype(np.uint8),
+             classes=np.array(CIFAR10_CLASSES))
+    return x, y
+
+
+def test_train_jpeg_npz_is_decoded_once_and_cached_outside_the_data_folder(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    x, y = _write_jpeg_npz(data / "train_jpeg.npz")
+    monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path / "cache"))
+    s = load_cifar("cifar10", data, train=True)
+    assert s.images.shape == (6, 3, 32, 32) and np.array_equal(s.labels.numpy(), y)
+    assert np.abs(s.images.permute(0, 2, 3, 1).numpy().astype(int) - x).max() <= 3  # JPEG-decoded
+    cached = list((tmp_path / "cache" / "decoded").glob("*.npy"))
+    assert len(cached) == 1 and sorted(p.name for p in data.iterdir()) == ["train_jpeg.npz"]
+    again = load_cifar("cifar10", data, train=True)  # from the cache
+    assert torch.equal(again.images, s.images)
+
+
+def _write_png_tree(root: Path, classes=("n01", "n02"), per_class: int = 3, size: int = 8) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + i, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_image_folder_and_imagenet_c_layout(tmp_path):
+    from ctta.streams.datasets import load_image_folder, load_imagenet_c
+
+    _write_png_tree(tmp_path / "gaussian_noise" / "3")
+    with pytest.raises(ConfigError, match="sizes"):
+        load_image_folder(tmp_path / "gaussian_noise" / "3")
+    s = load_imagenet_c(tmp_path, "gaussian_noise", 3, size=6, max_per_class=2)
+    assert s.images.shape == (4, 3, 6, 6) and s.labels.tolist() == [0, 0, 1, 1] and s.classes == ["n01", "n02"]
+    s2 = load_image_folder(tmp_path / "gaussian_noise" / "3", classes=["x", "n02", "n01"], size=8)
+    assert sorted(s2.labels.tolist()) == [1, 1, 1, 2, 2, 2] and len(s2.classes) == 3
+    with pytest.raises(DataNotFoundError, match="no ImageNet-C folder"):
+        load_imagenet_c(tmp_path, "fog", 3)
+    (tmp_path / "empty" / "n01").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="holds no images"):
+        load_image_folder(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not (SHARED_TEST.parent / "train_jpeg.npz").is_file(), reason="shared CIFAR-10 train set absent")
+@pytest.mark.slow
+def test_shared_cifar10_train_jpeg(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path))
+    s = load_cifar("cifar10", SHARED_TEST.parent, train=True)
+    assert s.images.shape == (50000, 3, 32, 32) and s.labels.bincount().tolist() == [5000] * 10

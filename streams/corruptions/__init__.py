@@ -10,6 +10,7 @@ import pkgutil
 from .core import (
     CORRUPTION_ORDER,
     CORRUPTIONS,
+    EXTRA_ORDER,
     PARAM_SETS,
     SEVERITIES,
     Corruption,
@@ -34,5 +35,5 @@ for _name in CORRUPTION_ORDER:
                              help="not generated yet: read from the released -C files under --data-root")
 del _name, _info
 
-__all__ = ["CORRUPTIONS", "CORRUPTION_ORDER", "PARAM_SETS", "SEVERITIES", "Corruption", "ImageRng", "content_keys",
+__all__ = ["CORRUPTIONS", "CORRUPTION_ORDER", "EXTRA_ORDER", "PARAM_SETS", "SEVERITIES", "Corruption", "ImageRng", "content_keys",
            "corrupt", "corruption_seed", "generated_corruptions", "quantize_8bit", "register_corruption"]

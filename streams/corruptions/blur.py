@@ -1,4 +1,4 @@
-"""Blur corruptions: defocus, glass, zoom and (extra) gaussian blur. Constants: make_cifar_c.py /
+"""Blur corruptions: defocus, glass, motion, zoom and (extra) gaussian blur. Constants: make_cifar_c.py /
 make_imagenet_c.py (= imagecorruptions), cited per function."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .core import quantize_8bit, register_corruption
-from .filters import filter_channels, gaussian_1d, gaussian_filter
+from .filters import (filter_channels, gaussian_1d, gaussian_filter, motion_blur_filter, round_8bit,
+                      zoom_matrix)
 from .rng import ImageRng
 
 
@@ -107,29 +108,8 @@ def glass_blur(x: Tensor, c: Tuple[float, int, int], rng: ImageRng) -> Tensor:
 # imagecorruptions zoom_blur (np.arange(1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
 # (1, 1.31, 0.03)); a level is the (start, stop, step) of that np.arange.
 
-def _zoom_matrix(n: int, z: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The n x n linear map of the scripts' ``clipped_zoom`` along one axis of length n.
-
-    ``clipped_zoom``: crop ``ch = ceil(n / z)`` samples from ``top = (n - ch) // 2``, ``scipy.ndimage.zoom(order=1)``
-    to ``m = round(ch * z)`` samples (output i samples the crop at ``i * (ch - 1) / (m - 1)``, linear interpolation),
-    then keep ``n`` samples from ``(m - n) // 2`` (the CIFAR / ImageNet scripts' centre trim).
-    """
-    ch = int(np.ceil(n / float(z)))
-    top = (n - ch) // 2
-    m = int(round(ch * float(z)))
-    trim = max((m - n) // 2, 0)
-    i = torch.arange(trim, trim + n, dtype=torch.float64)
-    pos = i * ((ch - 1) / (m - 1)) if m > 1 else torch.zeros_like(i)
-    pos = pos.clamp(0, ch - 1) + top
-    lo = pos.floor().clamp(0, n - 1)
-    frac = pos - lo
-    lo = lo.long()
-    hi = (lo + 1).clamp(max=n - 1)
-    mat = torch.zeros(n, n, dtype=torch.float64)
-    rows = torch.arange(n)
-    mat.index_put_((rows, lo), 1.0 - frac, accumulate=True)
-    mat.index_put_((rows, hi), frac, accumulate=True)
-    return mat.to(device=device, dtype=dtype)
+# The scripts' clipped_zoom along one axis, shared with snow (filters.zoom_matrix); kept under its old name.
+_zoom_matrix = zoom_matrix
 
 
 @register_corruption("zoom_blur", cifar10=((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01),
@@ -152,3 +132,23 @@ def zoom_blur(x: Tensor, c: Tuple[float, float, float], rng: ImageRng) -> Tensor
         zw = _zoom_matrix(w, float(z), x.device, x.dtype)
         out += torch.einsum("uh,nchw,vw->ncuv", zh, x, zw)
     return out / (len(zooms) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Motion blur. Constants (radius, sigma): make_cifar_c.py motion_blur (6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5);
+# make_imagenet_c.py / imagecorruptions motion_blur (10, 3), (15, 5), (15, 8), (15, 12), (20, 15); angle
+# np.random.uniform(-45, 45) per image in both.
+
+@register_corruption("motion_blur", cifar10=((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+                     imagenet=((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)))
+def motion_blur(x: Tensor, c: Tuple[float, float], rng: ImageRng) -> Tensor:
+    """Motion blur: ImageMagick's ``motion_blur(radius=c[0], sigma=c[1], angle=U(-45, 45))`` per image.
+
+    The scripts run Wand's ``MagickMotionBlurImage`` on the PNG and decode its 8-bit result:
+    :func:`~.filters.motion_blur_filter` is that filter (one-sided Gaussian over ``2 c[0] + 1`` taps along the
+    angle, edge pixels beyond the border), and the result is rounded to 8 bits as ImageMagick writes it.
+    ``imagecorruptions``' NumPy ``_motion_blur`` is the same filter except that it stops (drops the remaining taps,
+    unnormalised) once a shift reaches the image size, which only images smaller than the kernel width meet.
+    """
+    angle = rng.uniform(-45.0, 45.0, dtype=torch.float64)
+    return round_8bit(motion_blur_filter(x, float(c[0]), float(c[1]), angle))

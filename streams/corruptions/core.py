@@ -36,6 +36,8 @@ CORRUPTION_ORDER: Tuple[str, ...] = (
     "snow", "frost", "fog",
     "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
+# The four extra corruptions of the original release, in its order.
+EXTRA_ORDER: Tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 PARAM_SETS: Tuple[str, ...] = ("cifar10", "imagenet")
 _PARAM_ALIASES = {"cifar100": "cifar10"}  # CIFAR-100-C was made with the CIFAR-10 script's constants
 SEVERITIES = 5
@@ -78,9 +80,10 @@ def register_corruption(name: str, *, cifar10: Sequence[Any], imagenet: Sequence
 
 
 def generated_corruptions() -> Tuple[str, ...]:
-    """The corruptions :func:`corrupt` can generate, in the standard order."""
-    return tuple(n for n in CORRUPTION_ORDER if n in CORRUPTIONS and CORRUPTIONS.get(n).available) + tuple(
-        n for n in CORRUPTIONS.names() if n not in CORRUPTION_ORDER and CORRUPTIONS.get(n).available)
+    """The corruptions :func:`corrupt` can generate: the standard 15 in order, then the extras, then any others."""
+    known = CORRUPTION_ORDER + EXTRA_ORDER
+    names = known + tuple(n for n in CORRUPTIONS.names() if n not in known)
+    return tuple(n for n in names if n in CORRUPTIONS and CORRUPTIONS.get(n).available)
 
 
 def corruption_seed(seed: int, corruption: str, severity: int) -> int:

@@ -33,3 +33,12 @@ def impulse_noise(x: Tensor, c: float, rng: ImageRng) -> Tensor:
     flipped = rng.rand(*x.shape[1:], dtype=x.dtype) <= c
     salted = rng.rand(*x.shape[1:], dtype=x.dtype) <= 0.5
     return torch.where(flipped, salted.to(x.dtype), x)
+
+
+@register_corruption("speckle_noise", cifar10=(0.06, 0.1, 0.12, 0.16, 0.2), imagenet=(0.15, 0.2, 0.35, 0.45, 0.6))
+def speckle_noise(x: Tensor, c: float, rng: ImageRng) -> Tensor:
+    """Multiplicative (speckle) noise, an extra corruption of the original release: ``x + x * N(0, c^2)``.
+
+    Constants: make_cifar_c.py / make_imagenet_c.py (= imagecorruptions) ``speckle_noise``.
+    """
+    return x + x * (c * rng.randn(*x.shape[1:], dtype=x.dtype))

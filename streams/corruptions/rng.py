@@ -6,8 +6,10 @@ vectorised over the whole batch on any device, identical on CPU and GPU, and the
 corrupted alone or among 500. The image key defaults to a hash of the image's 8-bit content (see :func:`content_keys`),
 so callers need no bookkeeping; streams may pass dataset indices instead.
 
-The mixer is Wellons' ``lowbias32`` (two rounds per element), computed in int64 with 16-bit split multiplications
-so that no product overflows. Uniforms carry 24 bits; normals use Box-Muller over two uniforms.
+The mixer is Wellons' ``lowbias32`` (two rounds per element) on int32 tensors, whose products wrap modulo 2^32 on CPU
+and GPU alike (a test checks it against Python integers). Uniforms carry 24 bits; normals use Box-Muller over two
+uniforms. Shot noise's Poisson draws use a ``torch.Generator`` per image (seeded from the same hash), so they are
+batch-independent but differ between CPU and GPU.
 """
 from __future__ import annotations
 
@@ -17,34 +19,35 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
-_M1, _M2 = 0x7FEB352D, 0x846CA68B
-_GOLDEN = 0x9E3779B9
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32's multipliers as signed 32-bit values
 
 
-def _mul32(a: Tensor, c: int) -> Tensor:
-    """``(a * c) mod 2^32`` for int64 tensors holding 32-bit values, without int64 overflow."""
-    lo = (a & 0xFFFF) * c
-    hi = (((a >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
+def _i32(v: int) -> int:
+    """A Python integer's low 32 bits as a signed 32-bit value."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= (1 << 31) else v
 
 
 def mix32(x: Tensor) -> Tensor:
-    """Wellons' lowbias32 integer hash on int64 tensors of 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, _M1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _M2)
-    return x ^ (x >> 16)
+    """Wellons' lowbias32 hash on int32 tensors (bit patterns of uint32; products wrap modulo 2^32).
+
+    Right shifts are made logical by masking, since int32 ``>>`` is arithmetic.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def content_keys(images: Tensor) -> Tensor:
-    """A 32-bit key per image from its 8-bit pixel values (N,), so identical images get identical corruptions."""
+    """A 32-bit key per image (int32, N) from its 8-bit pixel values, so identical images get identical corruptions."""
     n = images.shape[0]
     u8 = torch.round(images.detach().reshape(n, -1).clamp(0.0, 1.0) * 255.0).to(torch.int64)
-    idx = torch.arange(u8.shape[1], device=images.device, dtype=torch.int64)
-    weights = mix32(idx + _GOLDEN) & 0xFFFFFF  # 24-bit weights: 255 * 2^24 * numel stays far below 2^63
-    return mix32((u8 * weights).sum(dim=1) & _MASK32)
+    idx = torch.arange(u8.shape[1], device=images.device, dtype=torch.int32)
+    weights = (mix32(idx + 0x5BD1E995).to(torch.int64) & 0xFFFFFF)  # 24-bit: 255 * 2^24 * numel << 2^63
+    total = (u8 * weights).sum(dim=1) & 0xFFFFFFFF
+    return mix32(torch.where(total >= (1 << 31), total - (1 << 32), total).to(torch.int32))
 
 
 class ImageRng:
@@ -54,12 +57,15 @@ class ImageRng:
         if keys.dim() != 1:
             raise ValueError(f"image keys must be a 1-D tensor, got shape {tuple(keys.shape)}")
         self.device = keys.device
-        s = int(seed) & ((1 << 64) - 1)
+        s = int(seed)
         k = keys.to(torch.int64)
-        prefix = mix32(torch.full_like(k, s & _MASK32))
-        prefix = mix32(prefix ^ ((s >> 32) & _MASK32))
-        prefix = mix32(prefix ^ (k & _MASK32))
-        self._prefix = mix32(prefix ^ ((k >> 32) & _MASK32))
+        lo = torch.where((k & 0xFFFFFFFF) >= (1 << 31), (k & 0xFFFFFFFF) - (1 << 32), k & 0xFFFFFFFF)
+        hi = torch.where(((k >> 32) & 0xFFFFFFFF) >= (1 << 31), ((k >> 32) & 0xFFFFFFFF) - (1 << 32),
+                         (k >> 32) & 0xFFFFFFFF)
+        prefix = mix32(torch.full(k.shape, _i32(s), dtype=torch.int32, device=self.device))
+        prefix = mix32(prefix ^ _i32(s >> 32))
+        prefix = mix32(prefix ^ lo.to(torch.int32))
+        self._prefix = mix32(prefix ^ hi.to(torch.int32))
         self._draw = 0
 
     @property
@@ -67,17 +73,20 @@ class ImageRng:
         return int(self._prefix.shape[0])
 
     def bits(self, *shape: int) -> Tensor:
-        """Uniform 32-bit integers (as int64), shaped ``(N, *shape)``."""
+        """Uniform 32-bit patterns (int32), shaped ``(N, *shape)``; a new draw each call."""
         self._draw += 1
         numel = math.prod(shape)
-        draw = mix32(self._prefix ^ (self._draw * _GOLDEN & _MASK32)).view(-1, 1)
-        e = torch.arange(numel, device=self.device, dtype=torch.int64).view(1, -1)
+        draw = mix32(self._prefix ^ _i32(self._draw * 0x9E3779B9)).view(-1, 1)
+        e = torch.arange(numel, device=self.device, dtype=torch.int32).view(1, -1)
         h = mix32(mix32(e ^ draw) ^ draw)
         return h.view(self.n, *shape)
 
+    def _u24(self, *shape: int) -> Tensor:
+        return (self.bits(*shape) >> 8) & 0xFFFFFF
+
     def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Uniform in (0, 1) with 24-bit resolution (never exactly 0 or 1)."""
-        return ((self.bits(*shape) >> 8).to(dtype) + 0.5) * (1.0 / (1 << 24))
+        return (self._u24(*shape).to(dtype) + 0.5) * (1.0 / (1 << 24))
 
     def uniform(self, low: float, high: float, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return low + (high - low) * self.rand(*shape, dtype=dtype)
@@ -87,7 +96,9 @@ class ImageRng:
         span = int(high) - int(low)
         if span <= 0:
             raise ValueError(f"randint needs low < high, got [{low}, {high})")
-        return low + (self.bits(*shape) * span >> 32)
+        if span > (1 << 24):
+            raise ValueError(f"randint supports ranges up to 2^24, got {span}")
+        return low + ((self._u24(*shape).to(torch.int64) * span) >> 24)
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard normal draws (Box-Muller on two 24-bit uniforms, computed in float64)."""
@@ -102,8 +113,8 @@ class ImageRng:
         so the result does not depend on the batch (one small call per image).
         """
         out = torch.empty_like(rates)
-        seeds = mix32(self._prefix ^ ((self._draw + 1) * _GOLDEN & _MASK32)).tolist()
         self._draw += 1
+        seeds = (mix32(self._prefix ^ _i32(self._draw * 0x9E3779B9)).to(torch.int64) & 0xFFFFFFFF).tolist()
         gen = torch.Generator(device=rates.device)
         for i, s in enumerate(seeds):
             gen.manual_seed(int(s))
