@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--corruptions", default=None, help="comma-separated (default: every generated one)")
+    p.add_argument("--seed", type=int, default=1, help="engine seed; the oracle's NumPy generator gets the same")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args()
     dev = resolve_device(a.device)
@@ -82,10 +83,10 @@ def main() -> None:
     print(f"clean error {rows[0]['engine']:.1f}%", flush=True)
     for name in names:
         c = CORRUPTIONS.get(name).levels["cifar10"][a.severity - 1]
-        eng = corrupt(x.to(dev), name, a.severity, seed=1).cpu()
+        eng = corrupt(x.to(dev), name, a.severity, seed=a.seed).cpu()
         row = {"corruption": name, "engine": _error(model, eng, y, dev), "oracle": None, "difference": None}
         if name in oracles:
-            rng = np.random.default_rng(1)
+            rng = np.random.default_rng(a.seed)
             ref = np.stack([oracles[name](img, c, rng) for img in x8])
             ref_t = torch.from_numpy(np.ascontiguousarray(ref)).permute(0, 3, 1, 2).float()
             row["oracle"] = _error(model, ref_t, y, dev)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 from ctta.errors import CttaError
 
@@ -13,6 +14,9 @@ log = logging.getLogger("ctta")
 USAGE = """ctta-bench [--stream NAME --strategy NAME[,NAME...] [options]]   run an experiment
        ctta-bench list                                               streams, strategies, backbones
        ctta-bench demo [--out DIR] [--device DEV]                    the offline default experiment
+       ctta-bench report RUN [RUN ...] [--out DIR] [--force]         compare finished runs (mean +- std over seeds)
+       ctta-bench corrupt --dataset cifar10 --out DIR [options]      write corrupted copies in the -C layout
+       ctta-bench sweep GRID.yaml [--address ADDR] [--local]         a grid of runs as Ray tasks, then the reports
        ctta-bench                                                    (no arguments) = demo"""
 
 
@@ -36,6 +40,17 @@ def _severity(text: str) -> int:
     return v
 
 
+def _seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers (1,2,3), got {text!r}") \
+            from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers (1,2,3), got {text!r}")
+    return seeds
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctta-bench", usage=USAGE,
                                 description="Simulate continual / test-time adaptation: a strategy on a stream.")
@@ -53,7 +68,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive_int, help="samples per domain (quick runs)")
     p.add_argument("--order", help="continual | random | reset")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seeds, help="seed, or several comma-separated (1,2,3): every strategy runs "
+                   "for every seed, the comparison shows mean +- std")
     p.add_argument("--out", help="run folder (default runs/<stream>-<time>)")
     p.add_argument("--config", help="experiment YAML with stream/strategy/backbone/run sections")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -65,14 +81,15 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def _cli_config(a: argparse.Namespace) -> Dict[str, Any]:
+    seed = a.seed[0] if a.seed and len(a.seed) == 1 else a.seed
     return {
         "stream": {"name": a.stream, "data_root": a.data_root, "download": a.download, "corruptions": a.corruptions,
                    "severity": a.severity, "batch_size": a.batch_size, "num_samples": a.num_samples,
-                   "order": a.order, "seed": a.seed},
+                   "order": a.order, "seed": seed},
         "strategy": {"name": a.strategy},
         "backbone": {"name": a.backbone, "weights": a.weights, "pretrained": a.pretrained,
                      "num_classes": a.num_classes},
-        "run": {"device": a.device, "seed": a.seed, "out": a.out, "resume": a.resume,
+        "run": {"device": a.device, "seed": seed, "out": a.out, "resume": a.resume,
                 "progress": False if a.no_progress else None},
     }
 
@@ -84,10 +101,14 @@ def _print_results(results: Dict[str, Any]) -> None:
     first = next(iter(results.values()))
     print(f"\nOnline error (%) per domain on {first.summary['stream']} ({first.summary['device']}):")
     print(format_table(table))
-    outs = {str(r.out.parent if len(results) > 1 else r.out) for r in results.values() if r.out is not None}
+    seeded = any("/seed-" in k for k in results)
+    outs = {str(r.out.parent.parent if seeded else r.out.parent if len(results) > 1 else r.out)
+            for r in results.values() if r.out is not None}
     for o in sorted(outs):
+        if seeded and (Path(o) / "comparison.md").is_file():
+            print(f"\nMean +- std over seeds:\n{(Path(o) / 'comparison.md').read_text()}")
         print(f"\nReport written to {o}/ (steps.csv, segments.csv, domains.csv, summary.json, config.yaml, "
-              f"accuracy_over_time.png)")
+              f"accuracy_over_time.png, report.html)")
 
 
 def cmd_list() -> int:
@@ -117,6 +138,27 @@ def cmd_run(argv: List[str]) -> int:
     return 0
 
 
+def cmd_report(argv: List[str]) -> int:
+    from ctta.evaluation import find_runs, load_run, write_comparison_report
+
+    p = argparse.ArgumentParser(prog="ctta-bench report",
+                                description="Compare finished runs: table (mean +- std over seeds), curves, HTML.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders holding run folders")
+    p.add_argument("--out", help="where to write comparison.csv/.md/.html (default: the RUN folder when one is "
+                   "given, else ./report)")
+    p.add_argument("--force", action="store_true", help="compare runs even when their stream specs differ")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    _logging(a.quiet)
+    runs = [load_run(r) for r in find_runs(a.runs)]
+    out = Path(a.out) if a.out else (Path(a.runs[0]) if len(a.runs) == 1 else Path("report"))
+    files = write_comparison_report(runs, out, force=a.force)
+    print(files["markdown"].read_text())
+    print(f"Comparison of {len(runs)} run(s) written to {out}/ (comparison.csv, comparison.md, comparison.html, "
+          f"accuracy_over_time.png)")
+    return 0
+
+
 def cmd_demo(argv: List[str]) -> int:
     from ctta.demo import demo_config
     from ctta.experiment import run_experiment
@@ -135,6 +177,59 @@ def cmd_demo(argv: List[str]) -> int:
     return 0
 
 
+# subcommands: name -> handler of the remaining arguments (anything else is `run`'s flags)
+def cmd_corrupt(argv: List[str]) -> int:
+    """``ctta-bench corrupt``: the corruption engine writing a -C folder (see :mod:`ctta.corrupt_dataset`)."""
+    from ctta import corrupt_dataset
+
+    _logging("-q" in argv)
+    return corrupt_dataset.main([a for a in argv if a != "-q"])
+
+
+def cmd_sweep(argv: List[str]) -> int:
+    """``ctta-bench sweep GRID.yaml``: streams x backbones x strategies x seeds as Ray tasks (see :mod:`ctta.sweep`)."""
+    from ctta import sweep
+
+    p = argparse.ArgumentParser(prog="ctta-bench sweep",
+                                description="Run a grid of streams x backbones x strategies x seeds (Ray tasks when "
+                                "Ray is installed, else one after another), skip finished runs, write the reports.")
+    p.add_argument("grid", help="grid YAML (streams, strategies, backbones, seeds, overrides, out, resources)")
+    p.add_argument("--out", help="sweep folder (default: the grid's out)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: start a "
+                   "local one sized to this machine")
+    p.add_argument("--local", action="store_true", help="no Ray: run the grid one run after another in-process")
+    p.add_argument("--num-gpus", type=float, help="GPUs per run (fractions share a GPU); default: the grid's")
+    p.add_argument("--num-cpus", type=float, help="CPUs per run; default: the grid's")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value of every run, e.g. --set run.device=cpu (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each would run, resume or skip")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final tables")
+    a = p.parse_args(argv)
+    _logging(a.quiet)
+    if a.local and a.address:
+        raise CttaError(f"--local and --address {a.address!r} exclude each other")
+    if a.dry_run:
+        for spec in sweep.expand(a.grid, a.out, a.set):
+            print(f"{sweep.run_state(spec.cfg):<12} {spec.id}  -> {spec.out}")
+        return 0
+    resources = {k: v for k, v in (("num_gpus", a.num_gpus), ("num_cpus", a.num_cpus)) if v is not None}
+    result = sweep.sweep(a.grid, out=a.out, overrides=a.set, backend="local" if a.local else "auto",
+                         address=a.address, resources=resources, progress=not a.no_progress)
+    print(sweep.format_result(result))
+    return 1 if result.failed else 0
+
+
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {
+    "run": lambda argv: cmd_run(argv),
+    "demo": lambda argv: cmd_demo(argv),
+    "list": lambda argv: cmd_list(),
+    "report": lambda argv: cmd_report(argv),
+    "corrupt": lambda argv: cmd_corrupt(argv),
+    "sweep": lambda argv: cmd_sweep(argv),
+}
+
+
 def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -143,12 +238,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; user errors print one line and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not argv or argv[0] == "demo":
-            return cmd_demo(argv[1:])
-        if argv[0] == "list":
-            return cmd_list()
-        if argv[0] == "run":
-            argv = argv[1:]
+        if not argv:
+            return cmd_demo([])
+        if argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)
     except CttaError as e:
         print(f"ctta-bench: error: {e}", file=sys.stderr)

@@ -53,7 +53,13 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 
 
 def strategy_defaults(name: str) -> Dict[str, Any]:
-    """The paper's hyperparameters of strategy ``name`` (``configs/strategies/<name>.yaml``, key ``hparams``)."""
+    """The paper's hyperparameters of strategy ``name`` (``configs/strategies/<name>.yaml``, key ``hparams``).
+
+    A composite ``PLUGIN+HOST`` (e.g. ``lsa+tent``) has each part's defaults under the part's name,
+    ``{"lsa": {...}, "tent": {...}}``, addressed as ``--set strategy.lsa.ema=0.9`` / ``strategy.tent.lr=1e-4``.
+    """
+    if "+" in name:
+        return {part: strategy_defaults(part) for part in (p.strip() for p in name.split("+")) if part}
     return dict(_packaged_yaml("strategies", name).get("hparams") or {})
 
 

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ctta.errors import ConfigError, UnsupportedError
-from ctta.evaluation import DEFINITIONS, CostMeter, Recorder, SegmentAccumulator, error_table, plot_accuracy, run_metrics
+from ctta.evaluation import (CostMeter, Recorder, SegmentAccumulator, definitions_for, error_table, plot_accuracy,
+                             run_metrics)
 from ctta.streams.base import Stream
 from ctta.strategies.base import Strategy
 
@@ -64,6 +65,7 @@ class RunResult:
     steps: pd.DataFrame
     segments: pd.DataFrame
     out: Optional[Path] = None
+    groups: pd.DataFrame = field(default_factory=pd.DataFrame)
     files: Dict[str, Path] = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
@@ -90,7 +92,7 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     dev = resolve_device(device)
     strategy.to(dev)
     out_path = Path(out) if out is not None else None
-    recorder = Recorder(out_path)
+    recorder = Recorder(out_path, num_classes=stream.num_classes)
     first = 0
     if resume:
         if out_path is None or not (out_path / CHECKPOINT).is_file():
@@ -104,7 +106,8 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
         recorder.restore(first)
         log.info("resuming %s after segment %d of %d", out_path, first, len(stream))
     elif out_path is not None:
-        for name in ("steps.csv", "segments.csv", "summary.json", CHECKPOINT):
+        for name in ("steps.csv", "segments.csv", "groups.csv", "segment_details.jsonl", "summary.json", "report.html",
+                     "accuracy_matrix.png", "domain_errors.png", CHECKPOINT):
             if (out_path / name).exists():
                 (out_path / name).unlink()
     if config is not None and out_path is not None:
@@ -124,20 +127,22 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
                 if seen_domain:
                     strategy.reset()
                 seen_domain = True
-            x_all, y_all = seg.load(dev)
+            x_all, y_all, g_all = seg.materialise(dev)
             bar = tqdm(total=seg.num_batches, desc=f"[{index + 1}/{len(stream)}] {seg.name}", unit="batch",
                        disable=not progress, dynamic_ncols=True, leave=False)
             acc = SegmentAccumulator()
             call = calls[seg.kind]
+            strategy.segment_start(seg)
             meter.start()
             for i in range(0, x_all.shape[0], seg.batch_size):
                 x, y = x_all[i:i + seg.batch_size], y_all[i:i + seg.batch_size]
-                acc.update(call(x, y), y)
+                acc.update(call(x, y), y, None if g_all is None else g_all[i:i + seg.batch_size])
                 bar.update(1)
             bar.close()
             seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)
+            strategy.segment_end(seg)
             rec = acc.finish()
-            recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds)
+            recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds, meta=seg.meta, groups=seg.groups)
             log.info("%-24s %-5s accuracy %.2f%%  (%.1f img/s)", seg.name, seg.kind, 100 * rec.accuracy,
                      rec.n / max(seconds, 1e-12))
             if out_path is not None:
@@ -152,17 +157,45 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     segments = recorder.segments()
     summary: Dict[str, Any] = {"stream": stream.name, "strategy": strategy.name, "device": str(dev),
                                "stream_spec": stream.spec}
-    summary.update(run_metrics(segments))
+    groups = recorder.groups()
+    summary.update(run_metrics(segments, groups, recorder.details))
+    # cost of this process' part of the run (a resumed run times only the segments it ran)
     summary.update(meter.summary(strategy.trainable_parameters()))
     summary["memory_kind"] = meter.memory_kind()
-    summary["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in summary or k == "domain_error"}
-    result = RunResult(summary=summary, steps=recorder.steps(), segments=segments, out=out_path)
+    summary["definitions"] = definitions_for(summary)
+    result = RunResult(summary=summary, steps=recorder.steps(), segments=segments, out=out_path, groups=groups)
     if out_path is not None:
         recorder.write_summary(summary)
-        result.table().to_csv(out_path / "domains.csv", index_label="strategy")
-        result.files = {"steps": out_path / "steps.csv", "segments": out_path / "segments.csv",
-                        "domains": out_path / "domains.csv", "summary": out_path / "summary.json",
-                        "plot": result.plot()}
-        if config is not None:
-            result.files["config"] = out_path / "config.yaml"
+        result.files = write_run_report(result, config is not None)
     return result
+
+
+def write_run_report(result: RunResult, has_config: bool = False) -> Dict[str, Path]:
+    """domains.csv, the plots (accuracy over time, accuracy matrix, per-domain error) and report.html."""
+    from ctta.evaluation import domain_error_figure, matrix_figure, save_figure
+    from ctta.evaluation.html import run_report
+
+    out = result.out
+    assert out is not None
+    s = result.summary
+    table = result.table()
+    table.to_csv(out / "domains.csv", index_label="strategy")
+    files = {"steps": out / "steps.csv", "segments": out / "segments.csv", "domains": out / "domains.csv",
+             "summary": out / "summary.json", "details": out / "segment_details.jsonl", "plot": result.plot()}
+    if len(result.groups):
+        files["groups"] = out / "groups.csv"
+    images = {"Online accuracy over time": files["plot"]}
+    if s.get("accuracy_matrix"):
+        m = s["accuracy_matrix"]
+        fig = matrix_figure(m["values"], m["rows"], m["columns"], title=f"accuracy matrix R[i, j] (%): "
+                            f"{s['strategy']} on {s['stream']}")
+        files["matrix_plot"] = images["Accuracy matrix"] = save_figure(fig, out / "accuracy_matrix.png")
+    if s.get("domain_error"):
+        errs = pd.DataFrame([{d: 100 * e for d, e in s["domain_error"].items()}], index=[s["strategy"]])
+        fig = domain_error_figure(errs, title=f"online error per domain (%): {s['strategy']} on {s['stream']}")
+        files["bars"] = images["Error per domain"] = save_figure(fig, out / "domain_errors.png")
+    if has_config:
+        files["config"] = out / "config.yaml"
+    cfg_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
+    files["html"] = run_report(out, s, table, images, cfg_text)
+    return files

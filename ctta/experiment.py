@@ -22,6 +22,23 @@ def strategy_names(cfg: Mapping[str, Any]) -> List[str]:
     return names
 
 
+def seed_list(cfg: Mapping[str, Any]) -> List[int]:
+    """``run.seed`` may be one seed or several (a list, or comma-separated text such as ``1,2,3``)."""
+    raw = cfg.get("run", {}).get("seed", 1)
+    if raw is None:
+        raw = 1
+    items = raw.split(",") if isinstance(raw, str) else (raw if isinstance(raw, (list, tuple)) else [raw])
+    try:
+        seeds = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ConfigError(f"seed must be an integer or comma-separated integers (e.g. 1,2,3), got {raw!r}") from None
+    if not seeds:
+        raise ConfigError(f"no seed given in {raw!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seed list {raw!r} repeats a seed")
+    return seeds
+
+
 def build_stream(cfg: Mapping[str, Any]):
     from ctta import streams
 
@@ -44,58 +61,67 @@ def build_model(cfg: Mapping[str, Any], num_classes: int):
 
 
 def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
-    """Run every strategy named in ``cfg`` on its stream; returns {strategy: RunResult}, each in its own folder."""
+    """Run every strategy named in ``cfg`` for every seed of ``run.seed`` on its stream; returns {label: RunResult}.
+
+    One seed: each strategy in ``<out>/<strategy>`` (``<out>`` itself for a single strategy), labels are the
+    strategy names. Several seeds: ``<out>/<strategy>/seed-<s>``, labels ``<strategy>/seed-<s>``, and the
+    comparison shows mean +- std over seeds.
+    """
     from ctta import strategies
     from ctta.engine import CHECKPOINT, resolve_device, run
 
     names = strategy_names(cfg)
     for n in names:
-        strategies.STRATEGIES.get(n)  # fail on an unknown name before any work
+        strategies.check_name(n)  # fail on an unknown or refused name before any work
+    seeds = seed_list(cfg)
     run_cfg = cfg.get("run", {})
     device = resolve_device(run_cfg.get("device", "auto"))
-    seed = int(run_cfg.get("seed", 1))
     out_root = Path(run_cfg.get("out") or Path("runs") / f"{cfg['stream']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     show = run_cfg.get("progress", True) if progress is None else progress
-    stream = build_stream(cfg)
     results = {}
     hp_all = {k: v for k, v in cfg.get("strategy", {}).items() if k != "name"}
-    for name in names:
-        torch.manual_seed(seed)
-        model = build_model(cfg, stream.num_classes)
-        # with several strategies, a hyperparameter applies to those that have it
-        defaults = strategies.strategy_defaults(name)
-        hp = dict(hp_all) if len(names) == 1 else {k: v for k, v in hp_all.items() if k in defaults}
-        hp.setdefault("seed", seed)
-        strategy = strategies.create(name, model, **hp)
-        out = out_root / name if len(names) > 1 else out_root
-        one_cfg = {**cfg, "strategy": {"name": name, **defaults, **hp}}
-        log.info("running %s on %s (%s) -> %s", name, stream.name, device, out)
-        # with several strategies, those not started yet when the run was interrupted start fresh
-        resume = bool(run_cfg.get("resume")) and (len(names) == 1 or (out / CHECKPOINT).is_file())
-        results[name] = run(stream, strategy, device=device, out=out, resume=resume, progress=show, config=one_cfg)
-    if len(names) > 1:
+    many = len(names) > 1 or len(seeds) > 1
+    for seed in seeds:
+        seed_cfg = {**cfg, "run": {**run_cfg, "seed": seed}}
+        if len(seeds) > 1 and "seed" in cfg.get("stream", {}):
+            seed_cfg["stream"] = {**cfg["stream"], "seed": seed}
+        stream = build_stream(seed_cfg)
+        for name in names:
+            torch.manual_seed(seed)
+            model = build_model(cfg, stream.num_classes)
+            # with several strategies, a hyperparameter applies to those that have it
+            defaults = strategies.strategy_defaults(name)
+            hp = dict(hp_all) if len(names) == 1 else {k: v for k, v in hp_all.items() if k in defaults}
+            if len(seeds) > 1 or "seed" not in hp:
+                hp["seed"] = seed
+            strategy = strategies.create(name, model, **hp)
+            out = out_root / name if len(names) > 1 else out_root
+            label = name
+            if len(seeds) > 1:
+                out, label = out_root / name / f"seed-{seed}", f"{name}/seed-{seed}"
+            one_cfg = {**seed_cfg, "strategy": {"name": name, **defaults, **hp}}
+            log.info("running %s (seed %d) on %s (%s) -> %s", name, seed, stream.name, device, out)
+            # with several runs, those not started yet when the run was interrupted start fresh
+            resume = bool(run_cfg.get("resume")) and (not many or (out / CHECKPOINT).is_file())
+            results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
+                                 config=one_cfg)
+    if many:
         write_comparison(results, out_root)
     return results
 
 
-def write_comparison(results: Mapping[str, Any], out_root: Path) -> Path:
-    """The paper-style table of several strategies on one stream (CSV + Markdown) and their overlaid curves."""
-    from ctta.evaluation import error_table, plot_accuracy
+def write_comparison(results: Mapping[str, Any], out_root: Path, force: bool = False) -> Dict[str, Path]:
+    """The paper-style table of several runs on one stream (runs differing only in seed grouped, mean +- std) as
+    CSV, Markdown and HTML, and their overlaid curves."""
+    from ctta.evaluation import RunData, write_comparison_report
 
-    table = error_table({k: r.summary for k, r in results.items()})
-    out_root.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_root / "comparison.csv", index_label="strategy")
-    (out_root / "comparison.md").write_text(table.to_markdown(floatfmt=".1f") if _has_tabulate()
-                                            else table.to_string(float_format=lambda v: f"{v:.1f}"))
-    first = next(iter(results.values()))
-    plot_accuracy(first.steps, out_root / "accuracy_over_time.png", title=f"online accuracy on {first.summary['stream']}",
-                  others={k: r.steps for k, r in results.items()})
-    return out_root
+    runs = [RunData(r.summary, r.steps, _strategy_cfg(r), r.out) for r in results.values()]
+    return write_comparison_report(runs, out_root, force=force)
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _strategy_cfg(result: Any) -> Dict[str, Any]:
+    if result.out is not None and (Path(result.out) / "config.yaml").is_file():
+        import yaml
+
+        return dict((yaml.safe_load((Path(result.out) / "config.yaml").read_text()) or {}).get("strategy") or {})
+    return {"name": result.summary.get("strategy")}

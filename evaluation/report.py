@@ -1,9 +1,12 @@
-"""Reports: the papers' per-domain error table and the accuracy-over-time plot with domain boundaries."""
+"""Reports: the papers' per-domain error table and the plots of a run (accuracy over time with domain boundaries,
+the accuracy matrix as a heatmap, per-domain error bars). Each ``*_figure`` returns the matplotlib Figure (so
+tests can count its lines); ``save_figure`` writes it and closes it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 
@@ -12,11 +15,15 @@ def error_table(summaries: Mapping[str, Mapping]) -> pd.DataFrame:
     rows = {}
     for strategy, s in summaries.items():
         row = {d: 100 * e for d, e in s["domain_error"].items()}
-        row["mean"] = 100 * s["mean_error"]
-        if "source_forgetting" in s:
-            row["forgetting"] = 100 * s["source_forgetting"]
-        if "adapt_images_per_s" in s:
+        row["mean"] = 100 * s["mean_error"] if s.get("mean_error") is not None else float("nan")
+        for key, label in (("source_forgetting", "forgetting"), ("average_incremental_accuracy", "avg inc acc"),
+                           ("last_accuracy", "last acc"), ("forgetting_avalanche", "forgetting (avalanche)")):
+            if s.get(key) is not None:
+                row[label] = 100 * s[key]
+        if s.get("adapt_images_per_s") is not None:
             row["img/s"] = s["adapt_images_per_s"]
+        elif s.get("train_images_per_s") is not None:
+            row["img/s"] = s["train_images_per_s"]
         rows[strategy] = row
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -28,32 +35,53 @@ def format_table(table: pd.DataFrame) -> str:
     return short.to_string(float_format=lambda v: f"{v:.1f}")
 
 
-def plot_accuracy(steps: pd.DataFrame, path: Path, title: str = "", window: int = 10,
-                  others: Optional[Dict[str, pd.DataFrame]] = None) -> Path:
-    """Online accuracy per step (thin) and its rolling mean (thick), domain boundaries as dashed lines."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG to ``path`` and free it."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
+def accuracy_figure(steps: pd.DataFrame, title: str = "", window: int = 10,
+                    others: Optional[Dict[str, pd.DataFrame]] = None,
+                    bands: Optional[Dict[str, pd.DataFrame]] = None):
+    """Online accuracy per step (thin) and its rolling mean (thick) per curve, domain boundaries dashed.
+
+    Lines: 2 per curve plus one per boundary. ``bands`` (label -> frame with columns step, lo, hi) adds a shaded
+    mean +- std across seeds."""
+    plt = _plt()
     curves = dict(others or {})
     if not curves:
         curves = {"accuracy": steps}
     fig, ax = plt.subplots(figsize=(11, 4))
     for label, df in curves.items():
         d = df[df["kind"] != "eval"].reset_index(drop=True)
-        x = range(len(d))
-        acc = 100 * d["accuracy"]
+        x = np.arange(len(d))
+        acc = 100 * d["accuracy"].astype(float)
         line, = ax.plot(x, acc.to_numpy(), lw=0.6, alpha=0.35)
         # the rolling mean restarts at each domain, so a boundary is not smeared over the next window
         rolling = acc.groupby(d["segment_index"]).transform(lambda a: a.rolling(window, min_periods=1).mean())
         ax.plot(x, rolling.to_numpy(), lw=1.8, color=line.get_color(),
                 label=f"{label} (rolling mean over {window} steps within a domain)")
+        if bands and label in bands:
+            b = bands[label]
+            ax.fill_between(x[:len(b)], 100 * b["lo"].to_numpy()[:len(x)], 100 * b["hi"].to_numpy()[:len(x)],
+                            color=line.get_color(), alpha=0.15, lw=0)
     ref = next(iter(curves.values()))
     d = ref[ref["kind"] != "eval"].reset_index(drop=True)
-    seg = d["segment"].to_numpy()
+    seg = d["segment"].astype(str).to_numpy()
     starts = [0] + [i for i in range(1, len(seg)) if seg[i] != seg[i - 1]]
-    for i, s in enumerate(starts):
+    for i, s in enumerate(starts if len(seg) else []):
         if i:
             ax.axvline(s, color="grey", ls="--", lw=0.8)
         ax.text(s + 0.5, 1.0, str(seg[s]).replace("_", " "), rotation=90, va="bottom", ha="left", fontsize=7,
@@ -64,7 +92,56 @@ def plot_accuracy(steps: pd.DataFrame, path: Path, title: str = "", window: int 
     ax.set_title(title or "online accuracy over time", pad=60)
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_accuracy(steps: pd.DataFrame, path: Path, title: str = "", window: int = 10,
+                  others: Optional[Dict[str, pd.DataFrame]] = None) -> Path:
+    """Write :func:`accuracy_figure` to ``path``."""
+    return save_figure(accuracy_figure(steps, title, window, others), path)
+
+
+def matrix_figure(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], columns: Sequence[str],
+                  title: str = ""):
+    """The accuracy matrix R[i, j] (%) as an annotated heatmap: rows = after learning, columns = evaluated on."""
+    plt = _plt()
+    R = 100 * np.array([[np.nan if v is None else v for v in r] for r in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * max(len(columns), 3), 1.2 + 0.5 * max(len(rows), 3)))
+    im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
+    if R.size <= 400:
+        for i in range(R.shape[0]):
+            for j in range(R.shape[1]):
+                if not np.isnan(R[i, j]):
+                    ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if R[i, j] < 60 else "black")
+    ax.set_xlabel("evaluated on (session / domain)")
+    ax.set_ylabel("after learning")
+    ax.set_title(title or "accuracy matrix R[i, j] (%)")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def domain_error_figure(mean: pd.DataFrame, std: Optional[pd.DataFrame] = None, title: str = ""):
+    """Grouped bars of the error (%) per domain, one bar per row of ``mean`` (strategies); ``std`` gives the
+    whiskers (std across seeds)."""
+    plt = _plt()
+    cols = list(mean.columns)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(cols) * max(len(mean), 1) + 2), 4))
+    width = 0.8 / max(len(mean), 1)
+    x = np.arange(len(cols))
+    for k, (label, row) in enumerate(mean.iterrows()):
+        err = None
+        if std is not None and label in std.index:
+            err = std.loc[label, cols].to_numpy(dtype=float)
+        ax.bar(x + (k - (len(mean) - 1) / 2) * width, row.to_numpy(dtype=float), width, yerr=err, capsize=2,
+               label=str(label))
+    ax.set_xticks(x, [str(c).replace("_", " ") for c in cols], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("error (%)")
+    ax.set_xlabel("domain")
+    ax.set_title(title or "error per domain" + (" (mean +- std over seeds)" if std is not None else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

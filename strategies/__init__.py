@@ -16,9 +16,21 @@ for _info in pkgutil.iter_modules(__path__):
     if not _info.ispkg and _info.name not in ("base",) and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
+# Composites PLUGIN+HOST (e.g. lsa+tent): registered for every host whose class fits, so the CLI, YAML and
+# `ctta-bench list` know them; building one may still refuse a host (see compose.py).
+from .compose import create_composite, is_composite_name, register_composites  # noqa: E402
+
+register_composites()
+
 
 def create(name: str, model: nn.Module, **overrides: Any) -> Strategy:
-    """Build strategy ``name`` around ``model`` with the paper's hyperparameters from ``configs/``, then overrides."""
+    """Build strategy ``name`` around ``model`` with the paper's hyperparameters from ``configs/``, then overrides.
+
+    ``PLUGIN+HOST`` (e.g. ``lsa+tent``) builds the host on the plug-in's wrapped model; its hyperparameters are
+    nested per part (``lsa={...}, tent={...}``) or flat, each key routed to the part that takes it.
+    """
+    if is_composite_name(name):
+        return create_composite(name, model, overrides)
     cls = STRATEGIES.get(name)
     hparams = {**strategy_defaults(name), **overrides}
     return build(cls, model, hparams)
@@ -30,8 +42,17 @@ def build(cls: type, model: nn.Module, hparams: dict) -> Strategy:
     return cls(model, **hparams)
 
 
+def check_name(name: str) -> None:
+    """Fail, before any work, on a strategy name that cannot be built (unknown, or a refused PLUGIN+HOST)."""
+    if is_composite_name(name) and name not in STRATEGIES:
+        from .compose import host_class, parse_name
+
+        host_class(*parse_name(name))
+    STRATEGIES.get(name)
+
+
 def list_strategies() -> list[str]:
     return STRATEGIES.names()
 
 
-__all__ = ["STEP_KINDS", "STRATEGIES", "Strategy", "create", "list_strategies", "register", "strategy_defaults"]
+__all__ = ["STEP_KINDS", "STRATEGIES", "Strategy", "check_name", "create", "list_strategies", "register", "strategy_defaults"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
 
 import torch
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 
 from ctta.registry import Registry
 from ctta.seeding import same_device
+
+log = logging.getLogger(__name__)
 
 STEP_KINDS: FrozenSet[str] = frozenset({"adapt", "train", "eval"})
 
@@ -31,6 +34,8 @@ class Strategy(nn.Module):
     name: ClassVar[str] = ""
     step_kinds: ClassVar[FrozenSet[str]] = frozenset({"adapt", "eval"})
     settings: ClassVar[FrozenSet[str]] = frozenset({"tta"})
+    #: Why a plug-in (e.g. ``lsa+``) cannot wrap this strategy's model, known from the class alone; None: it can.
+    plugin_refusal: ClassVar[Optional[str]] = None
 
     def __init__(self, model: nn.Module, seed: int = 0) -> None:
         super().__init__()
@@ -53,6 +58,15 @@ class Strategy(nn.Module):
     def learn(self, x: Tensor, y: Tensor) -> Tensor:
         """Learn from a labelled batch; strategies that support ``train`` steps override this."""
         raise NotImplementedError(f"strategy {self.name!r} does not learn from labelled batches")
+
+    # --- segment boundaries (optional hooks) -------------------------------------------------------------
+    def segment_start(self, segment: Any) -> None:
+        """Called by the engine before the first batch of a segment (a domain, a session, a check)."""
+        return None
+
+    def segment_end(self, segment: Any) -> None:
+        """Called by the engine after the last batch of a segment, before the checkpoint is written."""
+        return None
 
     # --- state ------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -83,6 +97,7 @@ class Strategy(nn.Module):
             "module": self.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "generator": self._generator.get_state() if self._generator is not None else None,
+            "generator_device": str(self._generator.device) if self._generator is not None else None,
             "extra": self.extra_state(),
         }
 
@@ -90,9 +105,25 @@ class Strategy(nn.Module):
         self.load_state_dict(state["module"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("generator") is not None and self._generator is not None:
-            self._generator.set_state(state["generator"])
+        self._restore_generator(state.get("generator"), state.get("generator_device"))
         self.load_extra_state(state.get("extra"))
+
+    def _restore_generator(self, gen_state: Optional[Tensor], device: Optional[str]) -> None:
+        """Put the random generator back as saved (a fresh strategy included); None: re-seed at the next draw."""
+        if gen_state is None:
+            self._generator = None
+            return
+        if device is None:
+            device = str(self._generator.device) if self._generator is not None else "cpu"
+        try:
+            gen = torch.Generator(device=device)
+            gen.set_state(gen_state.cpu() if isinstance(gen_state, Tensor) else gen_state)
+        except (RuntimeError, TypeError) as err:  # e.g. a CUDA state resumed without CUDA
+            log.warning("strategy %r: random generator state from %s not restored (%s); re-seeding", self.name,
+                        device, err)
+            self._generator = None
+            return
+        self._generator = gen
 
     def extra_state(self) -> Any:
         """Non-tensor state a subclass must carry across a resume (e.g. an augmentation generator)."""

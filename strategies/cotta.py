@@ -19,7 +19,6 @@ read the anchor's confidence; the official code also always computes them); rest
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -27,26 +26,16 @@ from torch import Tensor, nn
 
 from .base import Strategy, register
 from .common import (
-    AugmentConfig,
-    TTAAugment,
+    auto_views_per_chunk,  # noqa: F401  (kept importable from here)
+    augmented_prediction,
     ema_update_,
     frozen_copy,
+    make_augment,
     soft_cross_entropy,
     stochastic_restore_,
+    teacher_pseudo_label,
     use_batch_statistics,
-    view_grouped_batchnorm,
 )
-
-
-def auto_views_per_chunk(device: torch.device, batch_size: int, views: int) -> int:
-    """How many augmented views to send through the teacher per forward.
-
-    On CPU, small forwards are faster (a 6400-image ResNet-20 forward took 2.5x longer than 32 forwards of 200
-    on a 2-core machine): one view per forward unless batches are tiny. On a GPU, all views in one forward.
-    """
-    if device.type == "cpu":
-        return max(1, min(views, 256 // max(batch_size, 1)))
-    return views
 
 
 @register
@@ -56,6 +45,7 @@ class CoTTA(Strategy):
     name = "cotta"
     step_kinds = frozenset({"adapt", "eval"})
     settings = frozenset({"tta", "domain_incremental", "sfda"})
+    plugin_refusal = "it keeps its own copies of the model (teacher, anchor), which a wrapped model would not reach"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0,
                  steps: int = 1, mt: float = 0.999, rst: float = 0.01, ap: float = 0.92, views: int = 32,
@@ -69,10 +59,7 @@ class CoTTA(Strategy):
         self.source_state: Dict[str, Tensor] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.teacher = frozen_copy(self.model)
         self.anchor = frozen_copy(self.model)
-        aug = AugmentConfig.soft() if soft_augment else AugmentConfig()
-        if hflip_p is not None:  # e.g. 0 for data whose mirror image is another class (digits, text)
-            aug = dataclasses.replace(aug, hflip_p=hflip_p)
-        self.augment = TTAAugment(aug, seed=seed)
+        self.augment = make_augment(soft_augment, hflip_p, seed)  # hflip_p=0 for digits/text (mirror = other class)
         params = [p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "bias")]
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=(beta, 0.999), weight_decay=weight_decay)
         self.remember_initial_state()
@@ -84,30 +71,12 @@ class CoTTA(Strategy):
     @torch.no_grad()
     def augmented_prediction(self, x: Tensor) -> Tensor:
         """Teacher logits averaged over ``views`` augmented copies of x, sent through in device-sized chunks."""
-        n = x.shape[0]
-        chunk = self.views_per_chunk
-        if chunk == "auto":
-            chunk = auto_views_per_chunk(x.device, n, self.views)
-        params = self.augment.sample(self.views)
-        total: Optional[Tensor] = None
-        done = 0
-        while done < self.views:
-            v = min(int(chunk), self.views - done)
-            xs = self.augment.apply(x, params, done, done + v)
-            with view_grouped_batchnorm(self.teacher, v):
-                logits = self.teacher(xs).view(v, n, -1).sum(dim=0)
-            total = logits if total is None else total + logits
-            done += v
-        assert total is not None
-        return total / self.views
+        return augmented_prediction(self.teacher, self.augment, x, self.views, self.views_per_chunk)
 
     def adapt(self, x: Tensor) -> Tensor:
         for _ in range(self.steps):
-            with torch.no_grad():
-                anchor_conf = self.anchor(x).softmax(dim=1).amax(dim=1).mean()
-                teacher_plain = self.teacher(x)
-                teacher_aug = self.augmented_prediction(x)
-                pseudo = torch.where(anchor_conf < self.ap, teacher_aug, teacher_plain)
+            pseudo = teacher_pseudo_label(self.teacher, self.anchor, self.augment, x, self.ap, self.views,
+                                          self.views_per_chunk)
             with torch.enable_grad():
                 student = self.model(x)
                 loss = soft_cross_entropy(student, pseudo).mean()

@@ -5,34 +5,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Strategy, register
+from .base import register
+from .common.incremental import IncrementalStrategy
 
 
 @register
-class Finetune(Strategy):
-    """Cross-entropy on ``train`` steps with SGD on all weights; ``eval`` steps predict in eval mode."""
+class Finetune(IncrementalStrategy):
+    """Cross-entropy on ``train`` steps with SGD on all weights; ``eval`` steps predict in eval mode.
+
+    Class-incremental convention (``strategies/common/incremental.py``): logits of classes not seen in any labelled
+    batch so far are masked to -inf in the loss and at prediction (``mask_unseen``), i.e. a head that grows.
+    """
 
     name = "finetune"
     step_kinds = frozenset({"train", "eval"})
-    settings = frozenset({"class_incremental", "domain_incremental", "online_cl", "tta"})
+    settings = frozenset({"class_incremental", "few_shot_class_incremental", "online_class_incremental",
+                          "domain_incremental", "online_cl", "tta"})
 
     def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
-                 seed: int = 0) -> None:
-        super().__init__(model, seed)
+                 mask_unseen: bool = True, seed: int = 0) -> None:
+        super().__init__(model, seed, mask_unseen)
         self.model.requires_grad_(True)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.model.eval()
         self.remember_initial_state()
 
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor) -> Tensor:
         self.model.eval()
         return self.model(x)
 
-    def learn(self, x: Tensor, y: Tensor) -> Tensor:
+    def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         self.model.train()
         with torch.enable_grad():
-            logits = self.model(x)
+            logits = self.mask(self.model(x))
             loss = F.cross_entropy(logits, y)
             loss.backward()
             self.optimizer.step()

@@ -57,9 +57,13 @@ def parts_segment(name: str, kind: str, parts: Sequence[Part], batch_size: int, 
                   shuffle_seed: Optional[int] = None, epochs: int = 1) -> Segment:
     """A segment over indexed parts of in-memory sets; shuffled (a new order per epoch) when ``shuffle_seed`` is set.
 
-    Each part's transform runs once on the device at load (before repetition over epochs).
+    Each part's transform runs once on the device at load (before repetition over epochs). ``eval`` segments are
+    always shuffled (seeded by their name when no seed is given): class-sorted test batches would penalise every
+    method that normalises with batch statistics.
     """
     check_int("epochs", epochs)
+    if shuffle_seed is None and kind == "eval":
+        shuffle_seed = stable_seed("eval-order", name)
     n = sum(len(p) for p in parts)
     if n == 0:
         raise ConfigError(f"segment {name!r} would hold no samples")

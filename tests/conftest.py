@@ -22,10 +22,17 @@ class TinyNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(8)
         self.fc = nn.Linear(8, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (the backbone feature API of ``ctta.backbones.Classifier``)."""
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
+        return x.mean(dim=(2, 3))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def make_tiny(seed: int = 0, num_classes: int = 4) -> TinyNet:

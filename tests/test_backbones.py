@@ -189,3 +189,33 @@ def test_shared_resnet20_accuracy_on_cifar10():
     with torch.no_grad():
         acc = (model(x).argmax(1) == torch.from_numpy(labels).long()).float().mean().item()
     assert acc > 0.70
+
+
+@pytest.mark.parametrize("name", SMALL + ["test_vit"])
+def test_feature_api_gives_penultimate_features_and_the_same_logits(name):
+    """Classifier.forward_features -> N x D pooled features; forward_head of them == forward (LAME, LSA use this)."""
+    model = create(name, num_classes=6)
+    size = model.net.pretrained_cfg["input_size"][1:] if hasattr(model.net, "pretrained_cfg") else (32, 32)
+    x = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        feats, logits = model.features_and_logits(x)
+        assert feats.shape == (2, model.feature_dim)
+        torch.testing.assert_close(logits, model(x))
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
+
+
+def test_feature_api_on_bare_modules_and_a_clear_error_without_it():
+    from ctta.backbones.classifier import features_and_logits
+
+    from conftest import make_tiny
+
+    tiny = make_tiny()
+    x = torch.rand(2, 3, 8, 8)
+    feats, logits = features_and_logits(tiny, x)
+    assert feats.shape == (2, 8)
+    torch.testing.assert_close(logits, tiny(x))
+    with pytest.raises(CttaError, match="exposes no penultimate features"):
+        features_and_logits(torch.nn.Linear(3, 2), torch.rand(2, 3))
+    bare = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), (0.5,), (0.5,), 2)
+    with pytest.raises(CttaError, match="exposes no penultimate features"):
+        bare.forward_features(torch.rand(1, 3, 2, 2))

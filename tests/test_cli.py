@@ -48,7 +48,7 @@ def test_cli_list(capsys):
     (["--stream", "cifar10c", "--strategy", "tent", "--set", "stream.sevrity=3"], "stream 'cifar10c' has no option 'sevrity'"),
     (["--stream", "cifar10c", "--strategy", "tent", "--device", "tpu"], "device"),
     (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "gausian_noise"], "unknown corruption"),
-    (["--stream", "cifar10c", "--strategy", "tent", "--corruptions", "frost"], "'frost' cannot be generated yet"),
+    (["--stream", "cifar10c", "--strategy", "tent", "--order", "sideways"], "order must be one of"),
     (["--stream", "cifar10c", "--strategy", "finetune"], "strategy 'finetune' cannot run stream 'cifar10c'"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, npz_dataset, capsys, args, message):
@@ -106,3 +106,38 @@ def test_cli_resume_after_a_finished_run_gives_the_same_table(tmp_path, npz_data
     capsys.readouterr()
     assert (tmp_path / "r" / "comparison.csv").read_text().split("\n")[1].split(",")[:3] == \
         first.split("\n")[1].split(",")[:3]
+
+
+def test_cli_corrupt_writes_the_c_layout(tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "digits-c"
+    code, _, err = _run(capsys, "corrupt", "--dataset", "digits", "--out", str(out), "--corruptions",
+                        "gaussian_noise,frost", "--device", "cpu", "--batch-size", "250", "--no-progress", "-q")
+    assert code == 0, err
+    noise, labels = np.load(out / "gaussian_noise.npy"), np.load(out / "labels.npy")
+    assert noise.dtype == np.uint8 and noise.shape[1:] == (16, 16, 3) and noise.shape[0] == labels.shape[0]
+    n = noise.shape[0] // 5
+    from ctta.streams.corruptions import corrupt
+    from ctta.streams.digits import load_digits
+
+    clean = load_digits(train=False)
+    assert n == len(clean)
+    x8 = clean.images.permute(0, 2, 3, 1).numpy().astype(int)
+    change = [np.abs(noise[s * n:(s + 1) * n].astype(int) - x8).mean() for s in range(5)]
+    assert change == sorted(change) and change[4] > 2 * change[0]  # severities 1..5 stacked in order
+    # the files hold what the engine generates for the same seed (and so what a generated stream sees)
+    again = corrupt(clean.images[:7].float() / 255, "gaussian_noise", 3, seed=0)
+    assert np.array_equal((again * 255).round().byte().permute(0, 2, 3, 1).numpy(), noise[2 * n:2 * n + 7])
+    mtime = (out / "frost.npy").stat().st_mtime_ns
+    assert _run(capsys, "corrupt", "--dataset", "digits", "--out", str(out), "--corruptions", "frost",
+                "--device", "cpu", "--no-progress", "-q")[0] == 0
+    assert (out / "frost.npy").stat().st_mtime_ns == mtime  # complete files are kept (resume)
+
+
+def test_cli_corrupt_bad_input_is_one_line(tmp_path, capsys):
+    code, _, err = _run(capsys, "corrupt", "--dataset", "imagenet21k", "--out", str(tmp_path), "-q")
+    assert code == 2 and "unknown dataset 'imagenet21k'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "corrupt", "--dataset", "digits", "--out", str(tmp_path), "--corruptions",
+                        "fogg", "-q")
+    assert code == 2 and "unknown corruption 'fogg'" in err

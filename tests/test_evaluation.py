@@ -45,3 +45,19 @@ def test_run_metrics_and_table():
     assert m["source_forgetting"] == pytest.approx(0.05)
     table = error_table({"x": m})
     assert table.loc["x", "a"] == pytest.approx(40) and table.loc["x", "mean"] == pytest.approx(30)
+
+
+def test_group_accuracy_agrees_with_avalanche_per_experience():
+    avalanche_metrics = pytest.importorskip("avalanche.evaluation.metrics")
+    g = torch.Generator().manual_seed(1)
+    acc, refs = SegmentAccumulator(), [avalanche_metrics.Accuracy() for _ in range(3)]
+    for _ in range(5):
+        logits = torch.randn(20, 10, generator=g)
+        labels = torch.randint(0, 10, (20,), generator=g)
+        groups = torch.randint(0, 3, (20,), generator=g)
+        acc.update(logits, labels, groups)
+        for k, ref in enumerate(refs):  # one Avalanche Accuracy per experience (group)
+            sel = groups == k
+            ref.update(logits[sel].argmax(1), labels[sel])
+    rows = acc.finish().group_rows(["a", "b", "c"])
+    assert [r["accuracy"] for r in rows] == pytest.approx([ref.result() for ref in refs], abs=1e-12)

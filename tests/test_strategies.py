@@ -204,3 +204,22 @@ def test_device_generator_is_kept_across_steps():
     assert s.generator(torch.device("cpu")) is g
     assert same_device(torch.device("cpu"), torch.device("cpu:0"))
     assert not same_device(torch.device("cpu"), torch.device("meta"))
+
+
+def test_a_fresh_strategy_resumes_the_same_random_draws(images):
+    """CoTTA's restore masks and views come from generators: a checkpoint loaded into a new strategy continues them."""
+    torch.manual_seed(0)
+    model = make_tiny()
+    a = strategies.create("cotta", copy.deepcopy(model), rst=0.5, ap=1.0, views=2, seed=3)
+    a.adapt(images)
+    saved = copy.deepcopy(a.checkpoint_state())
+    a.adapt(images)
+    b = strategies.create("cotta", copy.deepcopy(model), rst=0.5, ap=1.0, views=2, seed=3)
+    b.load_checkpoint_state(saved)
+    b.adapt(images)
+    assert not _changed(_state(a), _state(b))
+    c = strategies.create("cotta", copy.deepcopy(model), rst=0.5, ap=1.0, views=2, seed=3)
+    c.load_checkpoint_state(saved)
+    c._generator = None  # what happened before: the saved generator state was dropped for a fresh strategy
+    c.adapt(images)
+    assert _changed(_state(a), _state(c))

@@ -9,6 +9,8 @@ from typing import Any, List, Optional
 
 from ..errors import ConfigError, UnknownNameError
 from . import cifar_resnet, tiny_cnn, wideresnet  # noqa: F401  (register the built-in backbones)
+from . import clip  # noqa: F401  (CLIP zero-shot backbones; open_clip is imported lazily)
+from . import resnet18_reduced  # noqa: F401  (the reduced ResNet-18 of online continual learning)
 from .checkpoint import load_checkpoint
 from .classifier import Classifier, Normalize
 from .spec import BACKBONES, BackboneSpec, register_backbone

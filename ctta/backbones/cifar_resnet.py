@@ -67,10 +67,21 @@ class CifarResNet(nn.Module):
         layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def feature_dim(self) -> int:
+        return self.linear.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled last-stage features, N x 64."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_backbone("resnet20_cifar", IMAGENET_MEAN, IMAGENET_STD)

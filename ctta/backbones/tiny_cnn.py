@@ -21,11 +21,22 @@ class TinyCNN(nn.Module):
         self.bn3 = nn.BatchNorm2d(4 * width)
         self.fc = nn.Linear(4 * width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def feature_dim(self) -> int:
+        return self.fc.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled features of the last convolution, N x 4w."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.relu(self.bn3(self.conv3(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_backbone("tiny_cnn", (0.5,), (0.5,))

@@ -89,6 +89,8 @@ class TTAAugment:
         self.host_gen.set_state(state["host"])
         if state.get("device") is not None:
             self._device_generator(torch.device(state["device_type"])).set_state(state["device"])
+        else:  # the saved state predates the device generator: start it afresh, as it was then
+            self._dev_gen = None
 
     def sample(self, views: int) -> "ViewParams":
         """Draw the random parameters of ``views`` views (host side, a few numbers per view)."""

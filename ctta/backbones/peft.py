@@ -1,0 +1,400 @@
+"""Freezing and parameter-efficient modules, applied to any backbone through one mechanism.
+
+:func:`inject` replaces every submodule that a selector picks by a wrapper built around it (the wrapper holds the
+original module as ``.base``, so its weights and behaviour are untouched until the new parameters move away from
+their identity initialisation). On top of it:
+
+* :func:`add_film`: per-channel scale and shift after each norm layer (FiLM; FSA-FiLM, FiT), 2 x C parameters;
+* :func:`add_lora`: low-rank update ``W + (alpha / r) B A`` of Linear layers (LoRA, Hu et al. 2022), r x (in + out);
+* :func:`add_adapter`: a residual bottleneck MLP after a module (Houlsby-style adapter), zero-initialised up-projection,
+  or (``mode="parallel"``) beside it, ``base(x) + s * up(act(down(x)))`` (AdaptFormer / LAE), optionally with a
+  learnable scalar scale ``s``;
+* :func:`add_kv_lora`: LoRA on the key and value row blocks of a fused ``qkv`` Linear, each with its own learnable
+  scale (LAE's LoRA);
+* :func:`add_prefix`: prefix tuning of timm attention (Li & Liang 2021): learnable key/value tokens prepended to the
+  keys and values of each selected attention, with learnable scales and LAE's attention compensation.
+
+The learnable scalar scales (:class:`Scaler`) are LAE's adaptation-speed calibration (Gao et al., ICCV 2023).
+
+:func:`freeze` turns gradients off for everything except named patterns or the injected modules, and
+:func:`trainable_parameters` / :func:`count_trainable` report what is left. :func:`vit_block_names` lists the
+transformer blocks of a (wrapped) timm ViT for selectors such as ``"net.blocks.0.attn"``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import ConfigError, UnsupportedError
+
+NORM_TYPES: Tuple[type, ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+Selector = Callable[[str, nn.Module], bool]
+
+
+class PeftModule(nn.Module):
+    """Base of the injected wrappers: ``base`` is the wrapped module; the wrapper's own parameters are the PEFT ones."""
+
+    base: nn.Module
+
+    def peft_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
+
+class FiLM(PeftModule):
+    """``base(x) * scale + shift`` with per-channel ``scale`` (init 1) and ``shift`` (init 0); the channel axis is 1
+    for BatchNorm/GroupNorm (N x C x ...) and the last for LayerNorm (... x C)."""
+
+    def __init__(self, base: nn.Module, channels: int, channel_dim: int) -> None:
+        super().__init__()
+        self.base = base
+        self.channel_dim = channel_dim
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.channel_dim == -1 or out.dim() == 2:
+            return out * self.scale + self.shift
+        shape = [1, -1] + [1] * (out.dim() - 2)
+        return out * self.scale.view(shape) + self.shift.view(shape)
+
+
+class LoRALinear(PeftModule):
+    """``base(x) + (alpha / r) * x A^T B^T``: A (r x in) Kaiming-uniform, B (out x r) zero, so it starts as ``base``."""
+
+    def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 1.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}")
+        self.base = base
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = self.alpha / r
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """The low-rank update (out x in) the adapter adds to ``base.weight``."""
+        return self.lora_B @ self.lora_A * self.scaling
+
+
+class Scaler(nn.Module):
+    """Multiply by a scalar: a learnable parameter initialised to ``value`` when ``learnable``, else a constant."""
+
+    def __init__(self, value: float = 1.0, learnable: bool = True) -> None:
+        super().__init__()
+        self.learnable = bool(learnable)
+        if self.learnable:
+            self.scale = nn.Parameter(torch.tensor(float(value)))
+        else:
+            self.value = float(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * (self.scale if self.learnable else self.value)
+
+
+class Adapter(PeftModule):
+    """A residual bottleneck of width ``bottleneck`` (up-projection init 0, so it starts as ``base``).
+
+    ``mode="after"``: ``h + s * up(act(down(h)))`` with ``h = base(x)`` (Houlsby-style); ``mode="parallel"``:
+    ``base(x) + s * up(act(down(x)))`` (AdaptFormer, LAE; input and output widths equal). ``s`` is 1, or a learnable
+    scalar (init 1) with ``learnable_scale``. Extra keyword arguments (e.g. timm's ``attn_mask``) go to ``base``.
+    """
+
+    def __init__(self, base: nn.Module, dim: int, bottleneck: int = 16, mode: str = "after",
+                 learnable_scale: bool = False) -> None:
+        super().__init__()
+        if mode not in ("after", "parallel"):
+            raise ConfigError(f"adapter mode must be 'after' or 'parallel', got {mode!r}")
+        if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+            raise ConfigError(f"adapter bottleneck must be a positive integer, got {bottleneck!r}")
+        self.base = base
+        self.mode = mode
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = nn.GELU()
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scaler = Scaler(1.0, learnable=learnable_scale)
+
+    def _branch(self, z: Tensor) -> Tensor:
+        if z.dim() == 4:  # N x C x H x W: the adapter mixes channels per position
+            return self.scaler(self.up(self.act(self.down(z.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.scaler(self.up(self.act(self.down(z))))
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        h = self.base(x, *args, **kwargs)
+        return h + self._branch(x if self.mode == "parallel" else h)
+
+
+class KVLoRA(PeftModule):
+    """LoRA on the key and value row blocks of a fused ``qkv`` Linear (rows ``[q; k; v]``), as LAE's ``KVLoRA``:
+    ``W + [0; s_k B_k A_k; s_v B_v A_v]`` with A Kaiming-uniform, B zero (starts as ``base``), ``s`` learnable
+    scalars (init 1) unless ``learnable_scale`` is False. No ``alpha / r`` factor (the official code has none)."""
+
+    def __init__(self, base: nn.Linear, r: int = 5, learnable_scale: bool = True) -> None:
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if base.out_features % 3:
+            raise UnsupportedError(f"KVLoRA needs a fused qkv Linear (out_features divisible by 3), got "
+                                   f"out_features={base.out_features}")
+        self.base = base
+        self.r = r
+        dim, dev, dt = base.out_features // 3, base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dt))
+                                        for _ in range(2)])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(dim, r, device=dev, dtype=dt)) for _ in range(2)])
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.scalers = nn.ModuleList([Scaler(1.0, learnable_scale) for _ in range(2)])
+
+    def delta_weight(self) -> Tensor:
+        """The update (out x in) added to ``base.weight``: zero on the query rows."""
+        kv = [s(b @ a) for s, a, b in zip(self.scalers, self.lora_A, self.lora_B)]
+        return torch.cat([torch.zeros_like(kv[0]), *kv], dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+
+
+class PrefixAttention(PeftModule):
+    """Prefix tuning of a timm ``Attention``: ``length`` learnable key and value tokens (init U(0, 0.01), each set
+    times a learnable scalar) join the keys and values of every head.
+
+    With ``compensatory`` (LAE's default) the attention weights on the prefix tokens are renormalised to sum to 1
+    per query (``Prefix.compensate`` of the official LAE code), after the softmax over all keys. Attention masks are
+    not supported.
+    """
+
+    def __init__(self, base: nn.Module, length: int = 10, compensatory: bool = True,
+                 learnable_scale: bool = True) -> None:
+        super().__init__()
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ConfigError(f"prefix length must be a positive integer, got {length!r}")
+        for attr in ("qkv", "proj", "num_heads"):
+            if not hasattr(base, attr):
+                raise UnsupportedError(f"prefix tuning needs a timm-style attention with qkv/proj/num_heads, got "
+                                       f"{type(base).__name__} without {attr!r}")
+        if getattr(base, "gate", None) is not None:
+            raise UnsupportedError("prefix tuning does not support gated attention")
+        self.base = base
+        self.length = length
+        self.compensatory = bool(compensatory)
+        width = base.qkv.out_features // 3
+        ref = base.qkv.weight
+        self.key = nn.Parameter(torch.empty(length, width, device=ref.device, dtype=ref.dtype).uniform_(0, 0.01))
+        self.value = nn.Parameter(torch.empty(length, width, device=ref.device, dtype=ref.dtype).uniform_(0, 0.01))
+        self.key_scaler = Scaler(1.0, learnable_scale)
+        self.value_scaler = Scaler(1.0, learnable_scale)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise UnsupportedError("prefix tuning does not support attention masks")
+        b, n, _ = x.shape
+        a = self.base
+        heads = a.num_heads
+        width = a.qkv.out_features // 3
+        hd = width // heads
+        q, k, v = a.qkv(x).chunk(3, dim=-1)
+        pk = self.key_scaler(self.key).expand(b, -1, -1)
+        pv = self.value_scaler(self.value).expand(b, -1, -1)
+        k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)  # key order does not matter to attention
+        q = q.reshape(b, n, heads, hd).transpose(1, 2)
+        k = k.reshape(b, n + self.length, heads, hd).transpose(1, 2)
+        v = v.reshape(b, n + self.length, heads, hd).transpose(1, 2)
+        q = getattr(a, "q_norm", nn.Identity())(q)
+        k = getattr(a, "k_norm", nn.Identity())(k)
+        attn = (q * (hd ** -0.5)) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        attn = getattr(a, "attn_drop", nn.Identity())(attn)
+        if self.compensatory:
+            pre = attn[..., :self.length]
+            pre = pre / pre.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            attn = torch.cat([pre, attn[..., self.length:]], dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, width)
+        out = getattr(a, "norm", nn.Identity())(out)
+        out = a.proj(out)
+        return getattr(a, "proj_drop", nn.Identity())(out)
+
+
+# --- the one mechanism ----------------------------------------------------------------------------------------------
+
+def _selector(select: Union[None, str, Sequence[str], Selector], types: Tuple[type, ...]) -> Selector:
+    if select is None:
+        return lambda name, m: isinstance(m, types)
+    if callable(select):
+        return lambda name, m: isinstance(m, types) and bool(select(name, m))
+    patterns = [select] if isinstance(select, str) else list(select)
+    return lambda name, m: isinstance(m, types) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def inject(model: nn.Module, select: Selector, factory: Callable[[nn.Module], nn.Module]) -> List[str]:
+    """Replace every submodule ``m`` (qualified name ``n``) with ``select(n, m)`` by ``factory(m)``; returns the names.
+
+    Modules inside an already injected wrapper are skipped, so injecting twice does not nest.
+    """
+    targets = [(n, m) for n, m in model.named_modules()
+               if n and select(n, m) and not isinstance(m, PeftModule)
+               and not any(isinstance(model.get_submodule(p), PeftModule) for p in _prefixes(n))]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factory(module))
+    return [n for n, _ in targets]
+
+
+def _prefixes(name: str) -> List[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _channels(norm: nn.Module) -> Tuple[int, int]:
+    if isinstance(norm, _BatchNorm):
+        return norm.num_features, 1
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_channels, 1
+    if isinstance(norm, nn.LayerNorm):
+        if len(norm.normalized_shape) != 1:
+            raise UnsupportedError(f"FiLM needs a LayerNorm over one axis, got normalized_shape "
+                                   f"{tuple(norm.normalized_shape)}")
+        return int(norm.normalized_shape[0]), -1
+    raise UnsupportedError(f"FiLM does not know the channels of {type(norm).__name__}")
+
+
+def add_film(model: nn.Module, select: Union[None, str, Sequence[str], Selector] = None) -> List[FiLM]:
+    """Wrap every norm layer (BatchNorm, LayerNorm, GroupNorm; ``select`` narrows by name pattern or predicate)
+    in :class:`FiLM`; returns the new modules (2 x channels parameters each)."""
+    def make(norm: nn.Module) -> FiLM:
+        c, dim = _channels(norm)
+        ref = next(iter(norm.parameters()), None)
+        film = FiLM(norm, c, dim)
+        return film.to(ref.device) if ref is not None else film
+
+    names = inject(model, _selector(select, NORM_TYPES), make)
+    if not names:
+        raise UnsupportedError(f"add_film found no norm layer in {type(model).__name__}")
+    return [model.get_submodule(n) for n in names]
+
+
+def add_lora(model: nn.Module, r: int = 4, alpha: float = 1.0, select: Union[None, str, Sequence[str], Selector] = None,
+             dropout: float = 0.0) -> List[LoRALinear]:
+    """Wrap Linear layers (all, or those ``select`` names, e.g. ``"*.attn.qkv"``) in :class:`LoRALinear`."""
+    names = inject(model, _selector(select, (nn.Linear,)), lambda m: LoRALinear(m, r, alpha, dropout))
+    if not names:
+        raise UnsupportedError(f"add_lora found no nn.Linear matching {select!r} in {type(model).__name__}")
+    return [model.get_submodule(n) for n in names]
+
+
+def add_adapter(model: nn.Module, select: Union[str, Sequence[str], Selector], dim: int,
+                bottleneck: int = 16, mode: str = "after", learnable_scale: bool = False) -> List[Adapter]:
+    """Put a residual bottleneck :class:`Adapter` after (``mode="after"``) or beside (``"parallel"``) each module
+    ``select`` names (its output width is ``dim``); ``learnable_scale`` adds LAE's learnable output scale."""
+    names = inject(model, _selector(select, (nn.Module,)),
+                   lambda m: Adapter(m, dim, bottleneck, mode, learnable_scale).to(
+                       next(iter(m.parameters()), torch.empty(0)).device))
+    if not names:
+        raise UnsupportedError(f"add_adapter found no module matching {select!r} in {type(model).__name__}")
+    return [model.get_submodule(n) for n in names]
+
+
+def add_kv_lora(model: nn.Module, r: int = 5, select: Union[None, str, Sequence[str], Selector] = "*.attn.qkv",
+                learnable_scale: bool = True) -> List[KVLoRA]:
+    """Wrap fused qkv Linear layers (``select``) in :class:`KVLoRA` (LoRA on keys and values, LAE)."""
+    names = inject(model, _selector(select, (nn.Linear,)), lambda m: KVLoRA(m, r, learnable_scale))
+    if not names:
+        raise UnsupportedError(f"add_kv_lora found no nn.Linear matching {select!r} in {type(model).__name__}")
+    return [model.get_submodule(n) for n in names]
+
+
+def add_prefix(model: nn.Module, select: Union[str, Sequence[str], Selector] = "*.attn", length: int = 10,
+               compensatory: bool = True, learnable_scale: bool = True) -> List[PrefixAttention]:
+    """Wrap timm attention modules (``select``; modules with ``qkv``, ``proj`` and ``num_heads``) in
+    :class:`PrefixAttention`: 2 x ``length`` x width prefix parameters (+2 scales) each."""
+    def is_attention(name: str, m: nn.Module) -> bool:
+        return all(hasattr(m, a) for a in ("qkv", "proj", "num_heads"))
+
+    base_sel = _selector(select, (nn.Module,))
+    names = inject(model, lambda n, m: base_sel(n, m) and is_attention(n, m),
+                   lambda m: PrefixAttention(m, length, compensatory, learnable_scale))
+    if not names:
+        raise UnsupportedError(f"add_prefix found no attention module matching {select!r} in {type(model).__name__}")
+    return [model.get_submodule(n) for n in names]
+
+
+def vit_block_names(model: nn.Module) -> List[str]:
+    """Qualified names of the transformer blocks of a timm ViT (bare or wrapped, e.g. ``net.blocks.3``)."""
+    for name, m in model.named_modules():
+        if name.split(".")[-1] == "blocks" and isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) and \
+                all(hasattr(b, "attn") for b in m):
+            return [f"{name}.{i}" for i in range(len(m))]
+    raise UnsupportedError(f"{type(model).__name__} has no ViT 'blocks' container of attention blocks")
+
+
+def peft_modules(model: nn.Module) -> List[PeftModule]:
+    return [m for m in model.modules() if isinstance(m, PeftModule)]
+
+
+def peft_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters the injected modules added (not those of the modules they wrap)."""
+    return [p for m in peft_modules(model) for p in m.peft_parameters()]
+
+
+def freeze(model: nn.Module, except_: Union[None, str, Iterable[str]] = None, peft: bool = False) -> List[str]:
+    """Turn off gradients of every parameter of ``model`` except those whose qualified name matches a pattern of
+    ``except_`` (fnmatch, e.g. ``"net.fc.*"``) and, with ``peft``, the parameters of injected modules.
+
+    Returns the names left trainable. Norm statistics are buffers: keep the frozen part in ``eval()`` mode too.
+    """
+    patterns = [except_] if isinstance(except_, str) else list(except_ or [])
+    keep = {id(p) for p in peft_parameters(model)} if peft else set()
+    trainable = []
+    for name, p in model.named_parameters():
+        on = id(p) in keep or any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(on)
+        if on:
+            trainable.append(name)
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_parameters())]
+    if unmatched:
+        raise ConfigError(f"freeze: no parameter matches {unmatched} in {type(model).__name__}")
+    return trainable
+
+
+def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def head_parameter_names(model: nn.Module) -> List[str]:
+    """Qualified names of the final classifier's parameters (timm ``get_classifier()``, else the last Linear)."""
+    net = getattr(model, "net", model)
+    head: Optional[nn.Module] = None
+    if hasattr(net, "get_classifier"):
+        head = net.get_classifier()
+    else:
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not isinstance(m, PeftModule):
+                head = m
+    if head is None or not any(True for _ in head.parameters()):
+        raise UnsupportedError(f"cannot find the classifier head of {type(model).__name__}")
+    ids = {id(p) for p in head.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+__all__ = ["Adapter", "FiLM", "KVLoRA", "LoRALinear", "NORM_TYPES", "PeftModule", "PrefixAttention", "Scaler",
+           "add_adapter", "add_film", "add_kv_lora", "add_lora", "add_prefix", "count_trainable", "freeze",
+           "head_parameter_names", "inject", "peft_modules", "peft_parameters", "trainable_parameters",
+           "vit_block_names"]

@@ -1,0 +1,149 @@
+"""AaD: Attracting and Dispersing for source-free domain adaptation (Yang, Wang, van de Weijer, Herranz, Jui;
+NeurIPS 2022).
+
+Algorithm (official code, Albert0147/AaD_SFDA ``tar_adaptation.py``), per target batch of the adaptation epochs:
+  1. forward the whole model in train mode: features f, softmax predictions p;
+  2. write the L2-normalised features and p into the feature and score banks at the batch's slots;
+  3. for each sample, its K nearest neighbours by cosine similarity in the feature bank (itself excluded);
+  4. loss = -mean_i sum_{k in C_i} <p_i, s_k>           (attract: agree with the neighbours' banked predictions)
+           + lambda * mean_i sum_{j in batch, j != i} <p_i, p_j>   (disperse: disagree with the rest of the batch),
+     lambda = alpha * (1 + 10 * iter / max_iter) ** (-beta);
+  5. one SGD step (momentum 0.9, Nesterov, weight decay 1e-3), lr = lr0 * (1 + 10 * iter / max_iter) ** (-0.75),
+     backbone at 0.1 x lr, the classifier at 1 x lr.
+Defaults are the code's VisDA-C ones: K = 5, alpha = 1, beta = 5, lr 1e-3, batch 64.
+
+Choices where the engine differs from the official loop, and why:
+- Sample identity: the banks are indexed by slots recovered from the images (:class:`common.banks.SampleBank`),
+  which on the ``sfda`` stream equal data-set indices from the second epoch on; the official code indexes by
+  data-set index. The official code fills the banks with the source model before adapting; here a sample's slot
+  is filled when it is first seen, and neighbours come from the filled slots only (in the first epoch, from the
+  samples seen so far).
+- Schedules need the total number of steps: ``max_iter`` (epochs x batches per epoch). When it is not given, lr and
+  lambda stay at their initial values (a warning is logged once); the strategy cannot know the stream's length.
+- Parameter groups: our backbones have no bottleneck (the code's source models are SHOT's ResNet + bottleneck +
+  weight-normed classifier); the final linear layer gets 1 x lr, every other parameter ``backbone_lr_mult`` x lr.
+- BatchNorm runs in train mode during adaptation (batch statistics, running statistics updated), as in the code;
+  ``predict`` (the eval segment) uses eval mode, as the code's evaluation does. Batches of one sample are only
+  predicted (the code skips them).
+- The attraction is written as a dot product; the code's ``F.kl_div`` form differs by a constant only.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctta.backbones.classifier import features_and_logits
+from ctta.errors import ConfigError, UnsupportedError
+
+from .base import Strategy, register
+from .common.banks import SampleBank, batch_dispersion, decay, neighbour_attraction
+
+log = logging.getLogger(__name__)
+
+
+def head_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The final classifier's parameters: timm's ``get_classifier()``, else the last ``nn.Linear`` of the model."""
+    net = getattr(model, "net", model)
+    if hasattr(net, "get_classifier"):
+        head = net.get_classifier()
+        if isinstance(head, nn.Module):
+            return list(head.parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
+def sgd_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> List[Dict[str, Any]]:
+    """AaD's two learning rates: the classifier at ``lr``, everything else at ``backbone_lr_mult * lr``."""
+    head = {id(p) for p in head_parameters(model)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": lr * backbone_lr_mult},
+              {"params": [p for p in params if id(p) in head], "lr": lr}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr0"] = g["lr"]
+    return groups
+
+
+@register
+class AaD(Strategy):
+    """Attract each sample's prediction to its K bank neighbours', disperse it from the rest of the batch."""
+
+    name = "aad"
+    step_kinds = frozenset({"adapt", "eval"})
+    settings = frozenset({"sfda"})
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, backbone_lr_mult: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 1e-3, nesterov: bool = True, k: int = 5, alpha: float = 1.0, beta: float = 5.0,
+                 lr_gamma: float = 10.0, lr_power: float = 0.75, max_iter: Optional[int] = None,
+                 key_tol: float = 1e-3, seed: int = 0) -> None:
+        super().__init__(model, seed)
+        if int(k) < 1:
+            raise ConfigError(f"{self.name}: k must be >= 1, got {k}")
+        if max_iter is not None and int(max_iter) < 1:
+            raise ConfigError(f"{self.name}: max_iter must be a positive number of steps or null, got {max_iter}")
+        if not (hasattr(model, "features_and_logits")
+                or (hasattr(model, "forward_features") and hasattr(model, "forward_head"))):
+            raise UnsupportedError(f"{self.name} needs the backbone's penultimate features; {type(model).__name__} "
+                                   f"has no features_and_logits / forward_features+forward_head")
+        self.k, self.alpha, self.beta = int(k), float(alpha), float(beta)
+        self.lr_gamma, self.lr_power = float(lr_gamma), float(lr_power)
+        self.max_iter = int(max_iter) if max_iter is not None else None
+        self.iteration = 0
+        self.model.requires_grad_(True)
+        self.optimizer = torch.optim.SGD(sgd_groups(self.model, lr, backbone_lr_mult), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay, nesterov=bool(nesterov) and momentum > 0)
+        self.bank = SampleBank(tol=key_tol, seed=seed)
+        if self.max_iter is None:
+            log.warning("%s: max_iter not given, so lr and the dispersion weight are not decayed; set max_iter = "
+                        "epochs x batches per epoch for the paper's schedules", self.name)
+        self.remember_initial_state()
+
+    # --- steps --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(x)
+
+    def dispersion_weight(self) -> float:
+        """lambda = alpha * (1 + 10 * iter / max_iter) ** (-beta)."""
+        return self.alpha * decay(self.iteration, self.max_iter, self.beta)
+
+    def attraction_targets(self, x: Tensor, slot: Tensor, index: Tensor, mask: Tensor) -> tuple:
+        """Neighbour predictions to attract to (B x K x C) and their mask: AaD uses the score bank."""
+        return self.bank.table("scores")[index], mask
+
+    def adapt(self, x: Tensor) -> Tensor:
+        if x.shape[0] < 2:  # a batch of one: BatchNorm cannot train on it and there is nothing to disperse from
+            return self.predict(x)
+        weight = self.dispersion_weight()
+        scale = decay(self.iteration + 1, self.max_iter, self.lr_power, self.lr_gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr0"] * scale
+        self.model.train()
+        with torch.enable_grad():
+            feats, logits = features_and_logits(self.model, x)
+            probs = logits.float().softmax(dim=1)
+            with torch.no_grad():
+                f_norm = F.normalize(feats.detach().float().flatten(1), dim=1)
+                slot = self.bank.slots(x)
+                self.bank.write("features", slot, f_norm)
+                self.bank.write("scores", slot, probs.detach())
+                index, mask = self.bank.neighbours(f_norm, slot, self.k)
+                targets, mask = self.attraction_targets(x, slot, index, mask)
+            loss = neighbour_attraction(probs, targets, mask) + weight * batch_dispersion(probs)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.iteration += 1
+        return logits.detach()
+
+    # --- state --------------------------------------------------------------------------------------------------
+    def extra_state(self) -> Any:
+        return {"iteration": self.iteration}
+
+    def load_extra_state(self, state: Any) -> None:
+        self.iteration = int(state["iteration"]) if state else 0

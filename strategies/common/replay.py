@@ -1,0 +1,179 @@
+"""Memories of past labelled samples: a reservoir buffer (ER, ER-ACE) and an unbounded store (joint training).
+
+Both live on the device, allocate on the first batch, and take batches without a host sync: the only host-side
+state is the number of samples seen, which the batch shapes give.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ctta.errors import ConfigError
+
+
+class ReservoirBuffer(nn.Module):
+    """Reservoir sampling (Vitter's algorithm R): after n samples were offered, each is held with probability
+    ``capacity / n`` and the buffer never holds more than ``capacity``.
+
+    A batch is processed as if its samples arrived one by one: sample i (0-based count ``t`` of all seen) goes to
+    slot ``t`` while the buffer fills, else to slot ``j ~ U{0..t}`` when ``j < capacity``; when two samples of the
+    same batch draw the same slot the later one wins, exactly as in the sequential algorithm.
+
+    Each held sample also carries a task id (``add(..., task=...)``; without one, the buffer's ``task`` attribute,
+    0 unless a learner sets it at each session): methods such as AdaB²N need the task of every replayed sample.
+    ``sample`` leaves the task ids of what it drew in ``last_tasks``; ``sample_with_tasks`` returns them.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"buffer capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.seen = 0  # samples offered so far (host int, from batch shapes)
+        self.task = 0  # task id stamped on samples added without an explicit one
+        self.last_tasks: Optional[Tensor] = None  # task ids of the last ``sample`` draw
+        # one extra row absorbs the writes of samples that are not kept; non-persistent: the content travels in
+        # ``state()``, since the shapes are only known after the first batch
+        self.register_buffer("x", torch.empty(0), persistent=False)
+        self.register_buffer("y", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("t", torch.empty(0, dtype=torch.long), persistent=False)
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def _allocate(self, x: Tensor) -> None:
+        self.x = torch.zeros((self.capacity + 1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.y = torch.zeros(self.capacity + 1, dtype=torch.long, device=x.device)
+        self.t = torch.zeros(self.capacity + 1, dtype=torch.long, device=x.device)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None,
+            task: Optional[int | Tensor] = None) -> None:
+        """Offer the batch ``(x, y)`` to the reservoir; ``task`` (an int or one id per sample) defaults to
+        ``self.task``."""
+        b = int(x.shape[0])
+        if b == 0:
+            return
+        if self.x.numel() == 0:
+            self._allocate(x)
+        dev = self.x.device
+        t = torch.arange(self.seen, self.seen + b, device=dev)  # 0-based arrival index
+        u = torch.rand(b, device=dev, generator=generator)
+        j = torch.minimum((u * (t + 1).to(u.dtype)).long(), t)  # uniform on {0..t}
+        slot = torch.where(t < self.capacity, t, j)
+        keep = slot < self.capacity
+        # last writer wins: drop a kept sample when a later kept one of this batch takes the same slot
+        order = torch.arange(b, device=dev)
+        later = order.unsqueeze(0) > order.unsqueeze(1)  # [i, k]: k comes after i
+        clash = (slot.unsqueeze(0) == slot.unsqueeze(1)) & later & keep.unsqueeze(0)
+        keep = keep & ~clash.any(dim=1)
+        slot = torch.where(keep, slot, torch.full_like(slot, self.capacity))
+        self.x.index_copy_(0, slot, x.detach().to(self.x.dtype))
+        self.y.index_copy_(0, slot, y.detach().long())
+        if isinstance(task, Tensor):
+            tasks = task.detach().to(dev, torch.long).expand(b).contiguous()
+        else:
+            tasks = torch.full((b,), self.task if task is None else int(task), dtype=torch.long, device=dev)
+        self.t.index_copy_(0, slot, tasks)
+        self.seen += b
+
+    @torch.no_grad()
+    def sample(self, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """``min(k, len)`` samples drawn uniformly without replacement (their task ids go to ``last_tasks``)."""
+        x, y, _ = self.sample_with_tasks(k, generator)
+        return x, y
+
+    @torch.no_grad()
+    def sample_with_tasks(self, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`sample`, also returning the task id of each sample drawn."""
+        n = len(self)
+        idx = torch.randperm(n, device=self.x.device, generator=generator)[:min(k, n)]
+        t = self.t[idx] if self.t.numel() else torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)
+        self.last_tasks = t
+        return self.x[idx], self.y[idx], t
+
+    def items(self) -> Tuple[Tensor, Tensor]:
+        """Everything held (for tests and reports)."""
+        n = len(self)
+        return self.x[:n], self.y[:n]
+
+    def tasks(self) -> Tensor:
+        """The task id of every sample held (aligned with :meth:`items`)."""
+        return self.t[:len(self)]
+
+    def state(self) -> Dict[str, Any]:
+        x, y = self.items()
+        return {"seen": self.seen, "x": x.clone(), "y": y.clone(), "t": self.tasks().clone()}
+
+    def load_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        self.seen = int(state["seen"])
+        x, y = state["x"], state["y"]
+        if x.numel() == 0:
+            self.x, self.y = torch.empty(0, device=self.x.device), torch.empty(0, dtype=torch.long,
+                                                                                 device=self.y.device)
+            self.t = torch.empty(0, dtype=torch.long, device=self.y.device)
+            return
+        self._allocate(x.to(self.x.device))
+        self.x[:x.shape[0]] = x.to(self.x.device)
+        self.y[:y.shape[0]] = y.to(self.y.device)
+        t = state.get("t")  # absent in states written before task ids were stored: all task 0
+        if t is not None:
+            self.t[:t.shape[0]] = t.to(self.t.device)
+
+
+class GrowingStore(nn.Module):
+    """Every sample offered, kept (capacity doubling as it grows): the memory of joint training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+        self.register_buffer("x", torch.empty(0), persistent=False)
+        self.register_buffer("y", torch.empty(0, dtype=torch.long), persistent=False)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @torch.no_grad()
+    def add(self, x: Tensor, y: Tensor) -> None:
+        b = int(x.shape[0])
+        need = self.size + b
+        if self.x.numel() == 0 or need > self.x.shape[0]:
+            cap = max(need, 2 * (self.x.shape[0] if self.x.numel() else 0), 64)
+            nx = torch.zeros((cap, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            ny = torch.zeros(cap, dtype=torch.long, device=x.device)
+            if self.size:
+                nx[:self.size] = self.x[:self.size]
+                ny[:self.size] = self.y[:self.size]
+            self.x, self.y = nx, ny
+        self.x[self.size:need] = x.detach()
+        self.y[self.size:need] = y.detach().long()
+        self.size = need
+
+    @torch.no_grad()
+    def sample(self, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """``k`` samples drawn uniformly with replacement (cheap on a large store)."""
+        idx = torch.randint(0, max(self.size, 1), (k if self.size else 0,), device=self.x.device, generator=generator)
+        return self.x[idx], self.y[idx]
+
+    def items(self) -> Tuple[Tensor, Tensor]:
+        return self.x[:self.size], self.y[:self.size]
+
+    def clear(self) -> None:
+        self.size = 0
+        self.x = torch.empty(0, device=self.x.device)
+        self.y = torch.empty(0, dtype=torch.long, device=self.y.device)
+
+    def state(self) -> Dict[str, Any]:
+        x, y = self.items()
+        return {"x": x.clone(), "y": y.clone()}
+
+    def load_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        self.clear()
+        if state["x"].numel():
+            self.add(state["x"].to(self.x.device), state["y"].to(self.y.device))

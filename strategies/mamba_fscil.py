@@ -1,0 +1,332 @@
+"""Mamba-FSCIL: a dual selective state-space projector between a backbone and a fixed simplex-ETF classifier.
+
+Li, Yang, Wu, Tao, Lin, Chen; "Mamba-FSCIL: Dynamic Adaptation with Selective State Space Model for Few-Shot
+Class-Incremental Learning" (arXiv 2407.06136; code: github.com/xiaojieli0903/Mamba-FSCIL, ``MambaNeck`` and
+``ImageClassifierCIL``). Features -> ``residual + base branch + novel branch`` -> L2 norm -> fixed simplex ETF.
+
+* Base session: backbone, base branch and residual projection trained with the dot-regression (DR) loss towards the
+  ETF vectors; the novel branch does not exist yet (its SSM gate rows are zero, so it outputs exactly zero).
+* Incremental sessions: backbone and base branch frozen; the few-shot samples' backbone features are kept, and at
+  the end of the session (the first prediction after it) the novel branch alone is trained for ``inc_steps`` steps
+  on them plus one mean feature per base class and per earlier novel class (the official ``mean_neck_feat`` memory),
+  with the DR loss (class-balanced target lengths, feature mixup) and the class-sensitive selective-scan losses:
+  suppression (the novel branch's gate ``z`` pushed to zero on base classes, slightly away from zero on novel ones)
+  and separation (the batch-mean input-dependent scan parameters delta, B, C of base and novel samples decorrelated).
+
+Deviation, because the backbone feature API gives pooled vectors only: the paper scans the 2x2 spatial tokens of the
+last feature map in four directions; here each branch's MLP maps the pooled feature to ``num_tokens`` tokens, scanned
+forwards and backwards.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctta.backbones.classifier import features_and_logits
+from ctta.errors import ConfigError, UnsupportedError
+from ctta.seeding import stable_seed
+
+from .base import register
+from .common.etf import ETFClassifier, balance_scales, dot_regression_loss
+from .common.incremental import IncrementalStrategy, num_outputs
+from .common.selective_scan import SelectiveSSM
+
+log = logging.getLogger(__name__)
+
+
+def backbone_features(model: nn.Module, x: Tensor) -> Tensor:
+    """Penultimate (pooled) features of ``x`` through the backbone feature API."""
+    if hasattr(model, "forward_features"):
+        return model.forward_features(x)
+    return features_and_logits(model, x)[0]
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of the backbone's penultimate features (``feature_dim``, else the last Linear's input width)."""
+    d = getattr(model, "feature_dim", None)
+    if isinstance(d, int) and d > 0:
+        return d
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise UnsupportedError(f"cannot tell the feature width of {type(model).__name__}: no feature_dim attribute "
+                               f"and no nn.Linear head")
+    return int(last[-1].in_features)
+
+
+class SSMBranch(nn.Module):
+    """One branch: MLP (Linear-LayerNorm-LeakyReLU-Linear) from the pooled feature to ``num_tokens`` tokens plus a
+    positional embedding, a selective SSM scanned forwards and backwards, mean over tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, **ssm: Any) -> None:
+        super().__init__()
+        self.num_tokens, self.out_dim = int(num_tokens), int(out_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, mid_dim), nn.LayerNorm(mid_dim), nn.LeakyReLU(0.1),
+                                 nn.Linear(mid_dim, self.num_tokens * self.out_dim, bias=False))
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, self.num_tokens, self.out_dim), std=0.02))
+        self.ssm = SelectiveSSM(self.out_dim, **ssm)
+
+    def forward(self, f: Tensor):
+        tokens = self.mlp(f).view(f.shape[0], self.num_tokens, self.out_dim) + self.pos_embed
+        y_fwd, z_fwd, params = self.ssm(tokens)
+        y_bwd, z_bwd, _ = self.ssm(tokens.flip(1))
+        y = y_fwd + y_bwd.flip(1)
+        z = z_fwd + z_bwd.flip(-1)
+        return y.mean(dim=1), z, params
+
+
+class DualSelectiveProjector(nn.Module):
+    """``out = residual(f) + base(f) + novel(f)``; the novel branch's gate is zero-initialised (exact zero output)."""
+
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, **ssm: Any) -> None:
+        super().__init__()
+        self.residual_proj = nn.Linear(in_dim, out_dim, bias=False) if out_dim != in_dim else nn.Identity()
+        self.base = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
+        self.novel = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
+        self.novel.ssm.zero_gate()
+
+    def forward(self, f: Tensor, use_novel: bool = True) -> Dict[str, Any]:
+        base, _, params = self.base(f)
+        out = self.residual_proj(f) + base
+        parts: Dict[str, Any] = {"base": base, "params_base": params}
+        if use_novel:
+            novel, z, params_novel = self.novel(f)
+            out = out + novel
+            parts.update(novel=novel, z_novel=z, params_novel=params_novel)
+        parts["out"] = out
+        return parts
+
+
+def separation_loss(param: Tensor, is_base: Tensor) -> Tensor:
+    """Mean of ``|I - S|`` for the cosine-similarity matrix S of the base-sample and novel-sample means of a scan
+    parameter (batch, k, L) averaged over batch and sequence (the official ``param_avg_dim='0-1-3'``)."""
+    w_base = is_base.float()[:, None, None]
+    w_novel = 1.0 - w_base
+    length = param.shape[-1]
+    base = (param * w_base).sum(dim=(0, 2)) / (w_base.sum() * length).clamp_min(1)
+    novel = (param * w_novel).sum(dim=(0, 2)) / (w_novel.sum() * length).clamp_min(1)
+    v = F.normalize(torch.stack([base, novel]), dim=-1)
+    return torch.abs(torch.eye(2, device=param.device) - v @ v.t()).mean()
+
+
+def _norm_per_element(z: Tensor, rows: Tensor) -> Tensor:
+    """``||z[rows]||_F / numel(z[rows])`` without boolean indexing (no host sync); 0 when no row is selected."""
+    w = rows.float()[:, None, None]
+    return torch.linalg.vector_norm(z * w) / (w.sum() * z.shape[1] * z.shape[2]).clamp_min(1)
+
+
+@register
+class MambaFSCIL(IncrementalStrategy):
+    """Dual selective SSM projector + fixed ETF classifier; see the module docstring for the session schedule."""
+
+    name = "mamba_fscil"
+    settings = frozenset({"few_shot_class_incremental", "class_incremental"})
+
+    def __init__(self, model: nn.Module, lr: float = 0.015625, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 dr_weight: float = 10.0, train_backbone: bool = True, num_tokens: int = 4,
+                 out_dim: Optional[int] = None, mid_dim: Optional[int] = None, d_state: int = 256,
+                 dt_rank: Optional[int] = None, d_conv: int = 4, expand: float = 1.0, inc_lr: float = 0.25,
+                 inc_steps: int = 200, inc_batch_size: int = 64, inc_warmup: int = 5, feature_mixup: float = 0.5,
+                 mixup_prob: float = 0.75, balanced_targets: bool = True, supp_weight: float = 100.0,
+                 supp_novel_weight: float = 1e-5, sep_weight: float = 1e-3, proto_ema: float = 0.01,
+                 backend: str = "auto", seed: int = 0) -> None:
+        super().__init__(model, seed, mask_unseen=True)
+        for key, val in (("num_tokens", num_tokens), ("d_state", d_state), ("inc_batch_size", inc_batch_size)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
+        if not 0.0 <= mixup_prob <= 1.0 or not 0.0 <= feature_mixup <= 1.0:
+            raise ConfigError(f"mixup_prob and feature_mixup must lie in [0, 1], got {mixup_prob!r}, {feature_mixup!r}")
+        k, d = num_outputs(model), feature_dim(model)
+        out_dim = int(out_dim) if out_dim else max(d, k)
+        if out_dim < k:
+            raise ConfigError(f"out_dim must be >= the {k} classes (the ETF needs one direction per class), "
+                              f"got {out_dim}")
+        self.num_classes, self.feat_dim = k, d
+        self.train_backbone = bool(train_backbone)
+        self.lr, self.momentum, self.weight_decay, self.dr_weight = lr, momentum, weight_decay, dr_weight
+        self.inc_lr, self.inc_steps, self.inc_batch_size, self.inc_warmup = inc_lr, int(inc_steps), inc_batch_size, \
+            int(inc_warmup)
+        self.feature_mixup, self.mixup_prob, self.balanced_targets = feature_mixup, mixup_prob, bool(balanced_targets)
+        self.supp_weight, self.supp_novel_weight, self.sep_weight = supp_weight, supp_novel_weight, sep_weight
+        self.proto_ema = float(proto_ema)
+        with torch.random.fork_rng(devices=[]):  # the projector and ETF depend on the seed only
+            torch.manual_seed(stable_seed(seed, "mamba_fscil"))
+            self.projector = DualSelectiveProjector(d, out_dim, int(mid_dim) if mid_dim else 2 * d, num_tokens,
+                                                    d_state=d_state, dt_rank=dt_rank or d_state, d_conv=d_conv,
+                                                    expand=expand, backend=backend)
+            self.head = ETFClassifier(out_dim, k, torch.Generator().manual_seed(stable_seed(seed, "etf")))
+        self.register_buffer("class_means", torch.zeros(k, d))
+        self.register_buffer("class_counts", torch.zeros(k))
+        self.register_buffer("base_mask", torch.zeros(k, dtype=torch.bool))
+        self._pending: List[tuple] = []
+        base_params = list(self.projector.residual_proj.parameters()) + list(self.projector.base.parameters())
+        if self.train_backbone:
+            base_params = list(self.model.parameters()) + base_params
+        self.optimizer = torch.optim.SGD(base_params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self._apply_phase()
+        self.remember_initial_state()
+
+    # --- phases ---------------------------------------------------------------------------------------------------
+    @property
+    def in_base_session(self) -> bool:
+        return self.sessions.session <= 0 and (self.sessions.session < 0 or self.sessions.in_session)
+
+    def _apply_phase(self) -> None:
+        """Base session: backbone (if trained) and base branch trainable; afterwards everything frozen except the
+        novel branch, which is switched on only inside :meth:`train_novel`."""
+        base = self.in_base_session
+        self.model.requires_grad_(base and self.train_backbone)
+        self.projector.residual_proj.requires_grad_(base)
+        self.projector.base.requires_grad_(base)
+        self.projector.novel.requires_grad_(False)
+        self.model.eval()
+
+    def _use_novel(self) -> bool:
+        return self.sessions.session >= 1
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def _features(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            return backbone_features(self.model, x).float()
+
+    def logits(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.head(self.projector(self._features(x), use_novel=self._use_novel())["out"])
+
+    @torch.no_grad()
+    def _update_means(self, f: Tensor, y: Tensor, ema: bool) -> None:
+        """Per-class feature means: exact running means, or (``ema``, backbone still training) at least
+        ``proto_ema`` weight on the newest batch so the means follow the moving backbone."""
+        k = self.num_classes
+        counts = torch.bincount(y, minlength=k).float()
+        sums = torch.zeros(k, f.shape[1], device=f.device).index_add_(0, y, f)
+        batch_mean = sums / counts.clamp_min(1).unsqueeze(1)
+        self.class_counts += counts
+        alpha = counts / self.class_counts.clamp_min(1)
+        if ema:
+            alpha = torch.where(counts > 0, alpha.clamp_min(self.proto_ema), alpha)
+        self.class_means += alpha.unsqueeze(1) * (batch_mean - self.class_means)
+
+    def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.sessions.session == 0:
+            return self._base_step(x, y)
+        f = self._features(x)
+        with torch.no_grad():
+            logits = self.mask(self.head(self.projector(f, use_novel=True)["out"]))
+        self._update_means(f, y, ema=False)
+        self._pending.append((f, y))
+        return logits
+
+    def _base_step(self, x: Tensor, y: Tensor) -> Tensor:
+        f = self._features(x)  # eval-mode features: the prototypes and the logits before the update
+        self._update_means(f, y, ema=self.train_backbone)
+        with torch.enable_grad():
+            if self.train_backbone:
+                with torch.no_grad():
+                    logits = self.head(self.projector(f, use_novel=False)["out"])
+                self.model.train()
+                f = backbone_features(self.model, x).float()
+            out = self.projector(f, use_novel=False)["out"]
+            if not self.train_backbone:
+                logits = self.head(out.detach())
+            loss = self.dr_weight * dot_regression_loss(F.normalize(out, dim=1), self.head.targets(y))
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return self.mask(logits)
+
+    # --- sessions -------------------------------------------------------------------------------------------------
+    def begin_session(self, session: int) -> None:
+        self._apply_phase()
+
+    def end_session(self, session: int) -> None:
+        if session == 0:
+            self.base_mask.copy_(self.seen.seen)
+        elif self._pending:
+            self.train_novel(session)
+        self._pending = []
+        self._apply_phase()
+
+    def _lr_at(self, step: int) -> float:
+        """Linear warm-up from 0.1 lr, then cosine to 0.01 lr (the official incremental schedule, no cool-down)."""
+        if step < self.inc_warmup:
+            return self.inc_lr * (0.1 + 0.9 * step / self.inc_warmup)
+        t = (step - self.inc_warmup) / max(1, self.inc_steps - self.inc_warmup)
+        return self.inc_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def train_novel(self, session: int) -> None:
+        """Train the novel branch on this session's features + one mean feature per earlier class."""
+        feats = torch.cat([f for f, _ in self._pending])
+        labels = torch.cat([y for _, y in self._pending])
+        current = torch.zeros_like(self.base_mask).index_fill_(0, labels, True)
+        known = self.class_counts > 0
+        memory = known & ~current  # base classes and earlier novel classes, one mean each
+        mem_cls = torch.nonzero(memory).flatten()  # once per session: a host sync is fine here
+        x_all = torch.cat([feats, self.class_means[mem_cls]])
+        y_all = torch.cat([labels, mem_cls])
+        is_base = self.base_mask[y_all]
+        n = x_all.shape[0]
+        bs = min(self.inc_batch_size, n)
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, "mamba_fscil_inc", session))
+        params = list(self.projector.novel.parameters())
+        self.projector.novel.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=self.inc_lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        queue: List[Tensor] = []
+        with torch.enable_grad():
+            for step in range(self.inc_steps):
+                if not queue:
+                    perm = torch.randperm(n, generator=gen).to(x_all.device)
+                    queue = list(perm[: (n // bs) * bs].split(bs))
+                idx = queue.pop(0)
+                for g in opt.param_groups:
+                    g["lr"] = self._lr_at(step)
+                loss = self._novel_loss(x_all[idx], y_all[idx], is_base[idx], gen)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        self.projector.novel.requires_grad_(False)
+        log.debug("mamba_fscil: session %d novel branch trained on %d features for %d steps", session, n,
+                  self.inc_steps)
+
+    def _novel_loss(self, f: Tensor, y: Tensor, is_base: Tensor, gen: torch.Generator) -> Tensor:
+        parts = self.projector(f, use_novel=True)
+        out = parts["out"]
+        targets = self.head.targets(y)
+        scale = balance_scales(y, self.num_classes) if self.balanced_targets else torch.ones_like(y, dtype=out.dtype)
+        targets = targets * scale.unsqueeze(1)
+        if self.mixup_prob > 0 and float(torch.rand((), generator=gen)) < self.mixup_prob:
+            lam = self.feature_mixup
+            perm = torch.randperm(y.numel(), generator=gen).to(y.device)
+            mixed = F.normalize(lam * out + (1 - lam) * out[perm], dim=1)
+            loss = lam * dot_regression_loss(mixed, targets, scale) + \
+                (1 - lam) * dot_regression_loss(mixed, targets[perm], scale[perm])
+        else:
+            loss = dot_regression_loss(F.normalize(out, dim=1), targets, scale)
+        loss = self.dr_weight * loss
+        z = parts["z_novel"]
+        if self.supp_weight:
+            loss = loss + self.supp_weight * _norm_per_element(z, is_base)
+        if self.supp_novel_weight:
+            loss = loss - self.supp_novel_weight * _norm_per_element(z, ~is_base)
+        if self.sep_weight:
+            both = (is_base.any() & (~is_base).any()).float()
+            for p in parts["params_novel"].values():
+                loss = loss + self.sep_weight * both * separation_loss(p, is_base)
+        return loss
+
+    # --- resume ---------------------------------------------------------------------------------------------------
+    def extra(self) -> Any:
+        if not self._pending:
+            return None
+        return {"x": torch.cat([f for f, _ in self._pending]).cpu(), "y": torch.cat([y for _, y in self._pending]).cpu()}
+
+    def load_extra(self, state: Any) -> None:
+        dev = self.class_means.device
+        self._pending = [(state["x"].to(dev), state["y"].to(dev))] if state else []
+        self._apply_phase()

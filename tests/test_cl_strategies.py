@@ -1,0 +1,225 @@
+"""Continual-learning baselines: class masking, reservoir buffer, ER / ER-ACE, joint, SimpleCIL, FSA + incremental LDA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctta
+from conftest import make_tiny
+from ctta import strategies
+from ctta.streams.base import Stream, tensor_segment
+from ctta.strategies.common.lda import IncrementalLDA
+from ctta.strategies.common.replay import ReservoirBuffer
+from ctta.strategies.er import ace_incoming_loss
+
+CL = ["finetune", "er", "er_ace", "joint", "simplecil", "fsa"]
+
+
+def _data(classes, n_per=12, seed=0):
+    """Separable tiny images: class c brightens channel c % 3 in a class-specific quadrant."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(classes).repeat_interleave(n_per)
+    x = torch.rand(len(y), 3, 8, 8, generator=g) * 0.3
+    for i, c in enumerate(y.tolist()):
+        r, q = divmod(c, 2)
+        x[i, c % 3, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.7
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+def _ci_stream(batch=8):
+    segs = []
+    seen = []
+    for k, cls in enumerate([[0, 1], [2, 3]]):
+        x, y = _data(cls, seed=k)
+        segs.append(tensor_segment(f"session-{k}", "train", x, y, batch, role="session", meta={"classes": cls}))
+        seen += cls
+        xt, yt = _data(seen, n_per=6, seed=10 + k)
+        segs.append(tensor_segment(f"eval@session-{k}", "eval", xt, yt, 32, role="probe",
+                                   meta={"after": f"session-{k}"}))
+    return Stream("tiny_ci", segs, num_classes=4, setting="class_incremental", spec={"name": "tiny_ci"})
+
+
+def _state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+# ---- class masking ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["finetune", "er", "er_ace", "joint", "fsa"])
+def test_unseen_classes_are_masked_in_prediction(name):
+    s = strategies.create(name, make_tiny(num_classes=4))
+    x, y = _data([0, 1])
+    assert torch.isfinite(s.predict(x)).all()  # nothing learned: full head
+    s.learn(x[:8], y[:8])
+    out = s.predict(x)
+    assert torch.isinf(out[:, 2:]).all() and torch.isfinite(out[:, :2]).all()
+    assert set(out.argmax(1).tolist()) <= {0, 1}
+
+
+# ---- reservoir buffer --------------------------------------------------------------------------------------------
+
+def test_reservoir_never_exceeds_capacity_and_keeps_a_uniform_sample():
+    n, cap, trials, batch = 40, 8, 600, 7
+    counts = torch.zeros(n)
+    for t in range(trials):
+        g = torch.Generator().manual_seed(t)
+        buf = ReservoirBuffer(cap)
+        for i in range(0, n, batch):
+            ids = torch.arange(i, min(i + batch, n))
+            buf.add(ids.float().view(-1, 1), ids, g)
+            assert len(buf) == min(i + len(ids), cap)
+        _, held = buf.items()
+        assert len(set(held.tolist())) == cap  # no duplicates, full
+        counts[held] += 1
+    freq = counts / trials
+    sigma = math.sqrt(cap / n * (1 - cap / n) / trials)
+    assert (freq - cap / n).abs().max() < 5 * sigma  # each item kept with probability capacity / n
+    bx, by = buf.sample(5, torch.Generator().manual_seed(0))
+    assert bx.shape == (5, 1) and len(set(by.tolist())) == 5 and set(by.tolist()) <= set(held.tolist())
+
+
+# ---- ER-ACE ----------------------------------------------------------------------------------------------------------
+
+def test_er_ace_incoming_loss_ignores_absent_classes():
+    logits = torch.tensor([[2.0, 1.0, 5.0, 0.0], [0.0, 3.0, 9.0, 1.0]])
+    y = torch.tensor([0, 1])  # classes 2 and 3 absent from the batch
+    expected = -(math.log(math.exp(2) / (math.exp(2) + math.exp(1))) +
+                 math.log(math.exp(3) / (math.exp(0) + math.exp(3)))) / 2
+    assert abs(ace_incoming_loss(logits, y).item() - expected) < 1e-6
+    # the logits of absent classes get no gradient
+    z = logits.clone().requires_grad_(True)
+    ace_incoming_loss(z, y).backward()
+    assert torch.all(z.grad[:, 2:] == 0) and torch.all(z.grad[:, :2] != 0)
+
+
+# ---- incremental LDA ---------------------------------------------------------------------------------------------
+
+def _lda_direct(f, y, num_classes):
+    """FSA's official head computed from all features at once (src/utils.py compute_lda_head)."""
+    cov = torch.cov(f.T, correction=1) + torch.eye(f.shape[1], dtype=f.dtype)
+    chol = torch.linalg.cholesky(cov)
+    means = torch.stack([f[y == c].mean(0) for c in range(num_classes)])
+    coef = torch.cholesky_solve(means.T, chol)
+    return coef.T, -0.5 * (coef * means.T).sum(0)
+
+
+def test_incremental_lda_equals_lda_on_all_data():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 6, generator=g, dtype=torch.float64) * 2 + 1
+    y = torch.arange(300) % 5
+    f[torch.arange(300), y] += 3.0
+    lda = IncrementalLDA(6, 5)  # FSA defaults: total covariance, ridge 1, ddof 1
+    for i in range(0, 300, 37):  # uneven chunks, classes arriving in any order
+        lda.update(f[i:i + 37], y[i:i + 37])
+    w, b = lda.solve()
+    w0, b0 = _lda_direct(f, y, 5)
+    assert torch.allclose(w, w0, atol=1e-5) and torch.allclose(b, b0, atol=1e-5)
+
+
+def test_incremental_lda_matches_sklearn_with_the_same_shrinkage():
+    sk = pytest.importorskip("sklearn.discriminant_analysis")
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    y = torch.arange(200) % 4
+    f[torch.arange(200), y] += 2.0
+    lda = IncrementalLDA(5, 4, covariance="within", ridge=0.0, shrinkage=0.3, ddof=0, priors=True)
+    for i in range(0, 200, 50):
+        lda.update(f[i:i + 50], y[i:i + 50])
+    w, b = lda.solve()
+    ref = sk.LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.3).fit(f.numpy(), y.numpy())
+    assert torch.allclose(w, torch.from_numpy(ref.coef_), atol=1e-5)
+    assert torch.allclose(b, torch.from_numpy(ref.intercept_), atol=1e-5)
+
+
+# ---- every strategy on a 2-session class-incremental stream --------------------------------------------------
+
+@pytest.mark.parametrize("name", CL)
+def test_strategy_runs_a_two_session_class_incremental_stream(name):
+    torch.manual_seed(0)
+    s = strategies.create(name, make_tiny(num_classes=4))
+    res = ctta.run(_ci_stream(), s, device="cpu", progress=False)
+    evals = res.segments[res.segments["kind"] == "eval"]
+    assert len(evals) == 2 and evals["accuracy"].between(0, 1).all()
+    assert s.sessions.session == 1
+
+
+# ---- frozen parts stay bit-identical ----------------------------------------------------------------------------
+
+def test_simplecil_keeps_the_backbone_and_builds_exact_prototypes():
+    model = make_tiny(num_classes=4)
+    before = _state(model)
+    s = strategies.create("simplecil", model)
+    x, y = _data([0, 1, 2, 3])
+    for i in range(0, len(y), 10):
+        s.learn(x[i:i + 10], y[i:i + 10])
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    with torch.no_grad():
+        f = model.forward_features(x)
+    protos = torch.stack([f[y == c].mean(0) for c in range(4)])
+    assert torch.allclose(s.class_sums / s.class_counts.unsqueeze(1), protos, atol=1e-5)
+    expected = F.normalize(f, dim=1) @ F.normalize(protos, dim=1).T
+    assert torch.allclose(s.predict(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "film"])
+def test_fsa_adapts_only_in_the_first_session_then_lda_is_exact(mode):
+    torch.manual_seed(0)
+    model = make_tiny(num_classes=4)
+    source = _state(model)
+    s = strategies.create("fsa", model, mode=mode, lr=0.01)
+    if mode == "film":  # FiLM after each norm layer + the linear head
+        assert sum(p.numel() for p in s.trainable_parameters()) == 2 * (8 + 8) + 8 * 4 + 4
+    x0, y0 = _data([0, 1], seed=0)
+    x1, y1 = _data([2, 3], seed=1)
+    for i in range(0, len(y0), 8):
+        s.learn(x0[i:i + 8], y0[i:i + 8])
+    body = {k: v for k, v in _state(s.model).items() if "fc." not in k}
+    changed = [k for k, v in body.items() if k.replace(".base.", ".") in source
+               and not torch.equal(v, source[k.replace(".base.", ".")])]
+    assert changed if mode == "full" else all(".bn" not in k and not k.startswith("conv") for k in changed)
+    s.predict(x0[:4])  # ends session 0: the body is frozen, the first session's data goes into the LDA
+    frozen = _state(s.model)
+    assert s.body_frozen and len(s.first) == 0
+    for i in range(0, len(y1), 8):
+        s.learn(x1[i:i + 8], y1[i:i + 8])
+    out = s.predict(x1)
+    after = _state(s.model)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # bit-identical body (and head) after session 0
+    # the LDA equals FSA's head fitted on all training features of the frozen body at once
+    with torch.no_grad():
+        s.model.eval()
+        f = s.model.forward_features(torch.cat([x0, x1])).double()
+    w0, b0 = _lda_direct(f, torch.cat([y0, y1]), 4)
+    w, b = s.lda.solve()
+    assert torch.allclose(w, w0, atol=1e-5) and torch.allclose(b, b0, atol=1e-5)
+    with torch.no_grad():
+        expected = (s.model.forward_features(x1).double() @ w0.T + b0).float()
+    assert torch.allclose(out, expected, atol=1e-3, rtol=1e-5)
+
+
+def test_er_checkpoint_carries_the_buffer_and_reset_empties_it():
+    s = strategies.create("er", make_tiny(num_classes=4), buffer_size=10)
+    x, y = _data([0, 1])
+    s.learn(x[:8], y[:8])
+    s.learn(x[8:16], y[8:16])
+    state = s.checkpoint_state()
+    t = strategies.create("er", make_tiny(num_classes=4), buffer_size=10)
+    t.load_checkpoint_state(state)
+    assert len(t.buffer) == 10 and torch.equal(t.buffer.items()[1], s.buffer.items()[1])
+    assert t.sessions.session == 0
+    s.reset()
+    assert len(s.buffer) == 0 and s.sessions.session == -1
+
+
+@pytest.mark.slow
+def test_digits_ci_stream_with_er():
+    inc = pytest.importorskip("ctta.streams.incremental")
+    pytest.importorskip("sklearn")
+    stream = ctta.streams.create("digits_ci", init_classes=5, increment=5, train_per_class=20, test_per_class=10)
+    model = ctta.backbones.create("tiny_cnn", num_classes=10, width=8)
+    res = ctta.run(stream, strategies.create("er", model, buffer_size=50), device="cpu", progress=False)
+    assert (res.segments["kind"] == "eval").sum() == 2 and inc is not None
