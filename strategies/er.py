@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import register
-from .common.incremental import IncrementalStrategy, mask_logits, present_classes
+from .common.incremental import SGDLearner, mask_logits, present_classes
 from .common.replay import ReservoirBuffer
 
 
@@ -29,7 +29,7 @@ def ace_incoming_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 
 @register
-class ER(IncrementalStrategy):
+class ER(SGDLearner):
     """Replay: cross-entropy on [incoming batch; replayed batch], SGD on all weights, reservoir update after."""
 
     name = "er"
@@ -38,17 +38,10 @@ class ER(IncrementalStrategy):
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
                  buffer_size: int = 500, replay_batch_size: int = 32, mask_unseen: bool = True,
                  seed: int = 0) -> None:
-        super().__init__(model, seed, mask_unseen)
+        super().__init__(model, lr, momentum, weight_decay, mask_unseen, seed)
         self.replay_batch_size = int(replay_batch_size)
         self.buffer = ReservoirBuffer(int(buffer_size))
-        self.model.requires_grad_(True)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.model.eval()
         self.remember_initial_state()
-
-    def logits(self, x: Tensor) -> Tensor:
-        self.model.eval()
-        return self.model(x)
 
     def loss(self, logits: Tensor, y: Tensor, n_new: int) -> Tensor:
         return F.cross_entropy(logits, y)

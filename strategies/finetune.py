@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import register
-from .common.incremental import IncrementalStrategy
+from .common.incremental import SGDLearner
 
 
 @register
-class Finetune(IncrementalStrategy):
+class Finetune(SGDLearner):
     """Cross-entropy on ``train`` steps with SGD on all weights; ``eval`` steps predict in eval mode.
 
     Class-incremental convention (``strategies/common/incremental.py``): logits of classes not seen in any labelled
@@ -20,19 +20,12 @@ class Finetune(IncrementalStrategy):
     name = "finetune"
     step_kinds = frozenset({"train", "eval"})
     settings = frozenset({"class_incremental", "few_shot_class_incremental", "online_class_incremental",
-                          "domain_incremental", "online_cl", "tta"})
+                          "domain_incremental", "tta"})
 
     def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  mask_unseen: bool = True, seed: int = 0) -> None:
-        super().__init__(model, seed, mask_unseen)
-        self.model.requires_grad_(True)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.model.eval()
+        super().__init__(model, lr, momentum, weight_decay, mask_unseen, seed)
         self.remember_initial_state()
-
-    def logits(self, x: Tensor) -> Tensor:
-        self.model.eval()
-        return self.model(x)
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         self.model.train()

@@ -15,28 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import register
-from .common.incremental import IncrementalStrategy
+from .common.incremental import SGDLearner
 from .common.replay import GrowingStore
 
 
 @register
-class Joint(IncrementalStrategy):
+class Joint(SGDLearner):
     """Cross-entropy on uniform minibatches of all data seen so far (incoming batch included), SGD on all weights."""
 
     name = "joint"
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
                  mask_unseen: bool = True, seed: int = 0) -> None:
-        super().__init__(model, seed, mask_unseen)
+        super().__init__(model, lr, momentum, weight_decay, mask_unseen, seed)
         self.store = GrowingStore()
-        self.model.requires_grad_(True)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.model.eval()
         self.remember_initial_state()
-
-    def logits(self, x: Tensor) -> Tensor:
-        self.model.eval()
-        return self.model(x)
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():

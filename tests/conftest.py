@@ -70,3 +70,12 @@ def npz_dataset(tmp_path: Path) -> Path:
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the demo model cache inside the test session, never in the user's home."""
     monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids the oversubscription stalls of a busy shared CPU (``usefixtures`` per module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ from ctta.strategies import create
 from ctta.strategies.common.banks import SampleBank, batch_dispersion, decay, knn_indices, neighbour_attraction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_knn_on_a_hand_made_bank_picks_exactly_k_known_neighbours():

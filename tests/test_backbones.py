@@ -16,13 +16,7 @@ CIFAR_TEST = SHARED / "data" / "cifar10" / "test.npz"
 SMALL = [n for n in list_backbones() if n != "wrn28_10_cifar"]  # WRN-28-10 is big: built once, below
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids the oversubscription stalls of a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from corruption_helpers import _natural_uint8, _save, _to_numpy, _to_torch
 from ctta.errors import ConfigError, CttaError, UnknownNameError
 from ctta.streams.corruptions import (CORRUPTION_ORDER, CORRUPTIONS, corrupt, corruption_seed,
                                       generated_corruptions, quantize_8bit)
@@ -50,19 +51,6 @@ def _uint8_images(n: int = 128, size: int = 32, seed: int = 0) -> np.ndarray:
     x[:, 3, :4, 1] = x[:, 3, :4, 0]  # r == g
     x[:, 4, :4, 2] = x[:, 4, :4, 1]  # g == b
     return x
-
-
-def _to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).float() / 255.0
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).double().numpy()
-
-
-def _save(x: np.ndarray) -> np.ndarray:
-    """What the scripts store: ``np.uint8(clip(x, 0, 1) * 255)``, read back as float in [0, 1]."""
-    return np.uint8(np.clip(x, 0, 1) * 255) / 255.0
 
 
 # ---- oracles (per image HWC, float64, as the scripts; vectorised over the batch) -------------------------------
@@ -314,12 +302,6 @@ def test_not_yet_generated_corruptions_say_so(name):
 
 
 # ---- defocus_blur, pixelate, jpeg_compression, gaussian_blur, saturate: against cv2 / PIL / SciPy oracles ---------
-
-def _natural_uint8(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Smooth random uint8 images (noise blurred with sigma 1.5), closer to photos than white noise for JPEG."""
-    from scipy.ndimage import gaussian_filter
-    x = gaussian_filter(np.random.default_rng(seed).random((n, size, size, 3)), (0, 1.5, 1.5, 0))
-    return np.uint8((x - x.min()) / (x.max() - x.min()) * 255)
 
 
 def _disk(radius: float, alias_blur: float) -> np.ndarray:

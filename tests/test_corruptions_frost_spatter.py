@@ -16,6 +16,7 @@ import torch
 
 from ctta.errors import CttaError, DataNotFoundError
 from ctta.streams.corruptions import CORRUPTIONS, corrupt
+from corruption_helpers import _natural_uint8, _save, _to_numpy, _to_torch
 
 cv2 = pytest.importorskip("cv2")
 
@@ -30,24 +31,6 @@ LEVELS = {
                              (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)]},
 }
 TEXTURES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
-
-
-def _natural_uint8(n: int, size: int, seed: int = 0) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-    x = gaussian_filter(np.random.default_rng(seed).random((n, size, size, 3)), (0, 1.5, 1.5, 0))
-    return np.uint8((x - x.min()) / (x.max() - x.min()) * 255)
-
-
-def _to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).float() / 255.0
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).double().numpy()
-
-
-def _save(x: np.ndarray) -> np.ndarray:
-    return np.uint8(np.clip(x, 0, 1) * 255) / 255.0
 
 
 def _close(a: float, b: float, rel: float = 0.1, floor: float = 0.0) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from ctta.streams.corruptions import CORRUPTIONS, corrupt, quantize_8bit
 from ctta.streams.corruptions.filters import clipped_zoom, motion_blur_filter
+from corruption_helpers import _natural_uint8, _save, _to_numpy, _to_torch
 
 MOTION = {"cifar10": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
           "imagenet": [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)]}
@@ -26,26 +27,6 @@ SNOW = {"cifar10": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.
         "imagenet": [(0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
                      (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
                      (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)]}
-
-
-def _natural_uint8(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Smooth random uint8 images (noise blurred with sigma 1.5), closer to photos than white noise."""
-    from scipy.ndimage import gaussian_filter
-    x = gaussian_filter(np.random.default_rng(seed).random((n, size, size, 3)), (0, 1.5, 1.5, 0))
-    return np.uint8((x - x.min()) / (x.max() - x.min()) * 255)
-
-
-def _to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).float() / 255.0
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).double().numpy()
-
-
-def _save(x: np.ndarray) -> np.ndarray:
-    """What the scripts store: ``np.uint8(clip(x, 0, 1) * 255)``, read back as float in [0, 1]."""
-    return np.uint8(np.clip(x, 0, 1) * 255) / 255.0
 
 
 @pytest.fixture

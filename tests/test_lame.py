@@ -16,12 +16,7 @@ from ctta.strategies.lame import affinity_matrix, lame_energy, laplacian_optimiz
 from conftest import make_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(module: nn.Module) -> dict:

@@ -185,3 +185,22 @@ class IncrementalStrategy(Strategy):
         if state:
             self.sessions.load_state(state.get("sessions"))
             self.load_extra(state.get("extra"))
+
+
+class SGDLearner(IncrementalStrategy):
+    """An incremental learner that trains every weight with SGD and predicts in eval mode (finetune, joint, ER).
+
+    Subclasses add their state (buffers, stores) after ``super().__init__`` and then call
+    ``remember_initial_state()``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float, weight_decay: float, mask_unseen: bool,
+                 seed: int) -> None:
+        super().__init__(model, seed, mask_unseen)
+        self.model.requires_grad_(True)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.model.eval()
+
+    def logits(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(x)
