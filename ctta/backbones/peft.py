@@ -11,6 +11,10 @@ their identity initialisation). On top of it:
   learnable scalar scale ``s``;
 * :func:`add_kv_lora`: LoRA on the key and value row blocks of a fused ``qkv`` Linear, each with its own learnable
   scale (LAE's LoRA);
+* :func:`add_mora`: MoRA, a LoRA update split into self-activated, sparsely gated rank-1 experts with one
+  block per task (Lu et al., arXiv 2506.21035; :class:`MixtureOfRankLoRA`);
+* :func:`add_attention_peft`: LoRA / MoRA (any Linear wrapper) on the fused in-projection and the out-projection of
+  ``nn.MultiheadAttention`` (open_clip's attention), whose weights torch reads directly (:class:`AttentionProjections`);
 * :func:`add_prefix`: prefix tuning of timm attention (Li & Liang 2021): learnable key/value tokens prepended to the
   keys and values of each selected attention, with learnable scales and LAE's attention compensation.
 
@@ -86,6 +90,198 @@ class LoRALinear(PeftModule):
     def delta_weight(self) -> Tensor:
         """The low-rank update (out x in) the adapter adds to ``base.weight``."""
         return self.lora_B @ self.lora_A * self.scaling
+
+
+class MixtureOfRankLoRA(PeftModule):
+    """MoRA (Lu et al., arXiv 2506.21035): a LoRA update split into rank-1 experts ``B_i A_i``, self-activated and
+    sparse, with one block of ``r`` experts per task (earlier blocks frozen by the caller).
+
+    For an input token ``x``: raw activations ``z_i = A_i x`` over the live experts of all tasks so far; normalised
+    scores ``s_i = z_i / ||z||_2``; the ``k`` best scores (the activation budget) get softmax weights
+    ``w = softmax(s / tau)`` (over those ``k``), the rest 0; weights of scores below ``delta`` are zeroed
+    (``w_i <- 1[s_i >= delta] w_i``, the paper's adaptive sparse activation). Output
+    ``base(x) + alpha * sum_i w_i B_i z_i``. Experts whose ``alive`` flag is off (pruned) never activate. At most
+    ``k`` gates are non-zero per token. ``A`` Kaiming-uniform, ``B`` zero: a new task block starts as a no-op.
+
+    ``track``: accumulate how often each expert is active (per token) into ``act_count`` / ``act_tokens`` (tensors,
+    no host sync) for end-of-task pruning; ``keep_gates``: keep the last gates (..., R) in ``last_gates`` (tests).
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 4, k: int = 2, tau: float = 1.0, delta: float = float("-inf"),
+                 alpha: float = 1.0) -> None:
+        super().__init__()
+        for label, v in (("rank r", r), ("budget k", k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"MoRA {label} must be a positive integer, got {v!r}")
+        if not float(tau) > 0:
+            raise ConfigError(f"MoRA temperature tau must be positive, got {tau!r}")
+        self.base = base
+        self.r, self.k, self.tau, self.delta, self.alpha = r, k, float(tau), float(delta), float(alpha)
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        self.track = False
+        self.keep_gates = False
+        self.last_gates: Optional[Tensor] = None
+        self.act_count: Optional[Tensor] = None
+        self.act_tokens: Optional[Tensor] = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.A)
+
+    def alive(self, task: int) -> Tensor:
+        """Boolean (r,) flags of task ``task``'s experts (False: pruned)."""
+        return getattr(self, f"alive_{task}")
+
+    def add_task(self) -> int:
+        """Append a block of ``r`` fresh experts (A Kaiming-uniform, B zero); returns its task index."""
+        w = self.base.weight
+        a = torch.empty(self.r, self.base.in_features, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.A.append(nn.Parameter(a))
+        self.B.append(nn.Parameter(torch.zeros(self.base.out_features, self.r, device=w.device, dtype=w.dtype)))
+        t = len(self.A) - 1
+        self.register_buffer(f"alive_{t}", torch.ones(self.r, dtype=torch.bool, device=w.device))
+        self.reset_stats()
+        return t
+
+    def set_num_tasks(self, n: int) -> None:
+        """Grow (fresh blocks) or shrink to ``n`` task blocks (used to match a checkpoint before loading it)."""
+        while self.num_tasks < n:
+            self.add_task()
+        if self.num_tasks > n:
+            for t in range(n, self.num_tasks):
+                delattr(self, f"alive_{t}")
+            self.A = nn.ParameterList(list(self.A)[:n])
+            self.B = nn.ParameterList(list(self.B)[:n])
+        self.reset_stats()
+
+    def freeze_tasks(self, upto: int) -> None:
+        """Turn off gradients of the experts of tasks ``0 .. upto - 1`` (the later ones stay as they are)."""
+        for t in range(min(upto, self.num_tasks)):
+            self.A[t].requires_grad_(False)
+            self.B[t].requires_grad_(False)
+
+    def task_parameters(self, task: int) -> List[nn.Parameter]:
+        return [self.A[task], self.B[task]]
+
+    def reset_stats(self) -> None:
+        n = self.num_tasks * self.r
+        dev = self.base.weight.device
+        self.act_count = torch.zeros(n, device=dev)
+        self.act_tokens = torch.zeros((), device=dev)
+
+    @torch.no_grad()
+    def prune(self, task: int, min_freq: float) -> Tensor:
+        """Switch off the experts of ``task`` active on fewer than ``min_freq`` of the tracked tokens; returns the
+        new alive flags. Without tracked tokens nothing is pruned."""
+        alive = self.alive(task)
+        if self.act_count is None or self.act_count.numel() != self.num_tasks * self.r:
+            return alive
+        freq = self.act_count[task * self.r:(task + 1) * self.r] / self.act_tokens.clamp_min(1)
+        keep = (freq >= min_freq) | (self.act_tokens == 0)
+        alive &= keep
+        return alive
+
+    def gates(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(raw activations z = A x, sparse gates w), both (..., R) over all task blocks (R = tasks x r)."""
+        a = torch.cat(list(self.A), dim=0)
+        z = x @ a.t()
+        s = z / z.square().sum(-1, keepdim=True).add(1e-12).sqrt()
+        alive = torch.cat([self.alive(t) for t in range(self.num_tasks)])
+        s = s.masked_fill(~alive, float("-inf"))
+        k = min(self.k, s.shape[-1])
+        top, idx = s.topk(k, dim=-1)
+        live = torch.isfinite(top)  # fewer than k live experts: the pruned ones picked get no weight
+        w_top = torch.softmax(top.masked_fill(~live, -1e4) / self.tau, dim=-1)
+        w_top = w_top * ((top >= self.delta) & live).to(w_top.dtype)
+        w = torch.zeros_like(s, dtype=w_top.dtype).scatter(-1, idx, w_top)
+        return z, w
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.num_tasks == 0:
+            return out
+        z, w = self.gates(x)
+        if self.keep_gates:
+            self.last_gates = w.detach()
+        if self.track and self.act_count is not None and self.act_count.numel() == w.shape[-1]:
+            with torch.no_grad():
+                flat = (w.detach() > 0).reshape(-1, w.shape[-1])
+                self.act_count += flat.sum(0).to(self.act_count.dtype)
+                self.act_tokens += flat.shape[0]
+        b = torch.cat(list(self.B), dim=1)
+        return out + self.alpha * (w * z) @ b.t()
+
+
+class _InProjection(nn.Module):
+    """The fused q/k/v in-projection of an ``nn.MultiheadAttention`` seen as a Linear (``weight``, ``in_features``,
+    ``out_features``, ``forward``), without registering its parameters again (they stay the attention's)."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self._mha = [attention]  # a list: not a submodule, so no second path to the frozen weights
+
+    @property
+    def weight(self) -> Tensor:
+        return self._mha[0].in_proj_weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self._mha[0].in_proj_bias
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class AttentionProjections(PeftModule):
+    """Self-attention through an ``nn.MultiheadAttention``'s weights with a PEFT wrapper on its fused in-projection
+    (``qkv``) and its ``out_proj`` (``out``), each built by ``factory`` (e.g. LoRA or MoRA on a Linear); torch's
+    attention reads those weights directly, so wrapping the Linears alone would not change it.
+
+    Supports what open_clip's towers use: self-attention (query = key = value), optional additive or boolean
+    ``attn_mask``, no key padding mask, no bias_k / zero-attention, ``need_weights`` False (returns ``(out, None)``).
+    """
+
+    def __init__(self, base: nn.MultiheadAttention, factory: Callable[[nn.Module], nn.Module]) -> None:
+        super().__init__()
+        if not base._qkv_same_embed_dim or base.bias_k is not None or base.add_zero_attn:
+            raise UnsupportedError("AttentionProjections supports a plain nn.MultiheadAttention (fused qkv, no "
+                                   "bias_k/bias_v, no add_zero_attn)")
+        self.base = base
+        self.qkv = factory(_InProjection(base))
+        self.out = factory(base.out_proj)
+
+    def peft_parameters(self) -> List[nn.Parameter]:
+        return [p for m in (self.qkv, self.out) if isinstance(m, PeftModule) for p in m.peft_parameters()]
+
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, None]:
+        a = self.base
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise UnsupportedError("AttentionProjections supports self-attention only (query, key and value the same)")
+        if key_padding_mask is not None or need_weights:
+            raise UnsupportedError("AttentionProjections supports neither key_padding_mask nor need_weights=True")
+        x = query if a.batch_first else query.transpose(0, 1)  # N x L x D
+        n, length, dim = x.shape
+        heads = a.num_heads
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(n, length, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                       dropout_p=a.dropout if self.training else 0.0,
+                                                       is_causal=is_causal and attn_mask is None)
+        out = self.out(o.transpose(1, 2).reshape(n, length, dim))
+        return (out if a.batch_first else out.transpose(0, 1)), None
 
 
 class Scaler(nn.Module):
@@ -296,6 +492,43 @@ def add_lora(model: nn.Module, r: int = 4, alpha: float = 1.0, select: Union[Non
     return [model.get_submodule(n) for n in names]
 
 
+def _not_mha_out_proj(model: nn.Module) -> Selector:
+    """False for the ``out_proj`` of an ``nn.MultiheadAttention`` (it reads ``out_proj.weight`` directly, so a
+    wrapper there would break it)."""
+    mha = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return lambda name, m: name.rpartition(".")[0] not in mha
+
+
+def add_mora(model: nn.Module, r: int = 4, k: int = 2, tau: float = 1.0, delta: float = float("-inf"),
+             alpha: float = 1.0, select: Union[None, str, Sequence[str], Selector] = None,
+             tasks: int = 1, attention: bool = False) -> List[MixtureOfRankLoRA]:
+    """Wrap Linear layers (``select``: name patterns or predicate; the out-projection of ``nn.MultiheadAttention``
+    is never wrapped as a Linear) in :class:`MixtureOfRankLoRA` with ``tasks`` blocks of ``r`` rank-1 experts each;
+    with ``attention``, also the in- and out-projections of every ``nn.MultiheadAttention`` (open_clip's towers)
+    through :class:`AttentionProjections`. Returns every MoRA module."""
+    def make(m: nn.Module) -> MixtureOfRankLoRA:
+        return MixtureOfRankLoRA(m, r, k, tau, delta, alpha)
+
+    wrappers = add_attention_peft(model, make) if attention else []
+    sel = _selector(select, (nn.Linear,))
+    ok = _not_mha_out_proj(model)
+    names = inject(model, lambda n, m: sel(n, m) and ok(n, m), make)
+    mods = [m for w in wrappers for m in (w.qkv, w.out)] + [model.get_submodule(n) for n in names]
+    if not mods:
+        raise UnsupportedError(f"add_mora found no nn.Linear matching {select!r}"
+                               f"{' nor nn.MultiheadAttention' if attention else ''} in {type(model).__name__}")
+    for m in mods:
+        m.set_num_tasks(tasks)
+    return mods
+
+def add_attention_peft(model: nn.Module, factory: Callable[[nn.Module], nn.Module],
+                       select: Union[None, str, Sequence[str], Selector] = None) -> List[AttentionProjections]:
+    """Wrap each ``nn.MultiheadAttention`` (``select`` narrows) in :class:`AttentionProjections`, whose in- and
+    out-projections get ``factory`` (e.g. ``lambda m: LoRALinear(m, 4)``); returns the wrappers (maybe none)."""
+    names = inject(model, _selector(select, (nn.MultiheadAttention,)), lambda m: AttentionProjections(m, factory))
+    return [model.get_submodule(n) for n in names]
+
+
 def add_adapter(model: nn.Module, select: Union[str, Sequence[str], Selector], dim: int,
                 bottleneck: int = 16, mode: str = "after", learnable_scale: bool = False) -> List[Adapter]:
     """Put a residual bottleneck :class:`Adapter` after (``mode="after"``) or beside (``"parallel"``) each module
@@ -394,7 +627,7 @@ def head_parameter_names(model: nn.Module) -> List[str]:
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
-__all__ = ["Adapter", "FiLM", "KVLoRA", "LoRALinear", "NORM_TYPES", "PeftModule", "PrefixAttention", "Scaler",
-           "add_adapter", "add_film", "add_kv_lora", "add_lora", "add_prefix", "count_trainable", "freeze",
-           "head_parameter_names", "inject", "peft_modules", "peft_parameters", "trainable_parameters",
-           "vit_block_names"]
+__all__ = ["Adapter", "AttentionProjections", "FiLM", "KVLoRA", "LoRALinear", "MixtureOfRankLoRA", "NORM_TYPES",
+           "PeftModule", "PrefixAttention", "Scaler", "add_adapter", "add_attention_peft", "add_film", "add_kv_lora",
+           "add_lora", "add_mora", "add_prefix", "count_trainable", "freeze", "head_parameter_names", "inject",
+           "peft_modules", "peft_parameters", "trainable_parameters", "vit_block_names"]
