@@ -66,7 +66,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--severity", type=_severity)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--num-samples", type=_positive_int, help="samples per domain (quick runs)")
-    p.add_argument("--order", help="continual | random | reset")
+    p.add_argument("--order", help="continual | random | reset | gradual | gradual_cotta | mixed | long_term | recurring")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=_seeds, help="seed, or several comma-separated (1,2,3): every strategy runs "
                    "for every seed, the comparison shows mean +- std")
