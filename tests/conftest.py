@@ -79,3 +79,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def stripe_data(classes, n_per: int = 8, seed: int = 0, size: int = 32):
+    """Separable tiny images for continual-learning tests: class c brightens channel c % 3 in a class band."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(classes).repeat_interleave(n_per)
+    x = torch.rand(len(y), 3, size, size, generator=g) * 0.3
+    half = size // 2
+    for i, c in enumerate(y.tolist()):
+        x[i, c % 3, half * (c // 2):half * (c // 2) + half] += 0.7
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+def two_session_stream(data, n_eval: int = 4, batch: int = 8):
+    """Classes {0, 1} then {2, 3} as train sessions, each followed by an eval segment on every class seen so far."""
+    from ctta.streams.base import Stream, tensor_segment
+
+    segs, seen = [], []
+    for k, cls in enumerate([[0, 1], [2, 3]]):
+        x, y = data(cls, seed=k)
+        segs.append(tensor_segment(f"session-{k}", "train", x, y, batch, role="session", meta={"classes": cls}))
+        seen += cls
+        xt, yt = data(seen, n_per=n_eval, seed=10 + k)
+        segs.append(tensor_segment(f"eval@session-{k}", "eval", xt, yt, 32, role="probe",
+                                   meta={"after": f"session-{k}"}))
+    return Stream("tiny_ci", segs, num_classes=4, setting="class_incremental", spec={"name": "tiny_ci"})

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import ctta
-from conftest import make_tiny
+from conftest import make_tiny, two_session_stream
 from ctta import strategies
-from ctta.streams.base import Stream, tensor_segment
 from ctta.strategies.common.lda import IncrementalLDA
 from ctta.strategies.common.replay import ReservoirBuffer
 from ctta.strategies.er import ace_incoming_loss
@@ -31,16 +30,7 @@ def _data(classes, n_per=12, seed=0):
 
 
 def _ci_stream(batch=8):
-    segs = []
-    seen = []
-    for k, cls in enumerate([[0, 1], [2, 3]]):
-        x, y = _data(cls, seed=k)
-        segs.append(tensor_segment(f"session-{k}", "train", x, y, batch, role="session", meta={"classes": cls}))
-        seen += cls
-        xt, yt = _data(seen, n_per=6, seed=10 + k)
-        segs.append(tensor_segment(f"eval@session-{k}", "eval", xt, yt, 32, role="probe",
-                                   meta={"after": f"session-{k}"}))
-    return Stream("tiny_ci", segs, num_classes=4, setting="class_incremental", spec={"name": "tiny_ci"})
+    return two_session_stream(_data, n_eval=6, batch=batch)
 
 
 def _state(m):

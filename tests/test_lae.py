@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import ctta
+from conftest import stripe_data, two_session_stream
 from ctta import strategies
 from ctta.backbones import create
 from ctta.backbones.peft import KVLoRA, PrefixAttention, add_prefix, count_trainable, freeze
 from ctta.errors import ConfigError
-from ctta.streams.base import Stream, tensor_segment
 
 PET = ["adapter", "lora", "prefix"]
 
@@ -25,25 +25,11 @@ def _vit(num_classes: int = 4):
 
 
 def _data(classes, n_per=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor(classes).repeat_interleave(n_per)
-    x = torch.rand(len(y), 3, 16, 16, generator=g) * 0.3
-    for i, c in enumerate(y.tolist()):
-        x[i, c % 3, 8 * (c // 2):8 * (c // 2) + 8] += 0.7
-    perm = torch.randperm(len(y), generator=g)
-    return x[perm], y[perm]
+    return stripe_data(classes, n_per, seed, size=16)
 
 
 def _ci_stream(batch=8):
-    segs, seen = [], []
-    for k, cls in enumerate([[0, 1], [2, 3]]):
-        x, y = _data(cls, seed=k)
-        segs.append(tensor_segment(f"session-{k}", "train", x, y, batch, role="session", meta={"classes": cls}))
-        seen += cls
-        xt, yt = _data(seen, n_per=4, seed=10 + k)
-        segs.append(tensor_segment(f"eval@session-{k}", "eval", xt, yt, 32, role="probe",
-                                   meta={"after": f"session-{k}"}))
-    return Stream("tiny_ci", segs, num_classes=4, setting="class_incremental", spec={"name": "tiny_ci"})
+    return two_session_stream(_data, n_eval=4, batch=batch)
 
 
 def _backbone_state(s):

@@ -10,12 +10,12 @@ from torch import nn
 pytest.importorskip("open_clip")
 
 import ctta  # noqa: E402
+from conftest import stripe_data, two_session_stream  # noqa: E402
 from ctta import strategies  # noqa: E402
 from ctta.backbones import create  # noqa: E402
 from ctta.backbones.peft import (AttentionProjections, LoRALinear, MixtureOfRankLoRA, add_attention_peft,  # noqa: E402
                                  add_mora, count_trainable, freeze)
 from ctta.errors import ConfigError, UnsupportedError  # noqa: E402
-from ctta.streams.base import Stream, tensor_segment  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,25 +28,11 @@ def _clip():
 
 
 def _data(classes, n_per=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor(classes).repeat_interleave(n_per)
-    x = torch.rand(len(y), 3, 32, 32, generator=g) * 0.3
-    for i, c in enumerate(y.tolist()):
-        x[i, c % 3, 16 * (c // 2):16 * (c // 2) + 16] += 0.7
-    perm = torch.randperm(len(y), generator=g)
-    return x[perm], y[perm]
+    return stripe_data(classes, n_per, seed, size=32)
 
 
 def _ci_stream(batch=8):
-    segs, seen = [], []
-    for k, cls in enumerate([[0, 1], [2, 3]]):
-        x, y = _data(cls, seed=k)
-        segs.append(tensor_segment(f"session-{k}", "train", x, y, batch, role="session", meta={"classes": cls}))
-        seen += cls
-        xt, yt = _data(seen, n_per=4, seed=10 + k)
-        segs.append(tensor_segment(f"eval@session-{k}", "eval", xt, yt, 32, role="probe",
-                                   meta={"after": f"session-{k}"}))
-    return Stream("tiny_ci", segs, num_classes=4, setting="class_incremental", spec={"name": "tiny_ci"})
+    return two_session_stream(_data, n_eval=4, batch=batch)
 
 
 def _learn_session(s, x, y, batch=8):
