@@ -78,14 +78,20 @@ class CoTTA(Strategy):
             pseudo = teacher_pseudo_label(self.teacher, self.anchor, self.augment, x, self.ap, self.views,
                                           self.views_per_chunk)
             with torch.enable_grad():
-                student = self.model(x)
-                loss = soft_cross_entropy(student, pseudo).mean()
-                loss.backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            ema_update_(self.teacher, self.model, self.mt)
+                self.student_step(x, pseudo)
+            self.teacher_update()
             stochastic_restore_(self.model, self.source_state, self.rst, self.generator(x.device))
         return pseudo
+
+    def student_step(self, x: Tensor, pseudo: Tensor) -> None:
+        """Step 3: one optimizer step of the student towards the teacher's soft prediction."""
+        soft_cross_entropy(self.model(x), pseudo).mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def teacher_update(self) -> None:
+        """Step 4: teacher <- EMA of the student."""
+        ema_update_(self.teacher, self.model, self.mt)
 
     def _apply(self, fn, recurse=True):  # keep the source copy on the model's device
         out = super()._apply(fn, recurse)

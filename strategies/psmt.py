@@ -35,34 +35,30 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from ctta.errors import ConfigError
 
-from .base import Strategy, register
+from .base import register
 from .common import (
     DiagonalFisher,
     fisher_penalty,
-    frozen_copy,
-    make_augment,
     masked_ema_update_,
     masks_for,
     soft_cross_entropy,
-    stochastic_restore_,
-    teacher_pseudo_label,
     top_fraction_masks,
-    use_batch_statistics,
 )
+from .cotta import CoTTA
 
 
 @register
-class PSMT(Strategy):
-    """Mean teacher with Fisher-weighted selective distillation (student) and a Fisher-masked EMA (teacher)."""
+class PSMT(CoTTA):
+    """Mean teacher with Fisher-weighted selective distillation (student) and a Fisher-masked EMA (teacher).
+
+    CoTTA's loop (pseudo-label, student step, teacher update, optional restore) with two steps made selective.
+    """
 
     name = "psmt"
-    step_kinds = frozenset({"adapt", "eval"})
-    settings = frozenset({"tta", "domain_incremental", "sfda"})
     plugin_refusal = "it keeps its own copies of the model (teacher), which a wrapped model would not reach"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0,
@@ -70,31 +66,19 @@ class PSMT(Strategy):
                  fisher_weight: float = 500.0, preserve_ratio: float = 0.03, fisher_decay: float = 0.0,
                  anchor: str = "teacher", rst: float = 0.0, soft_augment: bool = False,
                  hflip_p: Optional[float] = None, views_per_chunk: Union[int, str] = "auto", seed: int = 0) -> None:
-        super().__init__(model, seed)
         if anchor not in ("teacher", "source"):
             raise ConfigError(f"psmt anchor must be 'teacher' or 'source', got {anchor!r}")
         if not 0.0 <= preserve_ratio <= 1.0:
             raise ConfigError(f"psmt preserve_ratio must be in [0, 1], got {preserve_ratio}")
-        self.steps, self.mt, self.ap, self.views, self.rst = steps, mt, ap, views, rst
+        super().__init__(model, lr=lr, beta=beta, weight_decay=weight_decay, steps=steps, mt=mt, rst=rst, ap=ap,
+                         views=views, soft_augment=soft_augment, hflip_p=hflip_p, views_per_chunk=views_per_chunk,
+                         seed=seed)
         self.fisher_weight, self.preserve_ratio, self.anchor_kind = fisher_weight, preserve_ratio, anchor
-        self.views_per_chunk = views_per_chunk
-        self.model.train().requires_grad_(True)
-        use_batch_statistics(self.model)
-        self.source_state: Dict[str, Tensor] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.teacher = frozen_copy(self.model)
-        self.anchor = frozen_copy(self.model)
-        self.augment = make_augment(soft_augment, hflip_p, seed)
         named = [(n, p) for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "bias")]
         self.fisher = DiagonalFisher(named, decay=fisher_decay)
-        self.optimizer = torch.optim.Adam([p for _, p in named], lr=lr, betas=(beta, 0.999),
-                                          weight_decay=weight_decay)
         # a test may pin the update mask (1 = EMA step); None = from the Fisher information each step
         self.fixed_update_mask: Optional[Dict[str, Tensor]] = None
         self.remember_initial_state()
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        return self.teacher(x)
 
     def _anchor_params(self) -> Dict[str, Tensor]:
         if self.anchor_kind == "source":
@@ -108,34 +92,29 @@ class PSMT(Strategy):
         preserve = top_fraction_masks(self.fisher.values, self.preserve_ratio)
         return {n: ~m for n, m in preserve.items()}
 
-    def adapt(self, x: Tensor) -> Tensor:
-        for _ in range(self.steps):
-            pseudo = teacher_pseudo_label(self.teacher, self.anchor, self.augment, x, self.ap, self.views,
-                                          self.views_per_chunk)
-            with torch.enable_grad():
-                student = self.model(x)
-                soft_cross_entropy(student, pseudo).mean().backward()
-                self.fisher.update_()  # F from the consistency loss's squared gradients
-                if self.fisher_weight > 0:
-                    params = dict(self.model.named_parameters())
-                    (self.fisher_weight * fisher_penalty(params, self._anchor_params(), self.fisher.values)).backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            masked_ema_update_(self.teacher, self.model, self.mt, masks_for(self.teacher, self.update_mask()))
-            stochastic_restore_(self.model, self.source_state, self.rst, self.generator(x.device))
-        return pseudo
+    def student_step(self, x: Tensor, pseudo: Tensor) -> None:
+        """Steps 2-3: consistency loss (its squared gradients give F), then the Fisher-weighted penalty, one step."""
+        soft_cross_entropy(self.model(x), pseudo).mean().backward()
+        self.fisher.update_()
+        if self.fisher_weight > 0:
+            params = dict(self.model.named_parameters())
+            (self.fisher_weight * fisher_penalty(params, self._anchor_params(), self.fisher.values)).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def _apply(self, fn, recurse=True):  # keep the source copy and the Fisher values on the model's device
+    def teacher_update(self) -> None:
+        """Step 4: EMA only where the Fisher information is not in the top ``preserve_ratio``."""
+        masked_ema_update_(self.teacher, self.model, self.mt, masks_for(self.teacher, self.update_mask()))
+
+    def _apply(self, fn, recurse=True):  # also keep the Fisher values on the model's device
         out = super()._apply(fn, recurse)
-        self.source_state = {k: fn(v) for k, v in self.source_state.items()}
         self.fisher.values = {k: fn(v) for k, v in self.fisher.values.items()}
         return out
 
     def extra_state(self) -> Any:
-        return {"augment": self.augment.get_state(), "fisher": self.fisher.state_dict()}
+        return {**super().extra_state(), "fisher": self.fisher.state_dict()}
 
     def load_extra_state(self, state: Any) -> None:
-        if state:
-            self.augment.set_state(state["augment"])
-            if "fisher" in state:
-                self.fisher.load_state_dict(state["fisher"])
+        super().load_extra_state(state)
+        if state and "fisher" in state:
+            self.fisher.load_state_dict(state["fisher"])

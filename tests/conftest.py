@@ -106,3 +106,15 @@ def two_session_stream(data, n_eval: int = 4, batch: int = 8):
         segs.append(tensor_segment(f"eval@session-{k}", "eval", xt, yt, 32, role="probe",
                                    meta={"after": f"session-{k}"}))
     return Stream("tiny_ci", segs, num_classes=4, setting="class_incremental", spec={"name": "tiny_ci"})
+
+
+def quadrant_data(classes, n_per: int = 12, seed: int = 0):
+    """Separable 8x8 images: class c brightens channel c % 3 in a class-specific quadrant."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(classes).repeat_interleave(n_per)
+    x = torch.rand(len(y), 3, 8, 8, generator=g) * 0.3
+    for i, c in enumerate(y.tolist()):
+        r, q = divmod(c, 2)
+        x[i, c % 3, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.7
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]

@@ -11,7 +11,7 @@ from torch import nn
 
 import ctta
 from ctta.engine import run as engine_run
-from conftest import make_tiny
+from conftest import make_tiny, quadrant_data
 from ctta import strategies
 from ctta.errors import UnsupportedError
 from ctta.streams.base import Stream, tensor_segment
@@ -182,14 +182,7 @@ def test_buffer_keeps_task_ids_and_old_states_load():
 
 
 def _data(classes, n_per=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor(classes).repeat_interleave(n_per)
-    x = torch.rand(len(y), 3, 8, 8, generator=g) * 0.3
-    for i, c in enumerate(y.tolist()):
-        r, q = divmod(c, 2)
-        x[i, c % 3, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.7
-    perm = torch.randperm(len(y), generator=g)
-    return x[perm], y[perm]
+    return quadrant_data(classes, n_per, seed)
 
 
 def _online_stream():

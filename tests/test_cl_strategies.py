@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import ctta
-from conftest import make_tiny, two_session_stream
+from conftest import make_tiny, quadrant_data, two_session_stream
 from ctta import strategies
 from ctta.strategies.common.lda import IncrementalLDA
 from ctta.strategies.common.replay import ReservoirBuffer
@@ -18,15 +18,7 @@ CL = ["finetune", "er", "er_ace", "joint", "simplecil", "fsa"]
 
 
 def _data(classes, n_per=12, seed=0):
-    """Separable tiny images: class c brightens channel c % 3 in a class-specific quadrant."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor(classes).repeat_interleave(n_per)
-    x = torch.rand(len(y), 3, 8, 8, generator=g) * 0.3
-    for i, c in enumerate(y.tolist()):
-        r, q = divmod(c, 2)
-        x[i, c % 3, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.7
-    perm = torch.randperm(len(y), generator=g)
-    return x[perm], y[perm]
+    return quadrant_data(classes, n_per, seed)
 
 
 def _ci_stream(batch=8):

@@ -316,20 +316,6 @@ def test_spatter_imagenet_matches_imagecorruptions(ic):
 RANDOM = ("speckle_noise", "frost", "spatter")
 
 
-@pytest.mark.parametrize("name", RANDOM)
-def test_random_corruptions_do_not_depend_on_the_batch(name):
-    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    whole = corrupt(x, name, 5, seed=7)
-    for i in (0, 4):
-        alone = corrupt(x[i:i + 1], name, 5, seed=7)
-        assert torch.equal(alone[0], whole[i]), name
-    reordered = corrupt(x.flip(0), name, 5, seed=7)
-    assert torch.equal(reordered.flip(0), whole)
-    keyed = corrupt(x, name, 5, seed=7, keys=torch.arange(100, 106))
-    assert torch.equal(corrupt(x[2:3], name, 5, seed=7, keys=torch.tensor([102]))[0], keyed[2])
-    assert not torch.equal(corrupt(x, name, 5, seed=8), whole)
-
-
 @pytest.mark.parametrize("params", ["cifar10", "imagenet"])
 @pytest.mark.parametrize("name", RANDOM)
 def test_seeded_keep_dtype_and_any_size(name, params):

@@ -287,20 +287,6 @@ def test_motion_blur_keeps_constant_images():
         assert torch.allclose(corrupt(x, "motion_blur", 5, params=params), x, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["motion_blur", "snow"])
-def test_random_corruptions_do_not_depend_on_the_batch(name):
-    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    whole = corrupt(x, name, 5, seed=7)
-    for i in (0, 4):
-        alone = corrupt(x[i:i + 1], name, 5, seed=7)
-        assert torch.equal(alone[0], whole[i]), name
-    reordered = corrupt(x.flip(0), name, 5, seed=7)
-    assert torch.equal(reordered.flip(0), whole)
-    keyed = corrupt(x, name, 5, seed=7, keys=torch.arange(100, 106))
-    assert torch.equal(corrupt(x[2:3], name, 5, seed=7, keys=torch.tensor([102]))[0], keyed[2])
-    assert not torch.equal(corrupt(x, name, 5, seed=8), whole)
-
-
 def test_global_rng_is_neither_used_nor_changed():
     state, tstate = np.random.get_state(), torch.get_rng_state()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .classifier import LinearHeadNet
 from .spec import IMAGENET_MEAN, IMAGENET_STD, register_backbone
 
 
@@ -43,7 +44,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(LinearHeadNet):
     """A 6n+2-layer ResNet for 32x32 inputs: 16/32/64 channels in three stages of ``n`` blocks each."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
@@ -67,21 +68,12 @@ class CifarResNet(nn.Module):
         layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.linear.in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled last-stage features, N x 64."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_backbone("resnet20_cifar", IMAGENET_MEAN, IMAGENET_STD)

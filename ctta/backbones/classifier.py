@@ -16,6 +16,29 @@ from torch import nn
 from ..errors import UnsupportedError
 
 
+class LinearHeadNet(nn.Module):
+    """A network whose logits are one linear layer (attribute ``head_attr``) over ``forward_features``' output.
+
+    Subclasses define ``forward_features``; the feature API the strategies use (``feature_dim``, ``forward_head``,
+    ``forward``) follows from it once, here.
+    """
+
+    head_attr = "linear"
+
+    @property
+    def feature_dim(self) -> int:
+        return getattr(self, self.head_attr).in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.head_attr)(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; mean/std are non-persistent buffers, so they never enter a state dict."""
 

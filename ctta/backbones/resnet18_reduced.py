@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .classifier import LinearHeadNet
 from .spec import register_backbone
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -40,7 +41,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ReducedResNet18(nn.Module):
+class ReducedResNet18(LinearHeadNet):
     """ResNet-18 with ``nf`` base filters (reduced: nf = 20, about 1.1M parameters at 10 classes)."""
 
     def __init__(self, num_classes: int = 10, nf: int = 20, in_chans: int = 3) -> None:
@@ -64,21 +65,12 @@ class ReducedResNet18(nn.Module):
             self._in = planes
         return nn.Sequential(*layers)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.linear.in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled last-stage features, N x 8nf."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_backbone("resnet18_reduced", CIFAR10_MEAN, CIFAR10_STD)

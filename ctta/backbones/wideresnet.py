@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .classifier import LinearHeadNet
 from .spec import register_backbone
 
 
@@ -51,8 +52,10 @@ class WideStage(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(LinearHeadNet):
     """WRN-depth-k for 32x32 inputs: 16 -> 16k/32k/64k channels, BN-ReLU, global pooling and a linear head."""
+
+    head_attr = "fc"
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -73,21 +76,12 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.fc.in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """BN-ReLU'd, globally pooled last-stage features, N x 64k."""
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = self.relu(self.bn1(out))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_backbone("wrn28_10_cifar", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
