@@ -112,7 +112,10 @@ class PSMT(CoTTA):
         return out
 
     def extra_state(self) -> Any:
-        return {**super().extra_state(), "fisher": self.fisher.state_dict()}
+        state = super().extra_state()
+        if hasattr(self, "fisher"):  # CoTTA's __init__ records a first initial state before the Fisher exists
+            state["fisher"] = self.fisher.state_dict()
+        return state
 
     def load_extra_state(self, state: Any) -> None:
         super().load_extra_state(state)
