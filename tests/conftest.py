@@ -118,3 +118,24 @@ def quadrant_data(classes, n_per: int = 12, seed: int = 0):
         x[i, c % 3, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.7
     perm = torch.randperm(len(y), generator=g)
     return x[perm], y[perm]
+
+
+@pytest.fixture
+def ic(monkeypatch):
+    """The installed ``imagecorruptions.corruptions``: its import needs ``pkg_resources`` (stubbed here when absent),
+    and its frost texture paths are pointed at the package data; skipped where the package does not import."""
+    import os
+    import sys
+    import types
+
+    if "pkg_resources" not in sys.modules:
+        stub = types.ModuleType("pkg_resources")
+        stub.resource_filename = lambda *args: ""
+        monkeypatch.setitem(sys.modules, "pkg_resources", stub)
+    try:
+        from imagecorruptions import corruptions
+    except Exception as err:  # pragma: no cover - depends on the environment
+        pytest.skip(f"imagecorruptions does not import: {err}")
+    pkg = os.path.dirname(corruptions.__file__)
+    monkeypatch.setattr(corruptions, "resource_filename", lambda _mod, rel: os.path.join(pkg, rel))
+    return corruptions

@@ -6,8 +6,6 @@ statistics of (output - input); spatter's OpenCV steps are compared with cv2 one
 """
 from __future__ import annotations
 
-import os
-import sys
 import types
 
 import numpy as np
@@ -42,20 +40,6 @@ def _texture_path(name: str) -> str:
     return str(texture_dir() / name)
 
 
-@pytest.fixture
-def ic(monkeypatch):
-    """imagecorruptions.corruptions with a ``pkg_resources`` stub and its frost paths pointing at the package data."""
-    if "pkg_resources" not in sys.modules:
-        stub = types.ModuleType("pkg_resources")
-        stub.resource_filename = lambda *args: ""
-        monkeypatch.setitem(sys.modules, "pkg_resources", stub)
-    try:
-        from imagecorruptions import corruptions
-    except Exception as err:  # pragma: no cover - depends on the environment
-        pytest.skip(f"imagecorruptions does not import: {err}")
-    pkg = os.path.dirname(corruptions.__file__)
-    monkeypatch.setattr(corruptions, "resource_filename", lambda _mod, rel: os.path.join(pkg, rel))
-    return corruptions
 
 
 # ---- constants -----------------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ so whole pipelines compare deterministically; the real draws are compared by the
 """
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -29,18 +27,6 @@ SNOW = {"cifar10": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.
                      (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)]}
 
 
-@pytest.fixture
-def ic(monkeypatch):
-    """The installed ``imagecorruptions.corruptions`` (its import needs ``pkg_resources``, stubbed here)."""
-    if "pkg_resources" not in sys.modules:
-        stub = types.ModuleType("pkg_resources")
-        stub.resource_filename = lambda *args: ""
-        monkeypatch.setitem(sys.modules, "pkg_resources", stub)
-    try:
-        from imagecorruptions import corruptions
-    except Exception as err:  # pragma: no cover - depends on the environment
-        pytest.skip(f"imagecorruptions does not import: {err}")
-    return corruptions
 
 
 class _FixedRng:
