@@ -205,3 +205,67 @@ def test_digits_ci_stream_with_er():
     model = ctta.backbones.create("tiny_cnn", num_classes=10, width=8)
     res = ctta.run(stream, strategies.create("er", model, buffer_size=50), device="cpu", progress=False)
     assert (res.segments["kind"] == "eval").sum() == 2 and inc is not None
+
+
+# ---- joint: retrain from scratch on the union at each session end ---------------------------------------------------
+
+def test_joint_retrain_restarts_from_initial_weights_and_visits_every_stored_sample_once():
+    torch.manual_seed(0)
+    s = strategies.create("joint", make_tiny(num_classes=4), lr=0.05)
+    initial = _state(s.model)
+    calls = []
+    step = s._step
+
+    def spy(x, y):
+        calls.append((_state(s.model) if not calls else None, y.clone()))
+        step(x, y)
+
+    s._step = spy
+    for classes in ([0, 1], [2, 3]):
+        x, y = _data(classes)
+        for i in range(0, len(y), 8):
+            s.learn(x[i:i + 8], y[i:i + 8])
+            assert not calls  # retrain mode: nothing trains while the session's batches arrive
+        s.close_session()
+        first = calls[0][0]
+        assert all(torch.equal(first[k], initial[k]) for k in initial)  # from scratch, not from the last model
+        seen = torch.cat([c[1] for c in calls])
+        assert len(seen) == len(s.store) and all(len(c[1]) <= 8 for c in calls)
+        assert sorted(seen.tolist()) == sorted(s.store.items()[1].tolist())  # every stored sample exactly once
+        calls.clear()
+    assert set(s.store.items()[1].tolist()) == {0, 1, 2, 3}
+
+
+def test_joint_streaming_steps_on_each_batch_and_bad_mode_is_refused():
+    s = strategies.create("joint", make_tiny(num_classes=4), mode="streaming")
+    before = _state(s.model)
+    x, y = _data([0, 1])
+    s.learn(x[:8], y[:8])
+    assert any(not torch.equal(before[k], v) for k, v in _state(s.model).items())
+    with pytest.raises(ctta.errors.ConfigError, match="mode"):
+        strategies.create("joint", make_tiny(num_classes=4), mode="offline")
+
+
+# ---- FSA on the EfficientNet-B0 (timm, random weights) -------------------------------------------------------
+
+def test_fsa_film_on_efficientnet_b0_trains_norm_films_and_head_then_freezes():
+    torch.manual_seed(0)
+    model = ctta.backbones.create("efficientnet_b0", num_classes=4)
+    norm_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    s = strategies.create("fsa", model, mode="film", lr=0.01)
+    head = 1280 * 4 + 4
+    assert sum(p.numel() for p in s.trainable_parameters()) == 2 * norm_channels + head
+    x0, y0 = _data([0, 1], n_per=4)
+    x1, y1 = _data([2, 3], n_per=4, seed=1)
+    up = lambda x: F.interpolate(x, size=32)  # noqa: E731  (EfficientNet needs more than 8 x 8 pixels)
+    before = _state(s.model)
+    s.learn(up(x0), y0)
+    changed = {k for k, v in _state(s.model).items() if k in before and not torch.equal(v, before[k])}
+    assert changed and all("film" in k or "scale" in k or "shift" in k or "classifier" in k
+                           or "running" in k or "num_batches" in k for k in changed)
+    s.predict(up(x0[:2]))  # ends session 0
+    frozen = _state(s.model)
+    s.learn(up(x1), y1)
+    out = s.predict(up(x1))
+    assert all(torch.equal(frozen[k], v) for k, v in _state(s.model).items())
+    assert out.shape == (8, 4) and set(out.argmax(1).tolist()) <= {0, 1, 2, 3}
