@@ -128,3 +128,50 @@ def test_vilaad_two_epoch_sfda_run_is_deterministic():
     assert results[0].steps.equals(results[1].steps)
     with pytest.raises(ConfigError, match="needs a ViL teacher"):
         create("vilaad", make_tiny(num_classes=10), teacher=None)
+
+
+def _save_open_clip(path, clip_model, config):
+    torch.save({"format": "ctta-open-clip", "config": config, "state_dict": clip_model.state_dict()}, path)
+
+
+def test_clip_backbone_loads_a_local_open_clip_checkpoint_with_its_config(tmp_path):
+    from ctta.backbones.clip import TINY_CONFIG
+
+    torch.manual_seed(3)
+    clip_model, tokenizer = build_open_clip("tiny")
+    path = tmp_path / "inhouse.pt"
+    _save_open_clip(path, clip_model, TINY_CONFIG)
+    reference = CLIPZeroShot(copy.deepcopy(clip_model), tokenizer, NAMES, ["a photo of a {}.", "a {}."]).eval()
+    model = create_backbone("clip", num_classes=10, checkpoint=str(path), class_names="digits",
+                            templates=["a photo of a {}.", "a {}."])
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():  # same weights, same head: the wrapper's logits on CLIP-normalised input
+        assert torch.allclose(model.net(x), reference(x), atol=1e-5)
+    # and as ViLAaD's teacher, by backbone arguments
+    st = create("vilaad", make_tiny(num_classes=10), teacher={"name": "clip", "checkpoint": str(path),
+                                                             "class_names": "digits"}, max_iter=2)
+    assert torch.allclose(st.teacher.net.text_features, create_backbone(
+        "clip", num_classes=10, checkpoint=str(path), class_names="digits").net.text_features)
+
+
+def test_bad_open_clip_checkpoints_are_one_line_errors(tmp_path, caplog):
+    from ctta.backbones.clip import TINY_CONFIG
+
+    clip_model, _ = build_open_clip("tiny")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        create_backbone("clip", num_classes=10, checkpoint=str(tmp_path / "nope.pt"), class_names="cifar10")
+    plain = tmp_path / "plain.pt"
+    torch.save(clip_model.state_dict(), plain)
+    with pytest.raises(CheckpointError, match="not a 'ctta-open-clip' file"):
+        create_backbone("clip", num_classes=10, checkpoint=str(plain), class_names="cifar10")
+    other = dict(TINY_CONFIG, embed_dim=16)
+    wrong = tmp_path / "wrong.pt"
+    _save_open_clip(wrong, clip_model, other)
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        create_backbone("clip", num_classes=10, checkpoint=str(wrong), class_names="cifar10")
+    good = tmp_path / "good.pt"
+    _save_open_clip(good, clip_model, TINY_CONFIG)
+    with caplog.at_level("WARNING", logger="ctta.backbones.clip"):  # e.g. the vilaad YAML's defaults merged in
+        model = create_backbone("clip", num_classes=10, checkpoint=str(good), model="ViT-B-32",
+                                pretrained_tag="openai", class_names="cifar10")
+    assert model.feature_dim == TINY_CONFIG["embed_dim"] and "ignoring model='ViT-B-32'" in caplog.text

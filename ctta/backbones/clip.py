@@ -23,12 +23,19 @@ Choices, and why:
   names an open_clip model, e.g. ``model=ViT-B-32, pretrained_tag=openai``.
 - ``clip_tiny`` (= ``clip`` with ``model=tiny`` and one prompt) is a randomly initialised 2-layer ViT / 1-layer
   text transformer (open_clip's ``CLIP`` class with a custom config, its bundled BPE tokenizer), for tests.
+- ``checkpoint=PATH`` builds a whole open_clip ``CLIP`` (both towers) from a local file
+  ``{"format": "ctta-open-clip", "config": {"embed_dim", "vision_cfg", "text_cfg"}, "state_dict": ...}`` (what
+  ``benchmarks/inhouse_clip.py`` writes), so a CLIP trained in house with a custom config gets its zero-shot head
+  from any ``class_names`` / ``templates``; ``weights=PATH`` instead needs this wrapper's own state dict (the head
+  already computed). With ``checkpoint``, ``model`` and ``pretrained_tag`` are ignored (a logged warning unless
+  they are unset / ``tiny``: ``--set`` cannot unset the vilaad YAML's ``ViT-B-32``/``openai`` teacher defaults).
 
 open_clip is imported inside functions only (it is optional on some machines).
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -202,22 +209,71 @@ def build_open_clip(model: str, pretrained_tag: Optional[str] = None, cache_dir:
     return net, tokenizer
 
 
-def clip_zero_shot(num_classes: int = 10, model: str = "ViT-B-32", pretrained_tag: Optional[str] = None,
+CHECKPOINT_FORMAT = "ctta-open-clip"
+
+
+def load_open_clip_checkpoint(path: Union[str, Path]):
+    """(open_clip CLIP, tokenizer) from a local ``ctta-open-clip`` checkpoint: custom config + full state dict."""
+    from open_clip.model import CLIP
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from .checkpoint import read_checkpoint
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"clip checkpoint {file} does not exist")
+    obj = read_checkpoint(file)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"clip checkpoint {file} is not a {CHECKPOINT_FORMAT!r} file (config + state_dict); "
+                              f"got format {got!r}; a checkpoint of the clip backbone itself loads with weights=PATH")
+    config, state = obj.get("config"), obj.get("state_dict")
+    if (not isinstance(config, dict) or not isinstance(state, dict)
+            or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config)):
+        raise CheckpointError(f"clip checkpoint {file} needs 'config' (embed_dim, vision_cfg, text_cfg) and "
+                              f"'state_dict'; got keys {sorted(obj)}")
+    try:
+        net = CLIP(embed_dim=int(config["embed_dim"]), vision_cfg=dict(config["vision_cfg"]),
+                   text_cfg=dict(config["text_cfg"]))
+    except Exception as e:
+        raise CheckpointError(f"clip checkpoint {file}: open_clip cannot build its config: {str(e)[:200]}") from None
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise CheckpointError(f"clip checkpoint {file} does not match its config: "
+                              f"{(lines or [str(e).strip()])[0][:200]}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"clip checkpoint {file} does not match its config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    context = int(config["text_cfg"].get("context_length", 77))
+    return net, SimpleTokenizer(context_length=context)
+
+
+def clip_zero_shot(num_classes: int = 10, model: Optional[str] = None, pretrained_tag: Optional[str] = None,
                    class_names: Union[None, str, Sequence[str]] = None,
-                   templates: Union[str, Sequence[str]] = "simple", cache_dir: Optional[str] = None) -> CLIPZeroShot:
-    """Build the zero-shot CLIP network (see the module docstring for the options)."""
+                   templates: Union[str, Sequence[str]] = "simple", cache_dir: Optional[str] = None,
+                   checkpoint: Union[None, str, Path] = None) -> CLIPZeroShot:
+    """Build the zero-shot CLIP network (see the module docstring for the options); ``model`` None = ViT-B-32."""
     names = resolve_class_names(class_names, int(num_classes))
     prompts = resolve_templates(templates)
-    net, tokenizer = build_open_clip(model, pretrained_tag, cache_dir)
+    if checkpoint not in (None, ""):
+        if pretrained_tag or model not in (None, "tiny"):  # e.g. the vilaad YAML's teacher defaults, merged in
+            log.warning("clip backbone: checkpoint=%s brings its own model config and weights; ignoring model=%r "
+                        "and pretrained_tag=%r", checkpoint, model, pretrained_tag)
+        net, tokenizer = load_open_clip_checkpoint(checkpoint)
+    else:
+        net, tokenizer = build_open_clip(model or "ViT-B-32", pretrained_tag, cache_dir)
     return CLIPZeroShot(net, tokenizer, names, prompts).eval()
 
 
 @register_backbone("clip", CLIP_MEAN, CLIP_STD, num_classes=10)
 def clip(num_classes: int = 10, model: str = "tiny", pretrained_tag: Optional[str] = None,
          class_names: Union[None, str, Sequence[str]] = None, templates: Union[str, Sequence[str]] = "simple",
-         cache_dir: Optional[str] = None) -> CLIPZeroShot:
-    """open_clip CLIP zero-shot classifier (model=open_clip name e.g. ViT-B-32, pretrained_tag=e.g. openai)."""
-    return clip_zero_shot(num_classes, model, pretrained_tag, class_names, templates, cache_dir)
+         cache_dir: Optional[str] = None, checkpoint: Optional[str] = None) -> CLIPZeroShot:
+    """open_clip CLIP zero-shot classifier (model=open_clip name e.g. ViT-B-32, pretrained_tag=e.g. openai, or
+    checkpoint=a local ``ctta-open-clip`` file)."""
+    return clip_zero_shot(num_classes, model, pretrained_tag, class_names, templates, cache_dir, checkpoint)
 
 
 @register_backbone("clip_tiny", CLIP_MEAN, CLIP_STD, num_classes=10)
@@ -227,5 +283,6 @@ def clip_tiny(num_classes: int = 10, class_names: Union[None, str, Sequence[str]
     return clip_zero_shot(num_classes, "tiny", None, class_names, templates)
 
 
-__all__ = ["CLIPZeroShot", "CLIP_MEAN", "CLIP_STD", "TINY_CONFIG", "build_open_clip", "class_text_features",
-           "clip_zero_shot", "resolve_class_names", "resolve_templates"]
+__all__ = ["CHECKPOINT_FORMAT", "CLIPZeroShot", "CLIP_MEAN", "CLIP_STD", "TINY_CONFIG", "build_open_clip",
+           "class_text_features", "clip_zero_shot", "load_open_clip_checkpoint", "resolve_class_names",
+           "resolve_templates"]
