@@ -83,6 +83,20 @@ def test_clip_zeroshot_predicts_with_the_head_and_changes_nothing():
         create("clip_zeroshot", make_tiny())
 
 
+def test_clip_zeroshot_on_a_class_incremental_stream_masks_unseen_classes_and_learns_nothing():
+    model = create_backbone("clip_tiny", num_classes=4, class_names=["a", "b", "c", "d"])
+    before = copy.deepcopy(model.state_dict())
+    st = create("clip_zeroshot", model)
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+    out = st.learn(x, torch.tensor([0, 1, 0, 1, 0, 1]))
+    assert torch.isinf(out[:, 2:]).all() and torch.equal(out[:, :2], full[:, :2])
+    st.learn(x, torch.tensor([2, 2, 3, 3, 2, 3]))
+    assert torch.equal(st.predict(x), full)  # all four seen: the plain zero-shot head
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def _vilaad(seed: int = 0, **kw):
     teacher = create_backbone("clip_tiny", num_classes=10, class_names="digits")
     return create("vilaad", make_tiny(seed=seed, num_classes=10), teacher=teacher, max_iter=6, **kw), teacher
