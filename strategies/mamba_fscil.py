@@ -13,9 +13,23 @@ Class-Incremental Learning" (arXiv 2407.06136; code: github.com/xiaojieli0903/Ma
   suppression (the novel branch's gate ``z`` pushed to zero on base classes, slightly away from zero on novel ones)
   and separation (the batch-mean input-dependent scan parameters delta, B, C of base and novel samples decorrelated).
 
-Deviation, because the backbone feature API gives pooled vectors only: the paper scans the 2x2 spatial tokens of the
-last feature map in four directions; here each branch's MLP maps the pooled feature to ``num_tokens`` tokens, scanned
-forwards and backwards.
+Tokens (``tokens``): ``map`` (as the official ``MambaNeck``) takes the backbone's last feature map
+(:func:`ctta.backbones.classifier.feature_map`), average-pools it to ``grid`` x ``grid`` (the official CIFAR /
+miniImageNet ResNet-12 gives 2x2 natively; ResNet-20 gives 8x8, pooled here to 2x2), projects every position with
+1x1 conv - LayerNorm over (channels, grid) - LeakyReLU - 1x1 conv, adds a positional embedding and scans the
+``grid**2`` tokens in the official four directions (rows forwards and backwards, columns forwards and backwards, one
+shared SSM per branch), sums the four outputs and averages them over positions; the residual is the mean of the
+pooled map. ``pooled`` (fallback for backbones without a map) has each branch's MLP map the pooled feature to
+``num_tokens`` tokens, scanned forwards and backwards. ``auto``: ``map`` when the backbone gives one.
+
+Remaining deviations: the four gate tensors ``z`` are summed after realigning their token axis (the official code
+flips the channel axis of the two backward gates, which looks unintended; it only changes the suppression loss's
+norm); the scan parameters for the separation loss come from the first (row-forward) direction, as in the official
+code; the stored few-shot features and class means are the ``grid`` x ``grid`` pooled maps, not the full maps.
+The class-sensitive losses see a whole ``inc_batch_size`` batch (the official code: each GPU's 8 samples).
+``inc_grad_clip`` is the official (unused, None) ``grad_clip`` hook. Scale note: the suppression term is
+``||z|| / numel(z)``, so its pull grows as widths and batches shrink; at ResNet-20 width (64) the official weight
+100 at lr 0.25 diverges (NaN) and, clipped, silences the novel branch (benchmarks/RESULTS.md, "Mamba-FSCIL").
 """
 from __future__ import annotations
 
@@ -27,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctta.backbones.classifier import features_and_logits
+from ctta.backbones.classifier import feature_map, features_and_logits, has_feature_map
 from ctta.errors import ConfigError, UnsupportedError
 from ctta.seeding import stable_seed
 
@@ -37,6 +51,8 @@ from .common.incremental import IncrementalStrategy, num_outputs
 from .common.selective_scan import SelectiveSSM
 
 log = logging.getLogger(__name__)
+
+TOKEN_MODES = ("auto", "map", "pooled")
 
 
 def backbone_features(model: nn.Module, x: Tensor) -> Tensor:
@@ -79,19 +95,60 @@ class SSMBranch(nn.Module):
         return y.mean(dim=1), z, params
 
 
-class DualSelectiveProjector(nn.Module):
-    """``out = residual(f) + base(f) + novel(f)``; the novel branch's gate is zero-initialised (exact zero output)."""
+def _transpose_tokens(t: Tensor, grid: int, dim: int) -> Tensor:
+    """Row-major <-> column-major order of ``grid x grid`` tokens along ``dim`` (its own inverse on a square)."""
+    shape = t.shape
+    t = t.unflatten(dim, (grid, grid)).transpose(dim, dim + 1)
+    return t.reshape(shape)
 
-    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, **ssm: Any) -> None:
+
+class MapSSMBranch(nn.Module):
+    """One branch of the official ``MambaNeck`` on a ``grid x grid`` feature map: per-position projection (1x1 conv -
+    LayerNorm over (channels, grid, grid) - LeakyReLU(0.1) - 1x1 conv) + positional embedding, one selective SSM
+    scanned over rows forwards/backwards and columns forwards/backwards, the four outputs summed, mean over tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, grid: int, **ssm: Any) -> None:
         super().__init__()
+        self.grid, self.out_dim = int(grid), int(out_dim)
+        self.proj = nn.Sequential(nn.Conv2d(in_dim, mid_dim, 1, bias=True), nn.LayerNorm([mid_dim, grid, grid]),
+                                  nn.LeakyReLU(0.1), nn.Conv2d(mid_dim, self.out_dim, 1, bias=False))
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, grid * grid, self.out_dim), std=0.02))
+        self.ssm = SelectiveSSM(self.out_dim, **ssm)
+
+    def forward(self, m: Tensor):
+        g = self.grid
+        tokens = self.proj(m).flatten(2).transpose(1, 2) + self.pos_embed          # (b, g*g, out), row-major
+        cols = _transpose_tokens(tokens, g, 1)                                     # column-major
+        y_h, z_h, params = self.ssm(tokens)
+        y_hf, z_hf, _ = self.ssm(tokens.flip(1))
+        y_v, z_v, _ = self.ssm(cols)
+        y_vf, z_vf, _ = self.ssm(cols.flip(1))
+        y = y_h + y_hf.flip(1) + _transpose_tokens(y_v + y_vf.flip(1), g, 1)
+        z = z_h + z_hf.flip(-1) + _transpose_tokens(z_v + z_vf.flip(-1), g, 2)
+        return y.mean(dim=1), z, params
+
+
+class DualSelectiveProjector(nn.Module):
+    """``out = residual(f) + base(f) + novel(f)``; the novel branch's gate is zero-initialised (exact zero output).
+    With ``grid`` set the input is a ``grid x grid`` feature map (branches :class:`MapSSMBranch`, residual of its
+    mean), otherwise a pooled feature vector (branches :class:`SSMBranch`)."""
+
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, grid: Optional[int] = None,
+                 **ssm: Any) -> None:
+        super().__init__()
+        self.grid = grid
         self.residual_proj = nn.Linear(in_dim, out_dim, bias=False) if out_dim != in_dim else nn.Identity()
-        self.base = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
-        self.novel = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
+        if grid:
+            self.base: nn.Module = MapSSMBranch(in_dim, out_dim, mid_dim, grid, **ssm)
+            self.novel: nn.Module = MapSSMBranch(in_dim, out_dim, mid_dim, grid, **ssm)
+        else:
+            self.base = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
+            self.novel = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
         self.novel.ssm.zero_gate()
 
     def forward(self, f: Tensor, use_novel: bool = True) -> Dict[str, Any]:
         base, _, params = self.base(f)
-        out = self.residual_proj(f) + base
+        out = self.residual_proj(f.mean(dim=(2, 3)) if self.grid else f) + base
         parts: Dict[str, Any] = {"base": base, "params_base": params}
         if use_novel:
             novel, z, params_novel = self.novel(f)
@@ -133,9 +190,17 @@ class MambaFSCIL(IncrementalStrategy):
                  inc_steps: int = 200, inc_batch_size: int = 64, inc_warmup: int = 5, feature_mixup: float = 0.5,
                  mixup_prob: float = 0.75, balanced_targets: bool = True, supp_weight: float = 100.0,
                  supp_novel_weight: float = 1e-5, sep_weight: float = 1e-3, proto_ema: float = 0.01,
-                 backend: str = "auto", seed: int = 0) -> None:
+                 backend: str = "auto", tokens: str = "auto", grid: int = 2, inc_grad_clip: Optional[float] = None,
+                 seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        for key, val in (("num_tokens", num_tokens), ("d_state", d_state), ("inc_batch_size", inc_batch_size)):
+        if tokens not in TOKEN_MODES:
+            raise ConfigError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
+        if tokens == "map" and not has_feature_map(model):
+            raise UnsupportedError(f"tokens='map' needs a backbone with a feature map (forward_feature_map); "
+                                   f"{type(model).__name__} has none: use tokens='pooled'")
+        self.tokens = "map" if tokens == "map" or (tokens == "auto" and has_feature_map(model)) else "pooled"
+        for key, val in (("num_tokens", num_tokens), ("d_state", d_state), ("inc_batch_size", inc_batch_size),
+                         ("grid", grid)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
         if not 0.0 <= mixup_prob <= 1.0 or not 0.0 <= feature_mixup <= 1.0:
@@ -153,13 +218,18 @@ class MambaFSCIL(IncrementalStrategy):
         self.feature_mixup, self.mixup_prob, self.balanced_targets = feature_mixup, mixup_prob, bool(balanced_targets)
         self.supp_weight, self.supp_novel_weight, self.sep_weight = supp_weight, supp_novel_weight, sep_weight
         self.proto_ema = float(proto_ema)
+        if inc_grad_clip is not None and not inc_grad_clip > 0:
+            raise ConfigError(f"inc_grad_clip must be None or > 0, got {inc_grad_clip!r}")
+        self.inc_grad_clip = inc_grad_clip
+        self.grid = int(grid) if self.tokens == "map" else None
         with torch.random.fork_rng(devices=[]):  # the projector and ETF depend on the seed only
             torch.manual_seed(stable_seed(seed, "mamba_fscil"))
             self.projector = DualSelectiveProjector(d, out_dim, int(mid_dim) if mid_dim else 2 * d, num_tokens,
-                                                    d_state=d_state, dt_rank=dt_rank or d_state, d_conv=d_conv,
-                                                    expand=expand, backend=backend)
+                                                    grid=self.grid, d_state=d_state, dt_rank=dt_rank or d_state,
+                                                    d_conv=d_conv, expand=expand, backend=backend)
             self.head = ETFClassifier(out_dim, k, torch.Generator().manual_seed(stable_seed(seed, "etf")))
-        self.register_buffer("class_means", torch.zeros(k, d))
+        feat_shape = (d, self.grid, self.grid) if self.grid else (d,)  # what _features gives per sample
+        self.register_buffer("class_means", torch.zeros(k, *feat_shape))
         self.register_buffer("class_counts", torch.zeros(k))
         self.register_buffer("base_mask", torch.zeros(k, dtype=torch.bool))
         self._pending: List[tuple] = []
@@ -189,10 +259,16 @@ class MambaFSCIL(IncrementalStrategy):
         return self.sessions.session >= 1
 
     # --- forward --------------------------------------------------------------------------------------------------
+    def _backbone(self, x: Tensor) -> Tensor:
+        """The projector's input: the ``grid x grid`` pooled feature map (map tokens) or the pooled features."""
+        if self.grid:
+            return F.adaptive_avg_pool2d(feature_map(self.model, x), self.grid).float()
+        return backbone_features(self.model, x).float()
+
     def _features(self, x: Tensor) -> Tensor:
         self.model.eval()
         with torch.no_grad():
-            return backbone_features(self.model, x).float()
+            return self._backbone(x)
 
     def logits(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -204,13 +280,14 @@ class MambaFSCIL(IncrementalStrategy):
         ``proto_ema`` weight on the newest batch so the means follow the moving backbone."""
         k = self.num_classes
         counts = torch.bincount(y, minlength=k).float()
-        sums = torch.zeros(k, f.shape[1], device=f.device).index_add_(0, y, f)
-        batch_mean = sums / counts.clamp_min(1).unsqueeze(1)
+        expand = (k,) + (1,) * (f.dim() - 1)
+        sums = torch.zeros(k, *f.shape[1:], device=f.device).index_add_(0, y, f)
+        batch_mean = sums / counts.clamp_min(1).view(expand)
         self.class_counts += counts
         alpha = counts / self.class_counts.clamp_min(1)
         if ema:
             alpha = torch.where(counts > 0, alpha.clamp_min(self.proto_ema), alpha)
-        self.class_means += alpha.unsqueeze(1) * (batch_mean - self.class_means)
+        self.class_means += alpha.view(expand) * (batch_mean - self.class_means)
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         if self.sessions.session == 0:
@@ -230,7 +307,7 @@ class MambaFSCIL(IncrementalStrategy):
                 with torch.no_grad():
                     logits = self.head(self.projector(f, use_novel=False)["out"])
                 self.model.train()
-                f = backbone_features(self.model, x).float()
+                f = self._backbone(x)
             out = self.projector(f, use_novel=False)["out"]
             if not self.train_backbone:
                 logits = self.head(out.detach())
@@ -288,6 +365,8 @@ class MambaFSCIL(IncrementalStrategy):
                     g["lr"] = self._lr_at(step)
                 loss = self._novel_loss(x_all[idx], y_all[idx], is_base[idx], gen)
                 loss.backward()
+                if self.inc_grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, self.inc_grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         self.projector.novel.requires_grad_(False)

@@ -213,3 +213,53 @@ def test_feature_api_on_bare_modules_and_a_clear_error_without_it():
     bare = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), (0.5,), (0.5,), 2)
     with pytest.raises(CttaError, match="exposes no penultimate features"):
         bare.forward_features(torch.rand(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar", "resnet18_reduced", "tiny_cnn", "small_wrn"])
+def test_feature_map_pools_to_the_penultimate_features(name):
+    """forward_feature_map -> N x C x H x W; forward_features is exactly its global average pool (Mamba-FSCIL's map
+    tokens and the pooled-feature strategies see the same features)."""
+    import torch.nn.functional as F
+
+    from ctta.backbones.classifier import feature_map, has_feature_map
+    from ctta.backbones.wideresnet import WideResNet
+
+    model = Classifier(WideResNet(10, 1, 6), (0.0,), (1.0,), 6) if name == "small_wrn" else create(name, num_classes=6)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        fmap = feature_map(model, x)
+        feats = model.forward_features(x)
+    assert has_feature_map(model) and fmap.dim() == 4 and fmap.shape[:2] == (2, model.feature_dim)
+    assert torch.equal(torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1), feats)
+    torch.testing.assert_close(fmap.mean(dim=(2, 3)), feats)
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "test_vit"])
+def test_feature_map_of_timm_models(name):
+    """timm CNNs: timm's forward_features map; timm ViTs: the patch tokens laid out on the patch grid."""
+    from ctta.backbones.classifier import feature_map
+
+    model = create(name, num_classes=3)
+    x = torch.rand(2, 3, *model.net.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        fmap = feature_map(model, x)
+        ref = model.net.forward_features(model.normalize(x))
+    assert fmap.dim() == 4 and fmap.shape[:2] == (2, model.feature_dim)
+    if ref.dim() == 3:  # ViT: prefix tokens dropped, patch tokens row-major on the grid
+        k = model.net.num_prefix_tokens
+        torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), ref[:, k:])
+    else:
+        torch.testing.assert_close(fmap, ref)
+
+
+def test_feature_map_clear_error_without_one():
+    from ctta.backbones.classifier import feature_map, has_feature_map
+
+    from conftest import make_tiny
+
+    bare = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), (0.5,), (0.5,), 2)
+    assert not bare.has_feature_map and not has_feature_map(make_tiny())
+    with pytest.raises(CttaError, match="exposes no feature map"):
+        feature_map(bare, torch.rand(1, 3, 2, 2))
+    with pytest.raises(CttaError, match="exposes no feature map"):
+        feature_map(make_tiny(), torch.rand(1, 3, 8, 8))

@@ -68,12 +68,10 @@ class CifarResNet(LinearHeadNet):
         layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally pooled last-stage features, N x 64."""
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage feature map before global pooling, N x 64 x H/4 x W/4 (``forward_features`` pools it)."""
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.layer3(self.layer2(self.layer1(out)))
 
 
 @register_backbone("resnet20_cifar", IMAGENET_MEAN, IMAGENET_STD)

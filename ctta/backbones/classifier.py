@@ -4,13 +4,18 @@ Feature access (for output-level methods such as LAME or LSA): :meth:`Classifier
 penultimate features (N x D, pooled, before the linear head), :meth:`Classifier.forward_head` maps them to logits,
 and :meth:`Classifier.features_and_logits` gives both from one forward. :func:`features_and_logits` does the same
 for any module exposing the methods (the tests' tiny nets), with a one-line error otherwise.
+Spatial access (for token-based heads such as Mamba-FSCIL's scan neck): :meth:`Classifier.forward_feature_map`
+gives the last feature map before global pooling (N x C x H x W); :func:`feature_map` / :func:`has_feature_map`
+do the same for any module.
 """
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedError
@@ -19,8 +24,9 @@ from ..errors import UnsupportedError
 class LinearHeadNet(nn.Module):
     """A network whose logits are one linear layer (attribute ``head_attr``) over ``forward_features``' output.
 
-    Subclasses define ``forward_features``; the feature API the strategies use (``feature_dim``, ``forward_head``,
-    ``forward``) follows from it once, here.
+    Subclasses define ``forward_feature_map`` (the last feature map, N x C x H x W; ``forward_features`` is then its
+    global average pool, flattened) or ``forward_features`` itself; the feature API the strategies use
+    (``feature_dim``, ``forward_head``, ``forward``) follows from it once, here.
     """
 
     head_attr = "linear"
@@ -30,7 +36,12 @@ class LinearHeadNet(nn.Module):
         return getattr(self, self.head_attr).in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Globally average-pooled ``forward_feature_map``, N x C."""
+        fmap = getattr(self, "forward_feature_map", None)
+        if fmap is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither forward_features nor "
+                                      f"forward_feature_map")
+        return torch.flatten(F.adaptive_avg_pool2d(fmap(x), 1), 1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return getattr(self, self.head_attr)(features)
@@ -65,7 +76,12 @@ class Classifier(nn.Module):
     * ``forward_features(x)`` -> penultimate features, N x D (globally pooled, flattened, before the classifier);
     * ``forward_head(features)`` -> logits, N x num_classes (the final linear layer);
     * ``features_and_logits(x)`` -> ``(features, logits)``;
-    * ``feature_dim`` -> D.
+    * ``feature_dim`` -> D;
+    * ``forward_feature_map(x)`` -> the last feature map before pooling, N x C x H x W (``has_feature_map`` says
+      whether the net can give one). For the registered CNNs ``forward_features`` is exactly its global average
+      pool; for timm CNNs it is timm's ``forward_features`` (NHWC outputs permuted), for timm ViTs the patch tokens
+      (prefix tokens dropped) reshaped to the patch grid; in both the pooled features may add a head norm or use
+      the class token, so they need not equal the map's mean.
 
     The registered CIFAR ResNets, WideResNet and tiny CNN define ``forward_features``/``forward_head`` themselves;
     timm models use timm's ``forward_features`` + ``forward_head(pre_logits=True)`` (pooling and any pre-logits
@@ -100,6 +116,27 @@ class Classifier(nn.Module):
                                    f"it needs forward_features(x) and forward_head(features) methods")
         return net.forward_features(self.normalize(x))
 
+    @property
+    def has_feature_map(self) -> bool:
+        """True when :meth:`forward_feature_map` is available (timm models, nets with ``forward_feature_map``)."""
+        return self._is_timm() or callable(getattr(self.net, "forward_feature_map", None))
+
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map of images ``x`` in [0, 1] before global pooling: N x C x H x W."""
+        net = self.net
+        if self._is_timm():
+            out = net.forward_features(self.normalize(x))
+            if out.dim() == 4:
+                return out.permute(0, 3, 1, 2) if getattr(net, "output_fmt", "NCHW") == "NHWC" else out
+            if out.dim() == 3:
+                return _tokens_to_map(net, out, self.name)
+            raise UnsupportedError(f"backbone {self.name!r}: timm forward_features gave shape {tuple(out.shape)}, "
+                                   f"neither a feature map nor tokens")
+        if not callable(getattr(net, "forward_feature_map", None)):
+            raise UnsupportedError(f"backbone {self.name!r} ({type(net).__name__}) exposes no feature map; it needs "
+                                   f"a forward_feature_map(x) method")
+        return net.forward_feature_map(self.normalize(x))
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from penultimate features (the output of :meth:`forward_features`)."""
         if self._is_timm():
@@ -129,3 +166,36 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor
         return f, model.forward_head(f)
     raise UnsupportedError(f"model {type(model).__name__} exposes no penultimate features; wrap it in "
                            f"ctta.backbones.Classifier or give it forward_features(x) and forward_head(features)")
+
+
+def _tokens_to_map(net: nn.Module, tokens: torch.Tensor, name: str) -> torch.Tensor:
+    """ViT tokens (N, prefix + H*W, D) -> patch-token map (N, D, H, W); the grid from ``patch_embed.grid_size`` or a
+    square number of patch tokens."""
+    patches = tokens[:, int(getattr(net, "num_prefix_tokens", 0)):]
+    grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
+    if grid is None or int(grid[0]) * int(grid[1]) != patches.shape[1]:
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise UnsupportedError(f"backbone {name!r}: cannot lay its {patches.shape[1]} patch tokens out on a grid")
+        grid = (side, side)
+    n, _, d = patches.shape
+    return patches.transpose(1, 2).reshape(n, d, int(grid[0]), int(grid[1]))
+
+
+def has_feature_map(model: nn.Module) -> bool:
+    """Whether :func:`feature_map` works for ``model`` (a :class:`Classifier` that can give one, or a bare module
+    with ``forward_feature_map``)."""
+    flag = getattr(model, "has_feature_map", None)
+    if isinstance(flag, bool):
+        return flag
+    return callable(getattr(model, "forward_feature_map", None))
+
+
+def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last feature map before global pooling (N x C x H x W) of any model with ``forward_feature_map``; a
+    one-line error for one without."""
+    fn = getattr(model, "forward_feature_map", None)
+    if not callable(fn):  # a Classifier has the method and raises its own one-line error for a net without a map
+        raise UnsupportedError(f"model {type(model).__name__} exposes no feature map; wrap a CNN in "
+                               f"ctta.backbones.Classifier or give it forward_feature_map(x)")
+    return fn(x)

@@ -65,12 +65,10 @@ class ReducedResNet18(LinearHeadNet):
             self._in = planes
         return nn.Sequential(*layers)
 
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally pooled last-stage features, N x 8nf."""
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage feature map before global pooling, N x 8nf x H/8 x W/8 (``forward_features`` pools it)."""
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
 
 
 @register_backbone("resnet18_reduced", CIFAR10_MEAN, CIFAR10_STD)

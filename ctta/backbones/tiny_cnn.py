@@ -25,12 +25,15 @@ class TinyCNN(nn.Module):
     def feature_dim(self) -> int:
         return self.fc.in_features
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally pooled features of the last convolution, N x 4w."""
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map of the last convolution before global pooling, N x 4w x H/4 x W/4."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return F.relu(self.bn3(self.conv3(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled features of the last convolution, N x 4w."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)

@@ -76,12 +76,11 @@ class WideResNet(LinearHeadNet):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """BN-ReLU'd, globally pooled last-stage features, N x 64k."""
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """BN-ReLU'd last-stage feature map before global pooling, N x 64k x H/4 x W/4 (``forward_features``
+        pools it)."""
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = self.relu(self.bn1(out))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.relu(self.bn1(out))
 
 
 @register_backbone("wrn28_10_cifar", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
