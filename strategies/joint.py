@@ -5,8 +5,12 @@ Two modes (``mode``):
 * ``retrain`` (the upper bound as the literature defines it): the session's batches are only stored; when the
   session ends, the network goes back to its initial weights and is trained from scratch on the union of every
   session seen, with as many passes over it as the session had epochs (the store holds each sample once per epoch,
-  so one shuffled pass over the store), in minibatches of the stream's batch size. Its cost grows with the stream
-  (session k trains on k sessions' data), as a real retrain does.
+  so one shuffled pass over the store), in minibatches of the stream's batch size; ``passes`` multiplies that
+  (a network trained from random weights needs more epochs on the union than the sessions give it to be a real
+  bound). The initial weights are the backbone's as given: pretrained weights for a pretrained backbone (joint
+  fine-tuning from the pretrained model), random ones otherwise. Its cost grows with the stream (session k trains
+  on k sessions' data), as a real retrain does. Its train-step predictions come from the model of the previous
+  session (nothing is trained while a session's batches arrive), so its online accuracy is not comparable.
 * ``streaming``: every labelled sample is kept (on the device); each incoming batch is added to the store and one
   step trains on ``2 x batch`` samples drawn uniformly (with replacement) from everything seen so far. The compute
   per session equals replay's, so after many sessions the union is under-trained: it is a same-budget reference,
@@ -44,11 +48,14 @@ class Joint(SGDLearner):
     name = "joint"
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 mask_unseen: bool = True, mode: str = "retrain", seed: int = 0) -> None:
+                 mask_unseen: bool = True, mode: str = "retrain", passes: int = 1, seed: int = 0) -> None:
         if mode not in MODES:
             raise ConfigError(f"joint mode must be one of {MODES}, got {mode!r}")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ConfigError(f"joint passes must be an integer >= 1, got {passes!r}")
         super().__init__(model, lr, momentum, weight_decay, mask_unseen, seed)
         self.mode = mode
+        self.passes = passes
         self.batch_size = 0
         self.store = GrowingStore()
         self._initial_weights = copy.deepcopy(self.model.state_dict())
@@ -74,19 +81,21 @@ class Joint(SGDLearner):
         self.model.eval()
 
     def end_session(self, session: int) -> None:
-        """``retrain``: from the initial weights, one shuffled pass over the store (= the session's epochs over
-        the union of the sessions)."""
+        """``retrain``: from the initial weights, ``passes`` shuffled passes over the store (one pass = the
+        session's epochs over the union of the sessions)."""
         if self.mode != "retrain" or len(self.store) == 0:
             return
         self.model.load_state_dict(self._initial_weights)
         self.optimizer.load_state_dict(self._initial_optimizer)
         x, y = self.store.items()
-        perm = torch.randperm(len(self.store), device=x.device, generator=self.generator(x.device))
         bs = self.batch_size
-        log.info("joint: retraining from scratch on %d stored samples (session %d)", len(self.store), session)
-        for start in range(0, len(perm), bs):
-            sel = perm[start:start + bs]
-            self._step(x[sel], y[sel])
+        log.info("joint: retraining from the initial weights on %d stored samples x %d passes (session %d)",
+                 len(self.store), self.passes, session)
+        for _ in range(self.passes):
+            perm = torch.randperm(len(self.store), device=x.device, generator=self.generator(x.device))
+            for start in range(0, len(perm), bs):
+                sel = perm[start:start + bs]
+                self._step(x[sel], y[sel])
 
     def extra(self) -> Any:
         return {"store": self.store.state(), "batch_size": self.batch_size}

@@ -234,6 +234,14 @@ def test_joint_retrain_restarts_from_initial_weights_and_visits_every_stored_sam
         assert sorted(seen.tolist()) == sorted(s.store.items()[1].tolist())  # every stored sample exactly once
         calls.clear()
     assert set(s.store.items()[1].tolist()) == {0, 1, 2, 3}
+    t = strategies.create("joint", make_tiny(num_classes=4), passes=3)
+    t._step = lambda x, y: calls.append((None, y.clone()))
+    x, y = _data([0, 1])
+    t.learn(x, y)
+    t.close_session()
+    assert sum(len(c[1]) for c in calls) == 3 * len(y)
+    with pytest.raises(ctta.errors.ConfigError, match="passes"):
+        strategies.create("joint", make_tiny(num_classes=4), passes=0)
 
 
 def test_joint_streaming_steps_on_each_batch_and_bad_mode_is_refused():
