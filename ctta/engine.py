@@ -139,8 +139,8 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
                 acc.update(call(x, y), y, None if g_all is None else g_all[i:i + seg.batch_size])
                 bar.update(1)
             bar.close()
+            strategy.segment_end(seg)  # inside the timing: end-of-session work (a retrain, an LDA solve) is cost too
             seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)
-            strategy.segment_end(seg)
             rec = acc.finish()
             recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds, meta=seg.meta, groups=seg.groups)
             log.info("%-24s %-5s accuracy %.2f%%  (%.1f img/s)", seg.name, seg.kind, 100 * rec.accuracy,
