@@ -52,16 +52,9 @@ class ER(SGDLearner):
         if len(self.buffer) and (self.replay_in_first_session or self.sessions.session > 0):
             bx, by = self.buffer.sample(self.replay_batch_size, self.generator(x.device))
             xs, ys = torch.cat([x, bx]), torch.cat([y, by])
-        self.model.train()
-        with torch.enable_grad():
-            logits = self.mask(self.model(xs))
-            loss = self.loss(logits, ys, n)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
+        logits = self.sgd_step(xs, ys, lambda z: self.loss(z, ys, n))
         self.buffer.add(x, y, self.generator(x.device))
-        return logits[:n].detach()
+        return logits[:n]
 
     def extra(self) -> Any:
         return {"buffer": self.buffer.state()}

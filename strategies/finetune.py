@@ -1,8 +1,6 @@
 """Fine-tuning: plain supervised SGD on every labelled batch (the lower bound of continual-learning tables)."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import register
@@ -28,12 +26,4 @@ class Finetune(SGDLearner):
         self.remember_initial_state()
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        self.model.train()
-        with torch.enable_grad():
-            logits = self.mask(self.model(x))
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
-        return logits.detach()
+        return self.sgd_step(x, y)

@@ -26,7 +26,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.errors import ConfigError
@@ -69,16 +68,8 @@ class Joint(SGDLearner):
         self.batch_size = max(self.batch_size, int(x.shape[0]))
         if self.mode == "streaming":
             xs, ys = self.store.sample(2 * x.shape[0], self.generator(x.device))
-            self._step(xs, ys)
+            self.sgd_step(xs, ys)
         return out
-
-    def _step(self, x: Tensor, y: Tensor) -> None:
-        self.model.train()
-        with torch.enable_grad():
-            F.cross_entropy(self.mask(self.model(x)), y).backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
 
     def end_session(self, session: int) -> None:
         """``retrain``: from the initial weights, ``passes`` shuffled passes over the store (one pass = the
@@ -95,7 +86,7 @@ class Joint(SGDLearner):
             perm = torch.randperm(len(self.store), device=x.device, generator=self.generator(x.device))
             for start in range(0, len(perm), bs):
                 sel = perm[start:start + bs]
-                self._step(x[sel], y[sel])
+                self.sgd_step(x[sel], y[sel])
 
     def extra(self) -> Any:
         return {"store": self.store.state(), "batch_size": self.batch_size}

@@ -214,13 +214,13 @@ def test_joint_retrain_restarts_from_initial_weights_and_visits_every_stored_sam
     s = strategies.create("joint", make_tiny(num_classes=4), lr=0.05)
     initial = _state(s.model)
     calls = []
-    step = s._step
+    step = s.sgd_step
 
     def spy(x, y):
         calls.append((_state(s.model) if not calls else None, y.clone()))
         step(x, y)
 
-    s._step = spy
+    s.sgd_step = spy
     for classes in ([0, 1], [2, 3]):
         x, y = _data(classes)
         for i in range(0, len(y), 8):
@@ -235,7 +235,7 @@ def test_joint_retrain_restarts_from_initial_weights_and_visits_every_stored_sam
         calls.clear()
     assert set(s.store.items()[1].tolist()) == {0, 1, 2, 3}
     t = strategies.create("joint", make_tiny(num_classes=4), passes=3)
-    t._step = lambda x, y: calls.append((None, y.clone()))
+    t.sgd_step = lambda x, y: calls.append((None, y.clone()))
     x, y = _data([0, 1])
     t.learn(x, y)
     t.close_session()

@@ -11,9 +11,10 @@ starts at the first ``learn`` after that; :meth:`SessionTracker.end_session` for
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Strategy
@@ -204,3 +205,15 @@ class SGDLearner(IncrementalStrategy):
     def logits(self, x: Tensor) -> Tensor:
         self.model.eval()
         return self.model(x)
+
+    def sgd_step(self, x: Tensor, y: Tensor, loss: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """One optimiser step in train mode on the seen-class-masked logits of ``x`` (cross-entropy with ``y`` unless
+        ``loss(logits)`` is given); returns those logits, detached, and leaves the model in eval mode."""
+        self.model.train()
+        with torch.enable_grad():
+            logits = self.mask(self.model(x))
+            (F.cross_entropy(logits, y) if loss is None else loss(logits)).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return logits.detach()
