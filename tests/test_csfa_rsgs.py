@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import strategies
 from conftest import make_tiny
+from ctta import strategies
 from ctta.errors import ConfigError
-from strategies.common.sam import gsam_step
-from strategies.rsgs import masked_entropy
+from ctta.strategies.common.sam import gsam_step
+from ctta.strategies.rsgs import masked_entropy
 
 
 class FeatNet(nn.Module):

@@ -11,10 +11,10 @@ import torch
 import ctta
 from conftest import TinyNet, make_tiny
 from ctta.errors import ConfigError, UnsupportedError
-from strategies.common.etf import balance_scales, dot_regression_loss, simplex_etf
-from strategies.common.selective_scan import (SelectiveSSM, mamba_kernel_available, selective_scan,
+from ctta.strategies.common.etf import balance_scales, dot_regression_loss, simplex_etf
+from ctta.strategies.common.selective_scan import (SelectiveSSM, mamba_kernel_available, selective_scan,
                                               selective_scan_naive, selective_scan_ref)
-from strategies.mamba_fscil import MambaFSCIL, MapSSMBranch
+from ctta.strategies.mamba_fscil import MambaFSCIL, MapSSMBranch
 
 SMALL = dict(d_state=8, num_tokens=4, inc_steps=10, inc_batch_size=8, lr=0.05)
 
