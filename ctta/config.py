@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
@@ -97,28 +97,38 @@ def deep_update(base: Dict[str, Any], other: Mapping[str, Any]) -> Dict[str, Any
     return out
 
 
+def reject_unknown(given: Iterable[str], valid: Iterable[str], subject: str, noun: str) -> None:
+    """One-line ConfigError when ``given`` holds names outside ``valid``: "<subject> <noun>(s) 'a', 'b'; valid
+    <noun>s: ..." (``subject`` e.g. "config has unknown")."""
+    valid = list(valid)
+    bad = sorted(set(given) - set(valid))
+    if bad:
+        raise ConfigError(f"{subject} {noun}(s) {', '.join(map(repr, bad))}; valid {noun}s: {', '.join(valid)}")
+
+
+def set_path(target: Dict[str, Any], path: Sequence[str], value: Any) -> None:
+    """``target[path[0]]...[path[-1]] = value``, creating sections; a one-line error where a step is not a section."""
+    cursor = target
+    for k in path[:-1]:
+        cursor = cursor.setdefault(k, {})
+        if not isinstance(cursor, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {k!r} is not a section")
+    cursor[path[-1]] = value
+
+
 def resolve(experiment: Optional[Mapping[str, Any]] = None, cli: Optional[Mapping[str, Any]] = None,
             overrides: Iterable[str] = ()) -> Dict[str, Any]:
     """Defaults < experiment file < CLI flags < ``--set`` overrides, with the strategy's and stream's YAML defaults."""
     experiment = dict(experiment or {})
-    unknown = sorted(set(experiment) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"config has unknown section(s) {', '.join(map(repr, unknown))}; "
-                          f"valid sections: {', '.join(SECTIONS)}")
+    reject_unknown(experiment, SECTIONS, "config has unknown", "section")
     for sec in SECTIONS:
         if sec in experiment and not isinstance(experiment[sec], Mapping):
             raise ConfigError(f"config section {sec!r} must be a mapping, got {type(experiment[sec]).__name__}")
     merged: Dict[str, Any] = {"stream": {}, "strategy": {}, "backbone": {}, "run": dict(RUN_DEFAULTS)}
     merged = deep_update(merged, experiment)
     merged = deep_update(merged, cli or {})
-    parsed = [parse_override(o) for o in overrides]
-    for path, value in parsed:
-        cursor = merged
-        for k in path[:-1]:
-            cursor = cursor.setdefault(k, {})
-            if not isinstance(cursor, dict):
-                raise ConfigError(f"override {'.'.join(path)}: {k!r} is not a section")
-        cursor[path[-1]] = value
+    for path, value in [parse_override(o) for o in overrides]:
+        set_path(merged, path, value)
     # fill in packaged defaults under what the user gave
     if merged["stream"].get("name"):
         merged["stream"] = deep_update(stream_defaults(merged["stream"]["name"]), merged["stream"])

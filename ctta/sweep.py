@@ -27,7 +27,8 @@ import yaml
 
 from importlib import resources
 
-from ctta.config import SECTIONS, _parse, _plain, deep_update, load_yaml, parse_override, resolve
+from ctta.config import (SECTIONS, _parse, _plain, deep_update, load_yaml, parse_override, reject_unknown, resolve,
+                         set_path)
 from ctta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,7 @@ def _overrides(raw: Any) -> tuple[Dict[str, Any], List[str]]:
         return {}, list(raw)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"sweep overrides must be a mapping by section or a list of section.key=value, got {raw!r}")
-    bad = sorted(set(raw) - set(SECTIONS))
-    if bad:
-        raise ConfigError(f"sweep overrides have unknown section(s) {', '.join(map(repr, bad))}; "
-                          f"valid sections: {', '.join(SECTIONS)}")
+    reject_unknown(raw, SECTIONS, "sweep overrides have unknown", "section")
     for sec, v in raw.items():
         if not isinstance(v, Mapping):
             raise ConfigError(f"sweep overrides section {sec!r} must be a mapping, got {v!r}")
@@ -151,10 +149,7 @@ def load_grid(grid: str | Path | Mapping[str, Any]) -> Dict[str, Any]:
             data = load_yaml(grid)
     else:
         data = dict(grid)
-    unknown = sorted(set(data) - set(GRID_KEYS))
-    if unknown:
-        raise ConfigError(f"sweep grid has unknown key(s) {', '.join(map(repr, unknown))}; "
-                          f"valid keys: {', '.join(GRID_KEYS)}")
+    reject_unknown(data, GRID_KEYS, "sweep grid has unknown", "key")
     return data
 
 
@@ -163,10 +158,7 @@ def resources_of(grid: Mapping[str, Any]) -> Dict[str, float]:
     raw = grid.get("resources") or {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"sweep resources must be a mapping like {{num_gpus: 1, num_cpus: 1}}, got {raw!r}")
-    bad = sorted(set(raw) - set(DEFAULT_RESOURCES))
-    if bad:
-        raise ConfigError(f"sweep resources have unknown key(s) {', '.join(map(repr, bad))}; "
-                          f"valid keys: {', '.join(DEFAULT_RESOURCES)}")
+    reject_unknown(raw, DEFAULT_RESOURCES, "sweep resources have unknown", "key")
     res = {**DEFAULT_RESOURCES, **raw}
     for k, v in res.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -193,12 +185,12 @@ def expand(grid: str | Path | Mapping[str, Any], out: Optional[str | Path] = Non
     seeds = seed_list({"run": {"seed": g.get("seeds", 1)}})
     by_section, file_items = _overrides(g.get("overrides"))
     for path, value in map(parse_override, file_items):  # the list form joins the mapping form
-        _set_path(by_section, path, value)
+        set_path(by_section, path, value)
     cli_items = list(overrides)
     cli_hp: Dict[str, Any] = {}
     for path, value in map(parse_override, cli_items):
         if path[0] == "strategy":
-            _set_path(cli_hp, path[1:], value)
+            set_path(cli_hp, path[1:], value)
     cli_items = [i for i in cli_items if parse_override(i)[0][0] != "strategy"]
     root = Path(out or g.get("out") or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     for s in streams:
@@ -235,15 +227,6 @@ def expand(grid: str | Path | Mapping[str, Any], out: Optional[str | Path] = Non
 
 
 # ---------------------------------------------------------------- one run
-
-def _set_path(target: Dict[str, Any], path: Sequence[str], value: Any) -> None:
-    cursor = target
-    for k in path[:-1]:
-        cursor = cursor.setdefault(k, {})
-        if not isinstance(cursor, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {k!r} is not a section")
-    cursor[path[-1]] = value
-
 
 def _expected_saved_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The config.yaml a run of ``cfg`` writes, minus the keys that do not change its numbers (YAML round trip)."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctta.backbones.classifier import features_and_logits
+from ctta.backbones.classifier import features_and_logits, last_linear
 from ctta.errors import ConfigError, UnsupportedError
 
 from .base import Strategy, register
@@ -52,8 +52,8 @@ def head_parameters(model: nn.Module) -> List[nn.Parameter]:
         head = net.get_classifier()
         if isinstance(head, nn.Module):
             return list(head.parameters())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return list(linears[-1].parameters()) if linears else []
+    last = last_linear(model)
+    return list(last.parameters()) if last is not None else []
 
 
 def sgd_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> List[Dict[str, Any]]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctta.backbones.classifier import penultimate_features
 from ctta.backbones.peft import add_film, freeze, head_parameter_names
 from ctta.errors import ConfigError
 
@@ -26,7 +27,6 @@ from .base import register
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.lda import IncrementalLDA
 from .common.replay import GrowingStore
-from .simplecil import features
 
 MODES = ("full", "film", "frozen")
 
@@ -68,7 +68,7 @@ class FSA(IncrementalStrategy):
     @torch.no_grad()
     def frozen_features(self, x: Tensor) -> Tensor:
         self.model.eval()
-        return features(self.model, x)
+        return penultimate_features(self.model, x)
 
     def logits(self, x: Tensor) -> Tensor:
         if self.body_frozen:
@@ -85,7 +85,7 @@ class FSA(IncrementalStrategy):
             return out
         self.model.train(self.mode == "full")  # FSA-FiLM keeps the body (its norm statistics) in eval mode
         with torch.enable_grad():
-            f = features(self.model, x)
+            f = penultimate_features(self.model, x)
             logits = self.mask(self.model.forward_head(F.dropout(f, self.dropout, training=True)))
             F.cross_entropy(logits, y).backward()
             self.optimizer.step()

@@ -41,37 +41,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctta.backbones.classifier import feature_map, features_and_logits, has_feature_map
+from ctta.backbones.classifier import feature_map, has_feature_map, penultimate_features
 from ctta.errors import ConfigError, UnsupportedError
 from ctta.seeding import stable_seed
 
 from .base import register
 from .common.etf import ETFClassifier, balance_scales, dot_regression_loss
 from .common.incremental import IncrementalStrategy, num_outputs
+from .common.prototypes import feature_dim
 from .common.selective_scan import SelectiveSSM
 
 log = logging.getLogger(__name__)
 
 TOKEN_MODES = ("auto", "map", "pooled")
-
-
-def backbone_features(model: nn.Module, x: Tensor) -> Tensor:
-    """Penultimate (pooled) features of ``x`` through the backbone feature API."""
-    if hasattr(model, "forward_features"):
-        return model.forward_features(x)
-    return features_and_logits(model, x)[0]
-
-
-def feature_dim(model: nn.Module) -> int:
-    """Width of the backbone's penultimate features (``feature_dim``, else the last Linear's input width)."""
-    d = getattr(model, "feature_dim", None)
-    if isinstance(d, int) and d > 0:
-        return d
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise UnsupportedError(f"cannot tell the feature width of {type(model).__name__}: no feature_dim attribute "
-                               f"and no nn.Linear head")
-    return int(last[-1].in_features)
 
 
 class SSMBranch(nn.Module):
@@ -263,7 +245,7 @@ class MambaFSCIL(IncrementalStrategy):
         """The projector's input: the ``grid x grid`` pooled feature map (map tokens) or the pooled features."""
         if self.grid:
             return F.adaptive_avg_pool2d(feature_map(self.model, x), self.grid).float()
-        return backbone_features(self.model, x).float()
+        return penultimate_features(self.model, x).float()
 
     def _features(self, x: Tensor) -> Tensor:
         self.model.eval()

@@ -12,18 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctta.backbones.classifier import features_and_logits
+from ctta.backbones.classifier import penultimate_features
 from ctta.backbones.peft import freeze
 
 from .base import register
 from .common.incremental import IncrementalStrategy, num_outputs
-
-
-def features(model: nn.Module, x: Tensor) -> Tensor:
-    """Penultimate features of ``x`` (the backbone feature API)."""
-    if hasattr(model, "forward_features"):
-        return model.forward_features(x)
-    return features_and_logits(model, x)[0]
 
 
 @register
@@ -47,7 +40,7 @@ class SimpleCIL(IncrementalStrategy):
     def _features(self, x: Tensor) -> Tensor:
         self.model.eval()
         with torch.no_grad():
-            return features(self.model, x).float()
+            return penultimate_features(self.model, x).float()
 
     def prototype_logits(self, f: Tensor) -> Tensor:
         if self.class_sums.numel() == 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,3 +199,20 @@ def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise UnsupportedError(f"model {type(model).__name__} exposes no feature map; wrap a CNN in "
                                f"ctta.backbones.Classifier or give it forward_feature_map(x)")
     return fn(x)
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled penultimate features of ``x``: ``model.forward_features`` when it has one, else
+    :func:`features_and_logits` (same one-line error for a model without the feature API)."""
+    if hasattr(model, "forward_features"):
+        return model.forward_features(x)
+    return features_and_logits(model, x)[0]
+
+
+def last_linear(model: nn.Module) -> Optional[nn.Linear]:
+    """The last ``nn.Linear`` among ``model``'s modules (its classifier head when it has no explicit one), or None."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctta.backbones.classifier import last_linear
+
 from ..base import Strategy
 
 MASK_VALUE = float("-inf")
@@ -65,10 +67,7 @@ def num_outputs(model: nn.Module) -> int:
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
         return n
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
+    last = last_linear(model)
     if last is None:
         from ctta.errors import UnsupportedError
 

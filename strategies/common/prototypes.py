@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctta.backbones.classifier import last_linear
 from ctta.errors import UnsupportedError
 
 
@@ -27,10 +28,7 @@ def feature_dim(model: nn.Module) -> int:
     d = getattr(model, "feature_dim", None)
     if isinstance(d, int) and d > 0:
         return d
-    last: Optional[nn.Linear] = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
+    last = last_linear(model)
     if last is None:
         raise UnsupportedError(f"cannot tell the feature width of {type(model).__name__}: it has no feature_dim "
                                f"and no nn.Linear head")
