@@ -6,6 +6,7 @@ The resolved config is a plain nested dict with four sections, saved with every 
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
@@ -17,6 +18,25 @@ from .errors import ConfigError
 SECTIONS = ("stream", "strategy", "backbone", "run")
 
 RUN_DEFAULTS: Dict[str, Any] = {"device": "auto", "seed": 1, "out": None, "resume": False, "progress": True}
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: ``1e-4`` and ``1E5`` are floats, not strings."""
+
+
+# YAML 1.1 (PyYAML) wants a dot in a float, so ``lr: 1e-4`` would arrive as the string "1e-4"
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with :class:`YamlLoader` (every config, override and grid in the project goes through it)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _packaged_yaml(kind: str, name: str) -> Dict[str, Any]:
@@ -32,7 +52,7 @@ def _packaged_yaml(kind: str, name: str) -> Dict[str, Any]:
 
 def _parse(text: str, where: str) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -78,7 +98,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: the key must start with one of {', '.join(SECTIONS)} "
                           f"and name a field, e.g. strategy.lr=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value

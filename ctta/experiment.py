@@ -60,6 +60,17 @@ def build_model(cfg: Mapping[str, Any], num_classes: int):
     return backbones.create(name, **spec)
 
 
+def _hparams_for(name: str, hp_all: Mapping[str, Any], several: bool) -> Dict[str, Any]:
+    """The hyperparameters given for ``name``: all of them for one strategy; with several strategies compared, a
+    hyperparameter applies to those whose defaults have it."""
+    from ctta.strategies import strategy_defaults
+
+    if not several:
+        return dict(hp_all)
+    defaults = strategy_defaults(name)
+    return {k: v for k, v in hp_all.items() if k in defaults}
+
+
 def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
     """Run every strategy named in ``cfg`` for every seed of ``run.seed`` on its stream; returns {label: RunResult}.
 
@@ -67,7 +78,7 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
     strategy names. Several seeds: ``<out>/<strategy>/seed-<s>``, labels ``<strategy>/seed-<s>``, and the
     comparison shows mean +- std over seeds.
     """
-    from ctta import strategies
+    from ctta import backbones, strategies
     from ctta.engine import CHECKPOINT, resolve_device, run
 
     names = strategy_names(cfg)
@@ -80,6 +91,9 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
     show = run_cfg.get("progress", True) if progress is None else progress
     results = {}
     hp_all = {k: v for k, v in cfg.get("strategy", {}).items() if k != "name"}
+    # cheap checks first: every hyperparameter (type, range) and the backbone, before a stream is read
+    checked = {n: strategies.check_hparams(n, _hparams_for(n, hp_all, len(names) > 1)) for n in names}
+    backbones.check(**cfg.get("backbone", {}))
     many = len(names) > 1 or len(seeds) > 1
     for seed in seeds:
         seed_cfg = {**cfg, "run": {**run_cfg, "seed": seed}}
@@ -89,10 +103,9 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
         for name in names:
             torch.manual_seed(seed)
             model = build_model(cfg, stream.num_classes)
-            # with several strategies, a hyperparameter applies to those that have it
             defaults = strategies.strategy_defaults(name)
-            hp = dict(hp_all) if len(names) == 1 else {k: v for k, v in hp_all.items() if k in defaults}
-            if len(seeds) > 1 or "seed" not in hp:
+            hp = dict(checked[name])
+            if len(seeds) > 1 or "seed" not in _hparams_for(name, hp_all, len(names) > 1):
                 hp["seed"] = seed
             strategy = strategies.create(name, model, **hp)
             out = out_root / name if len(names) > 1 else out_root
@@ -121,7 +134,7 @@ def write_comparison(results: Mapping[str, Any], out_root: Path, force: bool = F
 
 def _strategy_cfg(result: Any) -> Dict[str, Any]:
     if result.out is not None and (Path(result.out) / "config.yaml").is_file():
-        import yaml
+        from ctta.config import yaml_load
 
-        return dict((yaml.safe_load((Path(result.out) / "config.yaml").read_text()) or {}).get("strategy") or {})
+        return dict((yaml_load((Path(result.out) / "config.yaml").read_text()) or {}).get("strategy") or {})
     return {"name": result.summary.get("strategy")}

@@ -28,7 +28,7 @@ import yaml
 from importlib import resources
 
 from ctta.config import (SECTIONS, _parse, _plain, deep_update, load_yaml, parse_override, reject_unknown, resolve,
-                         set_path)
+                         set_path, yaml_load)
 from ctta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _expected_saved_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _comparable(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    c = yaml.safe_load(yaml.safe_dump(_plain(cfg), sort_keys=True)) or {}
+    c = yaml_load(yaml.safe_dump(_plain(cfg), sort_keys=True)) or {}
     c["run"] = {k: v for k, v in (c.get("run") or {}).items() if k not in VOLATILE_RUN_KEYS}
     return c
 
@@ -255,7 +255,7 @@ def run_state(spec_cfg: Mapping[str, Any]) -> str:
     if not saved.is_file():
         return "new"
     try:
-        matches = _comparable(yaml.safe_load(saved.read_text()) or {}) == _expected_saved_config(spec_cfg)
+        matches = _comparable(yaml_load(saved.read_text()) or {}) == _expected_saved_config(spec_cfg)
     except yaml.YAMLError:
         matches = False
     if not matches:

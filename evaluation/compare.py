@@ -60,9 +60,9 @@ def load_run(path: Path) -> RunData:
     steps = read_table(path / "steps.csv") if (path / "steps.csv").is_file() else pd.DataFrame()
     cfg: Dict[str, Any] = {}
     if (path / "config.yaml").is_file():
-        import yaml
+        from ctta.config import yaml_load
 
-        cfg = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("strategy", {}) or {}
+        cfg = (yaml_load((path / "config.yaml").read_text()) or {}).get("strategy", {}) or {}
     return RunData(summary, steps, dict(cfg), path)
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ctta.config import check_options, strategy_defaults
+from ctta.config import strategy_defaults
+from ctta.hparams import check_call
 
 from .base import STEP_KINDS, STRATEGIES, Strategy, register
 
@@ -37,9 +38,19 @@ def create(name: str, model: nn.Module, **overrides: Any) -> Strategy:
 
 
 def build(cls: type, model: nn.Module, hparams: dict) -> Strategy:
-    """Instantiate ``cls`` with ``hparams``, turning an unknown hyperparameter into a one-line ConfigError."""
-    check_options(cls.__init__, hparams, f"strategy {cls.name!r}", "hyperparameter", skip=("self", "model"))
-    return cls(model, **hparams)
+    """Instantiate ``cls`` with ``hparams`` checked against its declarations (a one-line ConfigError otherwise)."""
+    return cls(model, **check_call(cls.__init__, hparams, f"strategy {cls.name!r}"))
+
+
+def check_hparams(name: str, hparams: dict) -> dict:
+    """``hparams`` over the packaged defaults of strategy ``name``, checked and coerced, without building anything:
+    the experiment calls it before a stream is read or a model built."""
+    if is_composite_name(name):
+        from .compose import check_composite
+
+        return check_composite(name, hparams)
+    cls = STRATEGIES.get(name)
+    return check_call(cls.__init__, {**strategy_defaults(name), **hparams}, f"strategy {cls.name!r}")
 
 
 def check_name(name: str) -> None:
@@ -55,4 +66,4 @@ def list_strategies() -> list[str]:
     return STRATEGIES.names()
 
 
-__all__ = ["STEP_KINDS", "STRATEGIES", "Strategy", "check_name", "create", "list_strategies", "register", "strategy_defaults"]
+__all__ = ["STEP_KINDS", "STRATEGIES", "Strategy", "check_hparams", "check_name", "create", "list_strategies", "register", "strategy_defaults"]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ctta.config import strategy_defaults
 from ctta.errors import ConfigError, UnsupportedError
+from ctta.hparams import check_call
 
 from .base import STRATEGIES, Strategy
 
@@ -178,8 +179,8 @@ class Composite(Strategy):
         self.host.load_checkpoint_state(state["host"])
 
 
-def create_composite(name: str, model: nn.Module, hparams: Dict[str, Any]) -> Composite:
-    """Build ``plugin+host`` around ``model``: packaged defaults of each part, then ``hparams`` (nested or flat)."""
+def _composite_parts(name: str, hparams: Dict[str, Any]) -> Tuple[str, str, type, dict, dict]:
+    """plug-in, host, host class and each part's hyperparameters (packaged defaults, then ``hparams``), checked."""
     plugin, host = parse_name(name)
     cls = host_class(plugin, host)
     merged = {plugin: strategy_defaults(plugin), host: strategy_defaults(host)}
@@ -188,6 +189,20 @@ def create_composite(name: str, model: nn.Module, hparams: Dict[str, Any]) -> Co
     for k, v in nested.items():
         merged[k] = {**merged[k], **v}
     plug_hp, host_hp = split_hparams(plugin, host, cls, {**merged, **flat})
+    plug_hp = check_call(PLUGINS[plugin].__init__, plug_hp, f"strategy {name!r} ({plugin})")
+    host_hp = check_call(cls.__init__, host_hp, f"strategy {name!r} ({host})")
+    return plugin, host, cls, plug_hp, host_hp
+
+
+def check_composite(name: str, hparams: Dict[str, Any]) -> Dict[str, Any]:
+    """The checked hyperparameters of ``plugin+host``, nested per part, without building anything."""
+    plugin, host, _, plug_hp, host_hp = _composite_parts(name, hparams)
+    return {plugin: plug_hp, host: host_hp}
+
+
+def create_composite(name: str, model: nn.Module, hparams: Dict[str, Any]) -> Composite:
+    """Build ``plugin+host`` around ``model``: packaged defaults of each part, then ``hparams`` (nested or flat)."""
+    plugin, host, cls, plug_hp, host_hp = _composite_parts(name, hparams)
     seed = host_hp.get("seed", plug_hp.get("seed", 0))
     plug = PLUGINS[plugin](model, **plug_hp)
     return Composite(model, plug, cls, host_hp, seed=seed)

@@ -19,10 +19,12 @@ read the anchor's confidence; the official code also always computes them); rest
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from ctta.hparams import Count, Momentum, NonNegative, Positive, Unit
 
 from .base import Strategy, register
 from .common import (
@@ -47,10 +49,10 @@ class CoTTA(Strategy):
     settings = frozenset({"tta", "domain_incremental", "sfda"})
     plugin_refusal = "it keeps its own copies of the model (teacher, anchor), which a wrapped model would not reach"
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0,
-                 steps: int = 1, mt: float = 0.999, rst: float = 0.01, ap: float = 0.92, views: int = 32,
-                 soft_augment: bool = False, hflip_p: Optional[float] = None,
-                 views_per_chunk: Union[int, str] = "auto", seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: Positive = 1e-3, beta: Momentum = 0.9, weight_decay: NonNegative = 0.0,
+                 steps: Count = 1, mt: Unit = 0.999, rst: Unit = 0.01, ap: Unit = 0.92, views: Count = 32,
+                 soft_augment: bool = False, hflip_p: Optional[Unit] = None,
+                 views_per_chunk: Union[Count, Literal["auto"]] = "auto", seed: int = 0) -> None:
         super().__init__(model, seed)
         self.steps, self.mt, self.rst, self.ap, self.views = steps, mt, rst, ap, views
         self.views_per_chunk = views_per_chunk

@@ -2,13 +2,16 @@
 
 Algorithm (per test batch, ``steps`` times): normalise with test-batch statistics; predict; minimise the mean
 softmax entropy of the prediction with respect to the affine scale and shift of the normalisation layers only;
-the prediction returned is the one made before the update. Hyperparameters for CIFAR-10-C follow the official
+the prediction returned is the last step's, made before that step's update (``forward_and_adapt`` of the
+official code returns each step's pre-update outputs and the caller keeps the last). Hyperparameters for CIFAR-10-C follow the official
 code (DequanWang/tent, ``cfgs/cifar10``): Adam, lr 1e-3, betas (0.9, 0.999), no weight decay, 1 step, batch 200.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from ctta.hparams import Count, Momentum, NonNegative, Positive
 
 from .base import Strategy, register
 from .common import norm_affine_parameters, softmax_entropy, use_batch_statistics
@@ -22,8 +25,8 @@ class Tent(Strategy):
     step_kinds = frozenset({"adapt", "eval"})
     settings = frozenset({"tta", "domain_incremental", "sfda"})
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0,
-                 steps: int = 1, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: Positive = 1e-3, beta: Momentum = 0.9, weight_decay: NonNegative = 0.0,
+                 steps: Count = 1, seed: int = 0) -> None:
         super().__init__(model, seed)
         self.steps = steps
         self.model.train().requires_grad_(False)
@@ -42,10 +45,9 @@ class Tent(Strategy):
 
     def adapt(self, x: Tensor) -> Tensor:
         with torch.enable_grad():
-            for i in range(self.steps):
+            for _ in range(self.steps):
                 logits = self.model(x)
-                if i == 0:
-                    prediction = logits.detach()
+                prediction = logits.detach()  # the last step's output before its update, as the official code
                 loss = softmax_entropy(logits).mean()
                 loss.backward()
                 self.optimizer.step()

@@ -25,3 +25,16 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 def _save(x: np.ndarray) -> np.ndarray:
     """What the scripts store: ``np.uint8(clip(x, 0, 1) * 255)``, read back as float in [0, 1]."""
     return np.uint8(np.clip(x, 0, 1) * 255) / 255.0
+
+
+def assert_levels_close(got, expected, rel: float = 1e-6) -> None:
+    """Severity levels equal to published constants: same nesting, numbers within ``rel``.
+
+    ``pytest.approx`` refuses nested sequences (pytest >= 9.1), so each level is flattened and compared alone.
+    """
+    got, expected = list(got), list(expected)
+    assert len(got) == len(expected), f"{len(got)} levels, expected {len(expected)}"
+    for i, (g, e) in enumerate(zip(got, expected)):
+        g, e = np.atleast_1d(np.asarray(g, dtype=float)), np.atleast_1d(np.asarray(e, dtype=float))
+        assert g.shape == e.shape, f"level {i + 1}: shape {g.shape}, expected {e.shape}"
+        np.testing.assert_allclose(g, e, rtol=rel, atol=1e-12, err_msg=f"level {i + 1}")

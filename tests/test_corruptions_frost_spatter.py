@@ -14,7 +14,7 @@ import torch
 
 from ctta.errors import CttaError, DataNotFoundError
 from ctta.streams.corruptions import CORRUPTIONS, corrupt
-from corruption_helpers import _natural_uint8, _save, _to_numpy, _to_torch
+from corruption_helpers import _natural_uint8, _save, _to_numpy, _to_torch, assert_levels_close
 
 cv2 = pytest.importorskip("cv2")
 
@@ -51,8 +51,7 @@ def test_levels_are_the_published_constants(name, params):
     if name == "frost":  # (c0, c1, texture scale): 0.2 for the CIFAR script, None for imagecorruptions' fit
         assert all(lv[2] == (0.2 if params == "cifar10" else None) for lv in got)
         got = [lv[:2] for lv in got]
-    assert [tuple(np.atleast_1d(v)) for v in got] == pytest.approx([tuple(np.atleast_1d(v))
-                                                                    for v in LEVELS[params][name]])
+    assert_levels_close(got, LEVELS[params][name])
 
 
 # ---- speckle_noise -------------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from ..errors import ConfigError, UnknownNameError
 from . import cifar_resnet, tiny_cnn, wideresnet  # noqa: F401  (register the built-in backbones)
 from . import clip  # noqa: F401  (CLIP zero-shot backbones; open_clip is imported lazily)
 from . import resnet18_reduced  # noqa: F401  (the reduced ResNet-18 of online continual learning)
-from .checkpoint import load_checkpoint
+from .checkpoint import existing_checkpoint, load_checkpoint
 from .classifier import Classifier, Normalize
 from .spec import BACKBONES, BackboneSpec, register_backbone
 from .timm_backbones import create_timm, is_timm_model, timm_model_names
 
-__all__ = ["BACKBONES", "BackboneSpec", "Classifier", "Normalize", "create", "list_backbones", "load_checkpoint",
+__all__ = ["BACKBONES", "BackboneSpec", "Classifier", "Normalize", "check", "create", "list_backbones", "load_checkpoint",
            "register_backbone"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,16 @@ def create(name: str, num_classes: Optional[int] = None, weights: str | Path | N
     log.debug("built backbone %s (%d classes, %.2fM parameters)", name, n_cls,
               sum(p.numel() for p in model.parameters()) / 1e6)
     return model.eval()
+
+
+def check(name: Optional[str], weights: str | Path | None = None, **_: Any) -> None:
+    """The cheap facts of a backbone spec, checked before any data is read: a known name, a weights file present."""
+    if not name:
+        raise ConfigError("no backbone given: use --backbone NAME (see `ctta-bench list`)")
+    if name not in BACKBONES and not is_timm_model(name):
+        raise UnknownNameError(_unknown_message(name))
+    if weights not in (None, ""):
+        existing_checkpoint(weights)
 
 
 def list_backbones(include_timm: bool = False) -> List[str]:

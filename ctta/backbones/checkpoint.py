@@ -58,14 +58,20 @@ def extract_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
+def existing_checkpoint(path: str | Path) -> Path:
+    """``path`` as a Path when it is a file; a one-line CheckpointError otherwise (checked before any data is read)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    return path
+
+
 def load_checkpoint(net: nn.Module, path: str | Path, backbone: Optional[str] = None) -> nn.Module:
     """Load the checkpoint at ``path`` into ``net`` (strictly) and return ``net``; raises :class:`CheckpointError`."""
     from .classifier import Classifier
 
-    path = Path(path).expanduser()
+    path = existing_checkpoint(path)
     name = backbone or getattr(net, "name", None) or type(net).__name__
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     state = extract_state_dict(read_checkpoint(path), path)
     target = net.net if isinstance(net, Classifier) else net
     expected = target.state_dict()
