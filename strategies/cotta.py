@@ -50,7 +50,7 @@ class CoTTA(Strategy):
     plugin_refusal = "it keeps its own copies of the model (teacher, anchor), which a wrapped model would not reach"
 
     def __init__(self, model: nn.Module, lr: Positive = 1e-3, beta: Momentum = 0.9, weight_decay: NonNegative = 0.0,
-                 steps: Count = 1, mt: Unit = 0.999, rst: Unit = 0.01, ap: Unit = 0.92, views: Count = 32,
+                 steps: Count = 1, mt: Unit = 0.999, rst: Unit = 0.01, ap: NonNegative = 0.92, views: Count = 32,
                  soft_augment: bool = False, hflip_p: Optional[Unit] = None,
                  views_per_chunk: Union[Count, Literal["auto"]] = "auto", seed: int = 0) -> None:
         super().__init__(model, seed)

@@ -76,7 +76,12 @@ class Segment:
 
 @dataclass
 class Stream:
-    """An ordered list of segments plus what a run must know of it: classes, setting and the spec it came from."""
+    """An ordered list of segments plus what a run must know of it: classes, setting and the spec it came from.
+
+    ``provenance`` (not part of ``spec``, which a resumed run compares) records where each domain's data came
+    from, e.g. ``{"fog-5": {"source": "files", "path": ".../CIFAR-10-C/fog.npy"}}`` or ``{"source": "generated"}``;
+    the run writes it to ``summary.json`` as ``data_sources``.
+    """
 
     name: str
     segments: List[Segment]
@@ -84,6 +89,7 @@ class Stream:
     setting: str = "tta"
     spec: Dict[str, Any] = field(default_factory=dict)
     reset_each_domain: bool = False
+    provenance: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def step_kinds(self) -> FrozenSet[str]:

@@ -1,25 +1,31 @@
 """Corruption benchmarks (CIFAR-10-C style): a clean test set met under a sequence of corruptions, one per domain.
 
 Each domain is the (seeded, shuffled) clean test set under one corruption at one severity: read from the
-original -C files when present, otherwise generated on the device by :mod:`.corruptions`. Optional clean
-``eval`` probes before and after the stream measure forgetting of the source domain.
+original -C files when present, otherwise generated on the device by :mod:`.corruptions` (``generate_missing:
+false`` forbids that). Optional clean ``eval`` probes before and after the stream measure forgetting of the
+source domain. A folder holding only the released -C files runs too: the labels come from ``labels.npy``, and
+what needs clean images (the probes, generated corruptions, ``interleave_clean``, ``clean_ratio``) is skipped
+with a warning (the probes) or refused with a one-line error. ``Stream.provenance`` says per domain where its
+images came from (``{"source": "files", "path": ...}`` or ``{"source": "generated", ...}``).
 """
 from __future__ import annotations
 
 import logging
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ctta.errors import ConfigError, CttaError
+from ctta.errors import ConfigError, CttaError, DataNotFoundError
 from ctta.seeding import stable_seed
 
 from .base import STREAMS, Segment, Stream, tensor_segment
 from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
-from .datasets import ImageSet, load_corrupted, load_cifar
+from .datasets import (_C_FOLDER, ImageSet, c_release_folder, corrupted_file, default_data_root, load_c_labels,
+                       load_corrupted, load_cifar)
 from .label_shift import check_label_shift, dirichlet_order, prior_counts, select_counts
 from .orders import ORDERS, check_clean_ratio, check_rounds, clean_mix_slots, severity_schedule
 
@@ -91,6 +97,7 @@ class _Source:
     labels: Tensor
     position: Optional[Tensor]  # clean index -> row of ``images`` (None: identity)
     generated: bool
+    path: Optional[str] = None  # the file the images were read from (a -C file)
 
 
 class _Planner:
@@ -184,18 +191,29 @@ def _planned_segment(name: str, parts: List[_Part], perm: Optional[Tensor], grou
 
 
 def _sources(keys: List[Key], clean: ImageSet, used: Dict[Key, List[Tensor]],
-             files: Optional[Callable[[str, int], Optional[ImageSet]]]) -> Dict[Key, _Source]:
+             files: Optional[Callable[[str, int], Optional[ImageSet]]], generate_missing: bool = True,
+             clean_missing: Optional[str] = None) -> Dict[Key, _Source]:
     """One source per (corruption, severity): its -C file cut down to the images the stream uses, or generated."""
-    out: Dict[Key, _Source] = {None: _Source(clean.images, clean.labels, None, generated=False)}
+    out: Dict[Key, _Source] = {}
+    if clean_missing is None:
+        out[None] = _Source(clean.images, clean.labels, None, generated=False)
+    generated: List[str] = []
     for key in keys:
         c, s = key
         pre = files(c, s) if files is not None else None
         if pre is None:
+            if files is not None and not generate_missing:
+                raise DataNotFoundError(f"generate_missing is false but there is no -C file of {c} (severity {s}); "
+                                        f"add {c}.npy or set generate_missing: true")
+            if clean_missing is not None:
+                raise DataNotFoundError(f"generating {c} needs the clean test set: {clean_missing}")
             if c not in generated_corruptions():
                 raise CttaError(f"corruption {c!r} cannot be generated yet (generated: "
                                 f"{', '.join(generated_corruptions())}); put the -C files ({c}.npy, labels.npy) "
                                 f"under --data-root or choose other --corruptions")
             out[key] = _Source(clean.images, clean.labels, None, generated=True)
+            if c not in generated:
+                generated.append(c)
             continue
         if len(pre) != len(clean) or not torch.equal(pre.labels.long(), clean.labels.long()):
             raise ConfigError(f"the -C file of {c} (severity {s}) holds {len(pre)} images whose labels do not "
@@ -203,7 +221,28 @@ def _sources(keys: List[Key], clean: ImageSet, used: Dict[Key, List[Tensor]],
         rows = torch.unique(torch.cat(used[key]))  # sorted
         position = torch.full((len(clean),), -1, dtype=torch.long)
         position[rows] = torch.arange(len(rows))
-        out[key] = _Source(pre.images[rows].clone(), pre.labels[rows].clone(), position, generated=False)
+        out[key] = _Source(pre.images[rows].clone(), pre.labels[rows].clone(), position, generated=False,
+                           path=pre.source)
+    if generated and files is not None:  # a -C folder without these files: say so (generate_missing: false forbids it)
+        log.info("no -C files for %s: generating %s on the device from the clean test set", ", ".join(generated),
+                 "it" if len(generated) == 1 else "them")
+    elif generated:
+        log.info("generating %s on the device from the clean test set", ", ".join(generated))
+    return out
+
+
+def _provenance(sources: Dict[Key, _Source], params: str) -> Dict[str, Dict[str, Any]]:
+    """Where every domain's images came from, by ``<corruption>-<severity>``: a file, or the corruption engine."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for key, src in sources.items():
+        if key is None:
+            continue
+        c, s = key
+        if src.generated:
+            out[f"{c}-{s}"] = {"source": "generated", "engine": "ctta.streams.corruptions", "params": params,
+                               "corruption": c, "severity": s}
+        else:
+            out[f"{c}-{s}"] = {"source": "files", "path": src.path, "corruption": c, "severity": s}
     return out
 
 
@@ -213,16 +252,31 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
                       params: str = "cifar10",
                       files: Optional[Callable[[str, int], Optional[ImageSet]]] = None,
                       spec: Optional[dict] = None, rounds: Optional[int] = None, interleave_clean: bool = False,
-                      clean_ratio: float = 0.0, label_shift: Any = None) -> Stream:
+                      clean_ratio: float = 0.0, label_shift: Any = None, generate_missing: bool = True,
+                      clean_missing: Optional[str] = None) -> Stream:
     """Build a corruption stream over ``clean``; ``files(corruption, severity)`` may supply precomputed -C images.
 
     ``order`` (see :mod:`.orders`), ``rounds``, ``interleave_clean`` (a clean adapt domain after every shifted
     one but the last), ``clean_ratio`` (that share of every batch is clean, groups shifted/clean) and
     ``label_shift`` (see :mod:`.label_shift`) shape the stream; ``num_samples`` counts samples per domain (per
-    severity step for the gradual orders). The same arguments give the same stream.
+    severity step for the gradual orders). The same arguments give the same stream. ``generate_missing=False``
+    makes a corruption that ``files`` does not supply an error instead of generating it. ``clean_missing`` (why
+    there are no clean images) means ``clean`` carries only the labels of the -C files (see
+    :func:`.datasets.load_c_labels`): the clean probes are skipped with a warning, and ``interleave_clean``,
+    ``clean_ratio`` or a corruption to generate are one-line errors.
     """
     opts = check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
                                 label_shift)
+    if not isinstance(generate_missing, bool):
+        raise ConfigError(f"generate_missing must be true or false, got {generate_missing!r}")
+    if clean_missing is not None:
+        if interleave_clean:
+            raise DataNotFoundError(f"interleave_clean needs the clean test set: {clean_missing}")
+        if opts.clean_per_batch:
+            raise DataNotFoundError(f"clean_ratio {clean_ratio} needs the clean test set: {clean_missing}")
+        if clean_eval:
+            log.warning("clean probes (clean@start, clean@end) skipped: %s", clean_missing)
+            clean_eval = False
     names = _corruption_list(corruptions)
     if order == "random":
         perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(stable_seed(seed, "order")))
@@ -308,7 +362,7 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
                               {"clean": True, "interleaved": True}))
     # 3) read the -C files (only the images used) and build the segments
     keys = sorted(k for k in used if k is not None)
-    sources = _sources(keys, clean, used, files)
+    sources = _sources(keys, clean, used, files, generate_missing, clean_missing)
     segments: List[Segment] = []
     probe_idx = pick("clean")
     if clean_eval:
@@ -331,25 +385,67 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
                      label_shift=opts.label_shift or None)
     if plan.counts is not None:
         full_spec["class_counts"] = list(plan.counts)
+    if generate_missing is False:
+        full_spec["generate_missing"] = False
     return Stream(name=name, segments=segments, num_classes=len(clean.classes), setting="tta", spec=full_spec,
-                  reset_each_domain=(order == "reset"))
+                  reset_each_domain=(order == "reset"), provenance=_provenance(sources, params))
+
+
+_HOW_TO_GET_CLEAN = ("pass --download when online, or put the clean test set (test.npz or a torchvision CIFAR "
+                     "folder) beside {folder}/ and point --data-root at the folder holding both")
 
 
 def _cifar_c(dataset: str):
     def build(data_root: Optional[str] = None, corruptions: Union[str, Sequence[str]] = "all", severity: int = 5,
               batch_size: int = 200, num_samples: Optional[int] = None, order: str = "continual", seed: int = 1,
               clean_eval: bool = True, download: bool = False, rounds: Optional[int] = None,
-              interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None) -> Stream:
+              interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None,
+              generate_missing: bool = True) -> Stream:
         check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
                              label_shift)
-        clean = load_cifar(dataset, data_root, train=False, download=download)
+        if not isinstance(generate_missing, bool):
+            raise ConfigError(f"generate_missing must be true or false, got {generate_missing!r}")
+        names = _corruption_list(corruptions)
+        root = Path(data_root).expanduser() if data_root else default_data_root()
+        found = {c: corrupted_file(dataset, root, c) for c in names}
+        missing = [c for c in names if found[c] is None]
+        c_name = _C_FOLDER[dataset]
+        release = c_release_folder(dataset, root)
+        if missing and not generate_missing:
+            where = release if release is not None else root
+            one = len(missing) == 1
+            raise DataNotFoundError(f"generate_missing is false but {len(missing)} of the {len(names)} corruptions "
+                                    f"{'has' if one else 'have'} no {c_name} file in {where}: missing "
+                                    f"{', '.join(c + '.npy' for c in missing)}; add {'it' if one else 'them'} or "
+                                    f"set generate_missing: true (or choose other --corruptions)")
+        clean_missing = None
+        try:
+            clean = load_cifar(dataset, data_root, train=False, download=download)
+        except DataNotFoundError:
+            if download or release is None:
+                raise
+            clean_missing = (f"only the {c_name} files were found in {release}, no clean {dataset} test set; "
+                             + _HOW_TO_GET_CLEAN.format(folder=c_name))
+            if missing:
+                present = [c for c in names if found[c] is not None]
+                raise DataNotFoundError(
+                    f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in {release} and generating "
+                    f"{'it' if len(missing) == 1 else 'them'} needs the clean {dataset} test set: "
+                    f"{_HOW_TO_GET_CLEAN.format(folder=c_name)}; or run only the corruptions found "
+                    f"(--corruptions {','.join(present) or '...'})") from None
+            clean = load_c_labels(dataset, root, names[0])
+            log.info("running %sc from the %s files alone in %s: labels from %s; no clean %s test set",
+                     dataset, c_name, release, clean.source, dataset)
+        spec = {"dataset": dataset, "data_root": str(data_root) if data_root else None,
+                "generate_missing": generate_missing}
         return corruption_stream(
-            f"{dataset}c", clean, corruptions, severity, batch_size, num_samples, order, seed, clean_eval,
-            params="cifar10", files=lambda c, s: load_corrupted(dataset, data_root, c, s) if data_root else None,
-            spec={"dataset": dataset, "data_root": str(data_root) if data_root else None}, rounds=rounds,
-            interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift)
+            f"{dataset}c", clean, names, severity, batch_size, num_samples, order, seed, clean_eval,
+            params="cifar10", files=lambda c, s: load_corrupted(dataset, root, c, s), spec=spec, rounds=rounds,
+            interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift,
+            generate_missing=generate_missing, clean_missing=clean_missing)
 
-    build.__doc__ = f"{dataset.upper()}-C: the {dataset} test set under the 15 corruptions (files or generated)."
+    build.__doc__ = (f"{dataset.upper()}-C: the {dataset} test set under the 15 corruptions (files or generated; "
+                     f"from the {_C_FOLDER[dataset]} files alone when there is no clean set).")
     return build
 
 

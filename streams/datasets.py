@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Literal, Optional, Sequence, Tuple, Union
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ctta.errors import ConfigError, DataNotFoundError
+from ctta.errors import ConfigError, CttaError, DataNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ _TV_TEST = {"cifar10": ("test_batch",), "cifar100": ("test",)}
 _TV_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
 _C_FOLDER = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 
+# what a malformed or truncated .npy / .npz raises: header and mmap errors, a cut zip (BadZipFile), bad deflate data
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
 _HOW_TO_GET = ("pass --download when online, or point --data-root at a torchvision CIFAR folder or an .npz file "
                "with 'images' (uint8 N x H x W x 3) and 'labels'")
 
@@ -49,6 +54,7 @@ class ImageSet:
     images: Tensor
     labels: Tensor
     classes: List[str]
+    source: Optional[str] = None  # the file the images were read from, when one (a -C file: its provenance)
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.shape[0] != self.labels.shape[0]:
@@ -129,8 +135,11 @@ def _load_npz(path: Path, name: str) -> ImageSet:
                                   f"{', '.join(missing)} (has: {', '.join(data.files) or 'none'})")
             classes = data["classes"].tolist() if "classes" in data.files else None
             images, labels = data["images"], data["labels"]
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
+    except CttaError:  # a ConfigError is a ValueError: keep the message of a check above as it is
+        raise
+    except _READ_ERRORS as e:
+        raise ConfigError(f"{path}: not a readable .npz file ({type(e).__name__}: {e}); is it truncated? "
+                          f"download or copy it again") from None
     log.info("loaded %s from %s (%d images)", name, path, len(labels))
     return _to_imageset(images, labels, classes, name, path)
 
@@ -282,13 +291,94 @@ def load_cifar(name: DatasetName, root: Optional[PathLike], train: bool = False,
                             f"{', '.join(looked)}; {_HOW_TO_GET}")
 
 
+def _c_candidates(root: Path, name: str) -> Tuple[Path, ...]:
+    """Where the -C files of ``name`` may be: ``<root>/CIFAR-10-C``, or ``root`` itself unless it is the -C folder
+    of the other dataset (a CIFAR-10-C folder is no CIFAR-100-C release)."""
+    base = root.parent if root.is_file() else root
+    other = {f for n, f in _C_FOLDER.items() if n != name}
+    return (base / _C_FOLDER[name],) if base.name in other else (base / _C_FOLDER[name], base)
+
+
 def _c_folder(root: Path, name: str, corruption: str) -> Optional[Path]:
     """The -C folder (``<root>/CIFAR-10-C`` or ``root`` itself) holding ``<corruption>.npy``, if any."""
-    base = root.parent if root.is_file() else root
-    for folder in (base / _C_FOLDER[name], base):
+    for folder in _c_candidates(root, name):
         if (folder / f"{corruption}.npy").is_file():
             return folder
     return None
+
+
+def _resolve_root(root: Optional[PathLike]) -> Path:
+    return default_data_root() if root is None else Path(root).expanduser()
+
+
+def _check_corruption_name(corruption: str) -> None:
+    if not corruption or Path(corruption).name != corruption:
+        raise ConfigError(f"not a corruption name: {corruption!r}")
+
+
+def c_release_folder(name: DatasetName, root: Optional[PathLike]) -> Optional[Path]:
+    """The released -C folder at ``root`` (``<root>/CIFAR-10-C``, or ``root`` itself), if it holds ``labels.npy``
+    and at least one corruption file; ``root`` may also be an .npz file beside that folder."""
+    _check_name(name)
+    for folder in _c_candidates(_resolve_root(root), name):
+        if (folder / "labels.npy").is_file() and any(
+                f.suffix == ".npy" and f.name != "labels.npy" and f.is_file() for f in folder.iterdir()):
+            return folder
+    return None
+
+
+def corrupted_file(name: DatasetName, root: Optional[PathLike], corruption: str) -> Optional[Path]:
+    """The released file ``<corruption>.npy`` under ``root`` (see :func:`load_corrupted`), or None if absent."""
+    _check_name(name)
+    _check_corruption_name(corruption)
+    root = _resolve_root(root)
+    folder = _c_folder(root, name, corruption)
+    return None if folder is None else folder / f"{corruption}.npy"
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """``path`` memory-mapped; a truncated or malformed file is a one-line ConfigError naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise ConfigError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}); is it truncated? "
+                          f"download or copy it again") from None
+
+
+def _c_arrays(name: str, root: Path, corruption: str) -> Tuple[Path, np.ndarray, np.ndarray, int]:
+    """The -C file of ``corruption``, its memory-mapped stack and labels, and N (images per severity)."""
+    folder = _c_folder(root, name, corruption)
+    if folder is None:
+        raise DataNotFoundError(f"no {_C_FOLDER[name]}/{corruption}.npy under {root}")
+    path, labels_path = folder / f"{corruption}.npy", folder / "labels.npy"
+    if not labels_path.is_file():
+        raise DataNotFoundError(f"{folder} holds {path.name} but no labels.npy; copy the whole "
+                                f"{_C_FOLDER[name]} folder")
+    stack = _open_npy(path)
+    labels = _open_npy(labels_path).reshape(-1)
+    total = stack.shape[0]
+    if stack.ndim != 4 or stack.shape[-1] != 3 or total % SEVERITIES:
+        raise ConfigError(f"{path}: expected {SEVERITIES} severities x N images (N x H x W x 3) stacked, got "
+                          f"shape {stack.shape}")
+    n = total // SEVERITIES
+    if labels.shape[0] not in (n, total):
+        raise ConfigError(f"{labels_path}: {labels.shape[0]} labels for {total} images in {path.name}")
+    return path, stack, labels, n
+
+
+def load_c_labels(name: DatasetName, root: Optional[PathLike], corruption: str) -> ImageSet:
+    """The N test labels of a released -C folder (``labels.npy``; severity 1's when stacked), without pixels.
+
+    For a stream run from the -C files alone: ``images`` is N x 3 x 0 x 0 (there are no clean images), ``labels``
+    are those of severity 1 of ``<corruption>.npy``, ``source`` is the labels file.
+    """
+    _check_name(name)
+    _check_corruption_name(corruption)
+    path, _, labels, n = _c_arrays(name, _resolve_root(root), corruption)
+    labels_path = path.parent / "labels.npy"
+    s = _to_imageset(np.zeros((n, 0, 0, 3), np.uint8), np.array(labels[:n]), None, name, labels_path)
+    s.source = str(labels_path)
+    return s
 
 
 def load_corrupted(name: DatasetName, root: Optional[PathLike], corruption: str,
@@ -296,39 +386,28 @@ def load_corrupted(name: DatasetName, root: Optional[PathLike], corruption: str,
     """One severity of a released -C file (``CIFAR-10-C/<corruption>.npy``: 5 severities stacked), or None if absent.
 
     ``root`` may be the data folder, an .npz file inside it, or the -C folder itself; None tells the caller to
-    generate the corruption instead.
+    generate the corruption instead. ``source`` of the result is the file read.
     """
     _check_name(name)
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= SEVERITIES:
         raise ConfigError(f"severity must be an integer from 1 to {SEVERITIES}, got {severity!r}")
-    if not corruption or Path(corruption).name != corruption:
-        raise ConfigError(f"not a corruption name: {corruption!r}")
-    root = default_data_root() if root is None else Path(root).expanduser()
-    folder = _c_folder(root, name, corruption)
-    if folder is None:
-        log.debug("no %s/%s.npy under %s; the corruption will be generated", _C_FOLDER[name], corruption, root)
+    _check_corruption_name(corruption)
+    root = _resolve_root(root)
+    if _c_folder(root, name, corruption) is None:
+        log.debug("no %s/%s.npy under %s", _C_FOLDER[name], corruption, root)
         return None
-    path, labels_path = folder / f"{corruption}.npy", folder / "labels.npy"
-    if not labels_path.is_file():
-        raise DataNotFoundError(f"{folder} holds {path.name} but no labels.npy; copy the whole "
-                                f"{_C_FOLDER[name]} folder")
-    try:
-        stack = np.load(path, mmap_mode="r", allow_pickle=False)
-        labels = np.load(labels_path, mmap_mode="r", allow_pickle=False).reshape(-1)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable .npy file ({e})") from None
-    total = stack.shape[0]
-    if stack.ndim != 4 or total % SEVERITIES:
-        raise ConfigError(f"{path}: expected {SEVERITIES} severities x N images (N x H x W x 3) stacked, got "
-                          f"shape {stack.shape}")
-    n = total // SEVERITIES
+    path, stack, labels, n = _c_arrays(name, root, corruption)
     sl = slice((severity - 1) * n, severity * n)
-    if labels.shape[0] == total:
+    if labels.shape[0] != n:
         labels = labels[sl]
-    elif labels.shape[0] != n:
-        raise ConfigError(f"{labels_path}: {labels.shape[0]} labels for {total} images in {path.name}")
+    try:
+        images = np.array(stack[sl])
+    except _READ_ERRORS as e:
+        raise ConfigError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
     log.info("using %s severity %d from %s", corruption, severity, path)
-    return _to_imageset(np.array(stack[sl]), np.array(labels), None, name, path)
+    s = _to_imageset(images, np.array(labels), None, name, path)
+    s.source = str(path)
+    return s
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
@@ -414,5 +493,5 @@ def load_imagenet_c(root: PathLike, corruption: str, severity: int, size: Option
     return load_image_folder(folder, classes=classes, size=size, max_per_class=max_per_class, seed=seed)
 
 
-__all__ = ["CIFAR10_CLASSES", "ImageSet", "default_data_root", "cache_dir", "load_cifar", "load_corrupted",
-           "load_image_folder", "load_imagenet_c"]
+__all__ = ["CIFAR10_CLASSES", "ImageSet", "c_release_folder", "cache_dir", "corrupted_file", "default_data_root",
+           "load_c_labels", "load_cifar", "load_corrupted", "load_image_folder", "load_imagenet_c"]

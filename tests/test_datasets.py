@@ -307,3 +307,49 @@ def test_shared_cifar10_train_jpeg(tmp_path, monkeypatch):
     monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path))
     s = load_cifar("cifar10", SHARED_TEST.parent, train=True)
     assert s.images.shape == (50000, 3, 32, 32) and s.labels.bincount().tolist() == [5000] * 10
+
+
+# ---- truncated and misplaced files: one-line errors ------------------------------------------------------------------
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_truncated_npz_is_a_one_line_config_error(tmp_path, compressed):
+    x, y = _images(12), np.arange(12) % 10
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "test.npz", images=x, labels=y)
+    data = (tmp_path / "test.npz").read_bytes()
+    (tmp_path / "test.npz").write_bytes(data[:len(data) // 2])
+    for root in (tmp_path, tmp_path / "test.npz"):
+        with pytest.raises(ConfigError, match="test.npz: not a readable .npz file") as e:
+            load_cifar("cifar10", root)
+        assert "\n" not in str(e.value) and "truncated" in str(e.value)
+
+
+@pytest.mark.parametrize("which", ["gaussian_noise.npy", "labels.npy"])
+@pytest.mark.parametrize("keep", [20, 0.5])
+def test_truncated_c_file_is_a_one_line_config_error_naming_it(tmp_path, which, keep):
+    from ctta.streams.datasets import load_c_labels
+
+    _write_c(tmp_path / "CIFAR-10-C")
+    f = tmp_path / "CIFAR-10-C" / which
+    data = f.read_bytes()
+    f.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    for load in (lambda: load_corrupted("cifar10", tmp_path, "gaussian_noise", 2),
+                 lambda: load_c_labels("cifar10", tmp_path, "gaussian_noise")):
+        with pytest.raises(ConfigError, match=f"{which}: not a readable .npy file") as e:
+            load()
+        assert "\n" not in str(e.value)
+
+
+def test_c_file_records_its_path_and_a_cifar10_c_folder_is_no_cifar100_c_release(tmp_path):
+    from ctta.streams.datasets import c_release_folder, corrupted_file, load_c_labels
+
+    _write_c(tmp_path / "CIFAR-10-C")
+    s = load_corrupted("cifar10", tmp_path, "gaussian_noise", 1)
+    assert s.source == str(tmp_path / "CIFAR-10-C" / "gaussian_noise.npy")
+    labels = load_c_labels("cifar10", tmp_path / "CIFAR-10-C", "gaussian_noise")
+    assert labels.labels.tolist() == [0, 1, 2, 3] and labels.images.shape == (4, 3, 0, 0)
+    assert c_release_folder("cifar10", tmp_path) == c_release_folder("cifar10", tmp_path / "CIFAR-10-C") \
+        == tmp_path / "CIFAR-10-C"
+    assert corrupted_file("cifar10", tmp_path, "fog") is None
+    # pointing at CIFAR-10-C itself must not serve its files as CIFAR-100-C
+    assert c_release_folder("cifar100", tmp_path / "CIFAR-10-C") is None
+    assert load_corrupted("cifar100", tmp_path / "CIFAR-10-C", "gaussian_noise", 1) is None

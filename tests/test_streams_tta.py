@@ -301,3 +301,117 @@ def test_cli_overrides_and_experiment_files_reach_the_stream():
         check_stream_options(opts.get("severity", 5), opts.get("batch_size", 200), opts.get("num_samples"),
                              opts.get("order", "continual"), opts.get("rounds"), opts.get("interleave_clean", False),
                              opts.get("clean_ratio", 0.0), opts.get("label_shift"))
+
+
+# ---------------------------------------------------------------- CIFAR-10-C files alone, provenance, generate_missing
+
+C_N = 20  # images per severity of the tiny -C files below
+
+
+def _c_release(folder: Path, corruptions=("gaussian_noise",), seed: int = 0):
+    """A released-layout -C folder: ``<c>.npy`` (5 x C_N images; pixel (0, 0) = index, channel 1 = severity) and
+    ``labels.npy`` (the C_N labels tiled 5 times, as released). Returns the labels of one severity."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.random.default_rng(seed).integers(0, 10, C_N).astype(np.uint8)
+    stack = np.zeros((5 * C_N, 32, 32, 3), np.uint8)
+    for s in range(5):
+        stack[s * C_N:(s + 1) * C_N, 0, 0, 0] = np.arange(C_N)
+        stack[s * C_N:(s + 1) * C_N, :, :, 1] = s + 1
+    for c in corruptions:
+        np.save(folder / f"{c}.npy", stack)
+    np.save(folder / "labels.npy", np.tile(labels, 5))
+    return labels
+
+
+@pytest.mark.parametrize("at_c_folder", [False, True])
+def test_cifar10c_runs_from_the_c_files_alone_with_labels_from_labels_npy(tmp_path, at_c_folder, caplog):
+    import logging
+
+    labels = _c_release(tmp_path / "CIFAR-10-C")
+    root = tmp_path / "CIFAR-10-C" if at_c_folder else tmp_path
+    caplog.set_level(logging.INFO, logger="ctta.streams")
+    s = create("cifar10c", data_root=str(root), corruptions="gaussian_noise", severity=3, batch_size=8)
+    assert [seg.name for seg in s] == ["gaussian_noise-3"]  # no clean probes: there is no clean set
+    assert s.spec["clean_eval"] is False and s.spec["generate_missing"] is True
+    assert any("clean probes" in r.message and "skipped" in r.message and r.levelno == logging.WARNING
+               for r in caplog.records)
+    x, y = s.segments[0].materialise(torch.device("cpu"))[:2]
+    idx = (x[:, 0, 0, 0] * 255).round().long()
+    assert sorted(idx.tolist()) == list(range(C_N)) and ((x[:, 1] * 255).round() == 3).all()
+    assert y.tolist() == labels[idx.numpy()].tolist()
+    path = str(tmp_path / "CIFAR-10-C" / "gaussian_noise.npy")
+    assert s.provenance == {"gaussian_noise-3": {"source": "files", "path": path, "corruption": "gaussian_noise",
+                                                  "severity": 3}}
+
+
+@pytest.mark.parametrize("asked, word", [
+    ({"corruptions": "gaussian_noise,fog"}, "generating it needs the clean cifar10 test set"),
+    ({"interleave_clean": True}, "interleave_clean needs the clean test set"),
+    ({"clean_ratio": 0.25}, "clean_ratio 0.25 needs the clean test set"),
+])
+def test_what_needs_the_clean_set_is_a_one_line_error_from_the_c_files_alone(tmp_path, asked, word):
+    from ctta.errors import DataNotFoundError
+
+    _c_release(tmp_path / "CIFAR-10-C")
+    spec = {"corruptions": "gaussian_noise", "batch_size": 8, **asked}
+    with pytest.raises(DataNotFoundError, match=word) as e:
+        create("cifar10c", data_root=str(tmp_path), **spec)
+    assert "\n" not in str(e.value) and "--download" in str(e.value)
+
+
+def _clean_npz(root: Path, labels) -> None:
+    import numpy as np
+
+    images = np.random.default_rng(1).integers(0, 256, (C_N, 32, 32, 3), dtype=np.uint8)
+    np.savez(root / "test.npz", images=images, labels=labels)
+
+
+def test_missing_c_file_with_generate_missing_false_is_a_one_line_error(tmp_path):
+    from ctta.errors import DataNotFoundError
+
+    labels = _c_release(tmp_path / "CIFAR-10-C", corruptions=("contrast",))
+    _clean_npz(tmp_path, labels)
+    with pytest.raises(DataNotFoundError, match="generate_missing is false.*missing gaussian_noise.npy") as e:
+        create("cifar10c", data_root=str(tmp_path), corruptions="gaussian_noise,contrast", generate_missing=False)
+    assert "\n" not in str(e.value) and str(tmp_path / "CIFAR-10-C") in str(e.value)
+    with pytest.raises(ConfigError, match="generate_missing must be true or false"):
+        create("cifar10c", data_root=str(tmp_path), generate_missing="no")
+
+
+def test_missing_c_file_is_generated_visibly_and_recorded_in_summary_and_report(tmp_path, caplog):
+    import json
+    import logging
+
+    import ctta
+    from ctta import strategies
+    from conftest import make_tiny
+
+    labels = _c_release(tmp_path / "CIFAR-10-C", corruptions=("contrast",))
+    _clean_npz(tmp_path, labels)
+    caplog.set_level(logging.INFO, logger="ctta.streams")
+    s = create("cifar10c", data_root=str(tmp_path), corruptions="gaussian_noise,contrast", batch_size=10,
+               severity=2)
+    assert any(r.levelno == logging.INFO and "no -C files for gaussian_noise" in r.message for r in caplog.records)
+    assert s.provenance["gaussian_noise-2"]["source"] == "generated"
+    assert s.provenance["contrast-2"] == {"source": "files", "path": str(tmp_path / "CIFAR-10-C" / "contrast.npy"),
+                                          "corruption": "contrast", "severity": 2}
+    assert "provenance" not in s.spec and "data_sources" not in s.spec  # the resumed-run check compares the spec
+    ctta.run(s, strategies.create("source", make_tiny(num_classes=10)), device="cpu", out=tmp_path / "run",
+             progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data_sources"]["gaussian_noise-2"]["source"] == "generated"
+    assert summary["data_sources"]["contrast-2"]["path"].endswith("CIFAR-10-C/contrast.npy")
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Data sources" in page and "contrast.npy" in page and "generated" in page
+
+
+def test_truncated_test_npz_is_a_one_line_error_for_the_stream(tmp_path):
+    labels = _c_release(tmp_path / "CIFAR-10-C")
+    _clean_npz(tmp_path, labels)
+    data = (tmp_path / "test.npz").read_bytes()
+    (tmp_path / "test.npz").write_bytes(data[:len(data) // 3])
+    with pytest.raises(ConfigError, match="test.npz: not a readable .npz file") as e:
+        create("cifar10c", data_root=str(tmp_path), corruptions="gaussian_noise")
+    assert "\n" not in str(e.value)
