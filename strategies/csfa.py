@@ -30,19 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from ctta.backbones.classifier import features_and_logits
-from ctta.errors import ConfigError
+from ctta.hparams import Positive, Unit
 
 from .base import register
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.prototypes import PrototypeMemory, calibrate, cosine_logits, feature_dim
-
-
-def check_calibration(shift_weight: float, temperature: float, scale: float) -> None:
-    """One-line ConfigErrors for calibration knobs out of range."""
-    if not 0.0 <= float(shift_weight) <= 1.0:
-        raise ConfigError(f"shift_weight must be in [0, 1], got {shift_weight!r}")
-    if float(temperature) <= 0 or float(scale) <= 0:
-        raise ConfigError(f"temperature and scale must be positive, got {temperature!r} and {scale!r}")
 
 
 @register
@@ -53,10 +45,9 @@ class CSFA(IncrementalStrategy):
     step_kinds = frozenset({"train", "adapt", "eval"})
     settings = frozenset({"gilcd", "few_shot_class_incremental", "class_incremental"})
 
-    def __init__(self, model: nn.Module, shift_weight: float = 0.1, temperature: float = 16.0, scale: float = 16.0,
-                 seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, shift_weight: Unit = 0.1, temperature: Positive = 16.0,
+                 scale: Positive = 16.0, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        check_calibration(shift_weight, temperature, scale)
         self.shift_weight = float(shift_weight)
         self.temperature = float(temperature)
         self.scale = float(scale)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ctta.hparams import Momentum, NonNegative, Positive
+
 from .base import register
 from .common.incremental import SGDLearner
 
@@ -20,8 +22,8 @@ class Finetune(SGDLearner):
     settings = frozenset({"class_incremental", "few_shot_class_incremental", "online_class_incremental",
                           "domain_incremental", "tta"})
 
-    def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
-                 mask_unseen: bool = True, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: Positive = 0.01, momentum: Momentum = 0.9,
+                 weight_decay: NonNegative = 0.0, mask_unseen: bool = True, seed: int = 0) -> None:
         super().__init__(model, lr, momentum, weight_decay, mask_unseen, seed)
         self.remember_initial_state()
 

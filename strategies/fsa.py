@@ -13,7 +13,7 @@ The session ends at the first prediction step after it (see ``common/incremental
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,12 @@ from torch import Tensor, nn
 
 from ctta.backbones.classifier import penultimate_features
 from ctta.backbones.peft import add_film, freeze, head_parameter_names
-from ctta.errors import ConfigError
+from ctta.hparams import Count, NonNegative, NonNegInt, Positive, Unit
 
 from .base import register
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.lda import IncrementalLDA
 from .common.replay import GrowingStore
-
-MODES = ("full", "film", "frozen")
 
 
 @register
@@ -37,12 +35,11 @@ class FSA(IncrementalStrategy):
 
     name = "fsa"
 
-    def __init__(self, model: nn.Module, mode: str = "full", lr: float = 0.005, weight_decay: float = 0.0,
-                 dropout: float = 0.5, ridge: float = 1.0, shrinkage: float = 0.0, covariance: str = "total",
-                 ddof: int = 1, priors: bool = False, feature_batch_size: int = 256, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, mode: Literal["full", "film", "frozen"] = "full", lr: Positive = 0.005,
+                 weight_decay: NonNegative = 0.0, dropout: Unit = 0.5, ridge: NonNegative = 1.0,
+                 shrinkage: Unit = 0.0, covariance: Literal["total", "within"] = "total", ddof: NonNegInt = 1,
+                 priors: bool = False, feature_batch_size: Count = 256, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        if mode not in MODES:
-            raise ConfigError(f"fsa mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.dropout = float(dropout)
         self.feature_batch_size = int(feature_batch_size)

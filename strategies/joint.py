@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ctta.errors import ConfigError
+from ctta.hparams import Count, Momentum, NonNegative, Positive
 
 from .base import register
 from .common.incremental import SGDLearner
 from .common.replay import GrowingStore
 
 log = logging.getLogger(__name__)
-
-MODES = ("retrain", "streaming")
 
 
 @register
@@ -46,12 +44,9 @@ class Joint(SGDLearner):
 
     name = "joint"
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 mask_unseen: bool = True, mode: str = "retrain", passes: int = 1, seed: int = 0) -> None:
-        if mode not in MODES:
-            raise ConfigError(f"joint mode must be one of {MODES}, got {mode!r}")
-        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-            raise ConfigError(f"joint passes must be an integer >= 1, got {passes!r}")
+    def __init__(self, model: nn.Module, lr: Positive = 0.1, momentum: Momentum = 0.0, weight_decay: NonNegative = 0.0,
+                 mask_unseen: bool = True, mode: Literal["retrain", "streaming"] = "retrain", passes: Count = 1,
+                 seed: int = 0) -> None:
         super().__init__(model, lr, momentum, weight_decay, mask_unseen, seed)
         self.mode = mode
         self.passes = passes

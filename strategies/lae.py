@@ -22,7 +22,7 @@ when ``learn`` is called outside the engine, where the session length is unknown
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from torch.func import functional_call
 from ctta.backbones.peft import (add_adapter, add_kv_lora, add_prefix, freeze, head_parameter_names, peft_modules,
                                  vit_block_names)
 from ctta.errors import ConfigError
+from ctta.hparams import Count, NonNegative, NonNegInt, Positive, Unit
 
 from .base import register
 from .common.incremental import IncrementalStrategy, mask_logits
@@ -79,20 +80,14 @@ class LAE(IncrementalStrategy):
 
     name = "lae"
 
-    def __init__(self, model: nn.Module, pet_type: str = "adapter", adapt_blocks: Optional[Sequence[int]] = None,
-                 pet_kwargs: Optional[Dict[str, Any]] = None, lr: float = 0.0028125, weight_decay: float = 0.0,
-                 ema_decay: float = 0.9999, num_epochs: int = 5, num_freeze_epochs: int = 3,
-                 freeze_batches: Optional[int] = None, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, pet_type: Literal["adapter", "lora", "prefix"] = "adapter",
+                 adapt_blocks: Optional[Sequence[NonNegInt]] = None, pet_kwargs: Optional[Dict[str, Any]] = None,
+                 lr: Positive = 0.0028125, weight_decay: NonNegative = 0.0, ema_decay: Unit = 0.9999,
+                 num_epochs: Count = 5, num_freeze_epochs: NonNegInt = 3, freeze_batches: Optional[NonNegInt] = None,
+                 seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        if not 0.0 <= float(ema_decay) <= 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1], got {ema_decay!r}")
-        if not (isinstance(num_epochs, int) and isinstance(num_freeze_epochs, int)
-                and num_epochs >= 1 and 0 <= num_freeze_epochs <= num_epochs):
-            raise ConfigError(f"need integers 0 <= num_freeze_epochs <= num_epochs with num_epochs >= 1, got "
-                              f"num_freeze_epochs={num_freeze_epochs!r}, num_epochs={num_epochs!r}")
-        if freeze_batches is not None and (isinstance(freeze_batches, bool) or not isinstance(freeze_batches, int)
-                                           or freeze_batches < 0):
-            raise ConfigError(f"freeze_batches must be a non-negative integer or omitted, got {freeze_batches!r}")
+        if num_freeze_epochs > num_epochs:
+            raise ConfigError(f"lae: num_freeze_epochs={num_freeze_epochs!r} must be <= num_epochs={num_epochs!r}")
         self.pet_type = str(pet_type)
         self.ema_decay = float(ema_decay)
         self.freeze_fraction = num_freeze_epochs / num_epochs

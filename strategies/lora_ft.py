@@ -13,14 +13,15 @@ parameters train in a session.
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.backbones.peft import LoRALinear, add_attention_peft, add_lora, freeze, head_parameter_names
-from ctta.errors import ConfigError, UnsupportedError
+from ctta.errors import UnsupportedError
+from ctta.hparams import Count, NonNegative, Positive
 
 from .base import register
 from .common.incremental import IncrementalStrategy, mask_logits
@@ -48,11 +49,7 @@ class PeftIncremental(IncrementalStrategy):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, loss_classes: str, train_head: Optional[bool],
                  seed: int) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        if loss_classes not in ("session", "seen"):
-            raise ConfigError(f"loss_classes must be 'session' or 'seen', got {loss_classes!r}")
         self.lr, self.weight_decay = float(lr), float(weight_decay)
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {lr!r}")
         self.loss_classes = loss_classes
         self.train_head = (not is_clip(model)) if train_head is None else bool(train_head)
         self._session_classes: Optional[Tensor] = None
@@ -114,10 +111,10 @@ class LoRAFineTune(PeftIncremental):
 
     name = "lora_ft"
 
-    def __init__(self, model: nn.Module, r: int = 4, alpha: float = 1.0,
-                 targets: Union[str, Sequence[str]] = DEFAULT_TARGETS, lr: float = 1e-3, weight_decay: float = 0.0,
-                 loss_classes: str = "session", train_head: Optional[bool] = None, attention: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, r: Count = 4, alpha: Positive = 1.0,
+                 targets: Union[str, Sequence[str]] = DEFAULT_TARGETS, lr: Positive = 1e-3,
+                 weight_decay: NonNegative = 0.0, loss_classes: Literal["session", "seen"] = "session",
+                 train_head: Optional[bool] = None, attention: bool = True, seed: int = 0) -> None:
         super().__init__(model, lr, weight_decay, loss_classes, train_head, seed)
         wrappers = add_attention_peft(self.model, lambda m: LoRALinear(m, r, alpha)) if attention else []
         try:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ctta.backbones.classifier import feature_map, has_feature_map, penultimate_features
 from ctta.errors import ConfigError, UnsupportedError
+from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
@@ -52,9 +53,6 @@ from .common.prototypes import feature_dim
 from .common.selective_scan import SelectiveSSM
 
 log = logging.getLogger(__name__)
-
-TOKEN_MODES = ("auto", "map", "pooled")
-
 
 class SSMBranch(nn.Module):
     """One branch: MLP (Linear-LayerNorm-LeakyReLU-Linear) from the pooled feature to ``num_tokens`` tokens plus a
@@ -165,28 +163,21 @@ class MambaFSCIL(IncrementalStrategy):
     name = "mamba_fscil"
     settings = frozenset({"few_shot_class_incremental", "class_incremental"})
 
-    def __init__(self, model: nn.Module, lr: float = 0.015625, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 dr_weight: float = 10.0, train_backbone: bool = True, num_tokens: int = 4,
-                 out_dim: Optional[int] = None, mid_dim: Optional[int] = None, d_state: int = 256,
-                 dt_rank: Optional[int] = None, d_conv: int = 4, expand: float = 1.0, inc_lr: float = 0.25,
-                 inc_steps: int = 200, inc_batch_size: int = 64, inc_warmup: int = 5, feature_mixup: float = 0.5,
-                 mixup_prob: float = 0.75, balanced_targets: bool = True, supp_weight: float = 100.0,
-                 supp_novel_weight: float = 1e-5, sep_weight: float = 1e-3, proto_ema: float = 0.01,
-                 backend: str = "auto", tokens: str = "auto", grid: int = 2, inc_grad_clip: Optional[float] = None,
-                 seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: Positive = 0.015625, momentum: Momentum = 0.9,
+                 weight_decay: NonNegative = 5e-4, dr_weight: NonNegative = 10.0, train_backbone: bool = True,
+                 num_tokens: Count = 4, out_dim: Optional[Count] = None, mid_dim: Optional[Count] = None,
+                 d_state: Count = 256, dt_rank: Optional[Count] = None, d_conv: Count = 4, expand: Positive = 1.0,
+                 inc_lr: Positive = 0.25, inc_steps: Count = 200, inc_batch_size: Count = 64, inc_warmup: NonNegInt = 5,
+                 feature_mixup: Unit = 0.5, mixup_prob: Unit = 0.75, balanced_targets: bool = True,
+                 supp_weight: NonNegative = 100.0, supp_novel_weight: NonNegative = 1e-5,
+                 sep_weight: NonNegative = 1e-3, proto_ema: Unit = 0.01, backend: Literal["auto", "torch", "mamba"] = "auto",
+                 tokens: Literal["auto", "map", "pooled"] = "auto", grid: Count = 2,
+                 inc_grad_clip: Optional[Positive] = None, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        if tokens not in TOKEN_MODES:
-            raise ConfigError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
         if tokens == "map" and not has_feature_map(model):
             raise UnsupportedError(f"tokens='map' needs a backbone with a feature map (forward_feature_map); "
                                    f"{type(model).__name__} has none: use tokens='pooled'")
         self.tokens = "map" if tokens == "map" or (tokens == "auto" and has_feature_map(model)) else "pooled"
-        for key, val in (("num_tokens", num_tokens), ("d_state", d_state), ("inc_batch_size", inc_batch_size),
-                         ("grid", grid)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
-        if not 0.0 <= mixup_prob <= 1.0 or not 0.0 <= feature_mixup <= 1.0:
-            raise ConfigError(f"mixup_prob and feature_mixup must lie in [0, 1], got {mixup_prob!r}, {feature_mixup!r}")
         k, d = num_outputs(model), feature_dim(model)
         out_dim = int(out_dim) if out_dim else max(d, k)
         if out_dim < k:
@@ -200,8 +191,6 @@ class MambaFSCIL(IncrementalStrategy):
         self.feature_mixup, self.mixup_prob, self.balanced_targets = feature_mixup, mixup_prob, bool(balanced_targets)
         self.supp_weight, self.supp_novel_weight, self.sep_weight = supp_weight, supp_novel_weight, sep_weight
         self.proto_ema = float(proto_ema)
-        if inc_grad_clip is not None and not inc_grad_clip > 0:
-            raise ConfigError(f"inc_grad_clip must be None or > 0, got {inc_grad_clip!r}")
         self.inc_grad_clip = inc_grad_clip
         self.grid = int(grid) if self.tokens == "map" else None
         with torch.random.fork_rng(devices=[]):  # the projector and ETF depend on the seed only

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 from torch import nn
 
 from ctta.backbones.peft import MixtureOfRankLoRA, add_mora
-from ctta.errors import CheckpointError, ConfigError
+from ctta.errors import CheckpointError
+from ctta.hparams import Count, NonNegative, Positive, Unit
 
 from .base import register
 from .lora_ft import DEFAULT_TARGETS, PeftIncremental
@@ -52,14 +53,12 @@ class MoRA(PeftIncremental):
 
     name = "mora"
 
-    def __init__(self, model: nn.Module, r: int = 4, k: int = 2, tau: float = 0.5, delta: float = 0.0,
-                 alpha: float = 1.0, prune_freq: float = 0.01,
-                 targets: Union[str, Sequence[str]] = DEFAULT_TARGETS, lr: float = 1e-3, weight_decay: float = 0.0,
-                 loss_classes: str = "session", train_head: Optional[bool] = None, attention: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, r: Count = 4, k: Count = 2, tau: Positive = 0.5, delta: float = 0.0,
+                 alpha: Positive = 1.0, prune_freq: Unit = 0.01,
+                 targets: Union[str, Sequence[str]] = DEFAULT_TARGETS, lr: Positive = 1e-3,
+                 weight_decay: NonNegative = 0.0, loss_classes: Literal["session", "seen"] = "session",
+                 train_head: Optional[bool] = None, attention: bool = True, seed: int = 0) -> None:
         super().__init__(model, lr, weight_decay, loss_classes, train_head, seed)
-        if not 0.0 <= float(prune_freq) <= 1.0:
-            raise ConfigError(f"prune_freq must be in [0, 1], got {prune_freq!r}")
         self.prune_freq = float(prune_freq)
         self.experts: List[MixtureOfRankLoRA] = add_mora(
             self.model, r=r, k=k, tau=tau, delta=delta, alpha=alpha,

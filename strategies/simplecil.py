@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ctta.backbones.classifier import penultimate_features
 from ctta.backbones.peft import freeze
+from ctta.hparams import Positive
 
 from .base import register
 from .common.incremental import IncrementalStrategy, num_outputs
@@ -26,7 +27,7 @@ class SimpleCIL(IncrementalStrategy):
 
     name = "simplecil"
 
-    def __init__(self, model: nn.Module, scale: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, scale: Positive = 1.0, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
         freeze(self.model)
         self.model.eval()

@@ -219,14 +219,15 @@ def test_token_mode_choice_and_errors():
     assert MambaFSCIL(make_tiny(), backend="torch", **SMALL).tokens == "pooled"
     s = MambaFSCIL(make_tiny_map(), backend="torch", tokens="map", grid=3, **SMALL)
     assert s._features(torch.rand(2, 3, 8, 8)).shape == (2, 8, 3, 3) and s.class_means.shape == (6, 8, 3, 3)
-    with pytest.raises(ConfigError, match="tokens"):
-        MambaFSCIL(make_tiny_map(), backend="torch", tokens="grid", **SMALL)
+    # choices and ranges are the signature's declarations, checked by ``create`` (one line naming key and value)
+    with pytest.raises(ConfigError, match="hyperparameter tokens='grid'"):
+        ctta.strategies.create("mamba_fscil", make_tiny_map(), backend="torch", tokens="grid", **SMALL)
     with pytest.raises(UnsupportedError, match="feature map"):
         MambaFSCIL(make_tiny(), backend="torch", tokens="map", **SMALL)
-    with pytest.raises(ConfigError, match="grid"):
-        MambaFSCIL(make_tiny_map(), backend="torch", tokens="map", grid=0, **SMALL)
-    with pytest.raises(ConfigError, match="inc_grad_clip"):
-        MambaFSCIL(make_tiny_map(), backend="torch", inc_grad_clip=0.0, **SMALL)
+    with pytest.raises(ConfigError, match="hyperparameter grid=0"):
+        ctta.strategies.create("mamba_fscil", make_tiny_map(), backend="torch", tokens="map", grid=0, **SMALL)
+    with pytest.raises(ConfigError, match="hyperparameter inc_grad_clip=0.0"):
+        ctta.strategies.create("mamba_fscil", make_tiny_map(), backend="torch", inc_grad_clip=0.0, **SMALL)
 
 
 def _novel_losses(**kw):

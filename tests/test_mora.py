@@ -176,7 +176,7 @@ def test_checkpoint_round_trip_reset_and_errors():
     assert fresh.task == 1 and torch.allclose(fresh.predict(x), expected)
     s.reset()
     assert s.task == 0 and s.sessions.session == -1
-    with pytest.raises(ConfigError, match="budget k"):
+    with pytest.raises(ConfigError, match="hyperparameter k=0"):
         strategies.create("mora", _clip(), k=0)
     with pytest.raises(ConfigError, match="loss_classes"):
         strategies.create("lora_ft", _clip(), loss_classes="all")
