@@ -16,9 +16,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ctta.errors import ConfigError, UnsupportedError
-from ctta.evaluation import (CostMeter, Recorder, SegmentAccumulator, definitions_for, error_table, plot_accuracy,
-                             run_metrics)
+from ctta import runfolder
+from ctta.errors import ConfigError, DivergedError, NonFiniteInputError, UnsupportedError
+from ctta.evaluation import (CostMeter, Recorder, RunEstimate, SegmentAccumulator, definitions_for, error_table,
+                             display_table, plot_accuracy, run_metrics)
+from ctta.evaluation.health import COLLAPSE_THRESHOLD, ON_DIVERGE
 from ctta.streams.base import Stream
 from ctta.strategies.base import Strategy
 
@@ -69,13 +71,33 @@ class RunResult:
     files: Dict[str, Path] = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
-        """One-row paper-style table: per-domain error (%), mean, forgetting and images/s."""
-        return error_table({self.summary["strategy"]: self.summary})
+        """One-row paper-style table for display: per-domain error (%), mean, forgetting (% points) and images/s,
+        rounded as every displayed table (``DISPLAY_DECIMALS``); domains.csv and summary.json keep full precision."""
+        return display_table(error_table({self.summary["strategy"]: self.summary}))
 
     def plot(self, path: Optional[str | Path] = None) -> Path:
         """Accuracy over time with domain boundaries, written to ``path`` (default: the run folder)."""
         target = Path(path) if path else (self.out or Path(".")) / "accuracy_over_time.png"
         return plot_accuracy(self.steps, target, title=f"{self.summary['strategy']} on {self.summary['stream']}")
+
+
+def check_finite_input(x: torch.Tensor, segment: str, stream: str) -> None:
+    """Refuse a segment whose images hold NaN or infinite values: one reduction and one host sync per segment."""
+    if x.is_floating_point() and not bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        bad = int((~torch.isfinite(x)).sum())  # only on the error path (a huge finite sum can overflow to inf)
+        if bad:
+            raise NonFiniteInputError(f"segment {segment!r} of stream {stream!r} holds {bad} non-finite pixel "
+                                      f"value(s) (NaN or inf) in its images; fix the data or its transform")
+
+
+def check_health_options(collapse_threshold: float, on_diverge: str) -> None:
+    """One-line errors for ``run.collapse_threshold`` (a number in [0, 1]) and ``run.on_diverge`` (stop / mark)."""
+    if on_diverge not in ON_DIVERGE:
+        raise ConfigError(f"run.on_diverge must be one of {', '.join(ON_DIVERGE)}, got {on_diverge!r}")
+    if isinstance(collapse_threshold, bool) or not isinstance(collapse_threshold, (int, float)) \
+            or not 0 <= collapse_threshold <= 1:
+        raise ConfigError(f"run.collapse_threshold must be a number from 0 (never mark) to 1, got "
+                          f"{collapse_threshold!r}")
 
 
 def _save_checkpoint(out: Path, payload: Dict[str, Any]) -> None:
@@ -86,39 +108,79 @@ def _save_checkpoint(out: Path, payload: Dict[str, Any]) -> None:
 
 def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = "auto",
         out: Optional[str | Path] = None, resume: bool = False, progress: bool = True,
-        config: Optional[Mapping[str, Any]] = None) -> RunResult:
-    """Run ``strategy`` over ``stream`` on ``device``; write the run folder ``out`` as it goes when given."""
+        config: Optional[Mapping[str, Any]] = None, force: bool = False,
+        collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop") -> RunResult:
+    """Run ``strategy`` over ``stream`` on ``device``; write the run folder ``out`` as it goes when given.
+
+    This process holds ``out`` while it writes it (a second writer is refused, naming this one; see
+    :mod:`ctta.runfolder`). A folder that holds a finished or unfinished run is refused unless ``resume`` (continue
+    after its last finished segment; a finished run is returned as it is, untouched) or ``force`` (overwrite it).
+    On resume, ``config`` must equal the saved config.yaml but for how-to-run keys (``run.device``, ``run.out``...).
+    ``config`` is saved as config.yaml; without it, what the engine knows (stream spec, strategy, device).
+    Health (docs/evaluation.md): a segment whose predictions are far more concentrated than its labels is marked
+    collapsed (``collapse_threshold``); non-finite logits stop the run with :class:`DivergedError` after that
+    segment's rows and the summary are written (``on_diverge="stop"``), or mark it and go on (``"mark"``).
+    """
+    check_health_options(collapse_threshold, on_diverge)
+    with runfolder.lock(out):
+        return _run(stream, strategy, device, out, resume, progress, config, force,
+                    collapse_threshold=collapse_threshold, on_diverge=on_diverge)
+
+
+def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, out: Optional[str | Path],
+         resume: bool, progress: bool, config: Optional[Mapping[str, Any]], force: bool,
+         collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop") -> RunResult:
     check_compatible(stream, strategy)
     dev = resolve_device(device)
     strategy.to(dev)
     out_path = Path(out) if out is not None else None
-    recorder = Recorder(out_path, num_classes=stream.num_classes)
+    recorder = Recorder(out_path, num_classes=stream.num_classes, collapse_threshold=collapse_threshold)
     first = 0
-    if resume:
-        if out_path is None or not (out_path / CHECKPOINT).is_file():
-            raise ConfigError(f"nothing to resume: no {CHECKPOINT} in {str(out_path)!r}")
+    cost_state = None  # the cost totals of the part of the run before an interruption
+    if resume and out_path is None:
+        raise ConfigError("nothing to resume: resume needs the run folder (out=... / --out)")
+    state = runfolder.check_start(out_path, resume, force) if out_path is not None else "empty"
+    if resume and state == "empty" and not (out_path / runfolder.CONFIG).is_file():
+        raise ConfigError(f"nothing to resume: no {CHECKPOINT} in {str(out_path)!r}")
+    if resume:  # the same run, or a one-line refusal naming what differs; nothing is written before
+        if config is not None:
+            runfolder.check_resume_config(out_path, config)
+        else:  # Python API: the strategy keys the saved config and this strategy both have
+            known = runfolder.api_config(stream, strategy, dev)
+            runfolder.check_resume_config(out_path, {"strategy": known["strategy"]}, common_only=True)
+    if resume and state == "finished":
+        summary, steps, segments, groups, files = runfolder.load_finished(out_path)
+        runfolder.check_same_run(out_path, summary.get("strategy"), summary.get("stream_spec"), strategy, stream)
+        log.info("%s holds a finished run: its results are returned as they are, nothing is rerun", out_path)
+        return RunResult(summary=summary, steps=steps, segments=segments, out=out_path, groups=groups, files=files)
+    if resume and state == "unfinished":
         ckpt = torch.load(out_path / CHECKPOINT, map_location=dev, weights_only=False)
-        if ckpt.get("stream_spec") != stream.spec or ckpt.get("strategy") != strategy.name:
-            raise ConfigError(f"cannot resume {str(out_path)!r}: it holds a run of {ckpt.get('strategy')!r} on "
-                              f"another stream spec; use a new --out folder")
+        runfolder.check_same_run(out_path, ckpt.get("strategy"), ckpt.get("stream_spec"), strategy, stream)
         strategy.load_checkpoint_state(ckpt["strategy_state"])
         first = int(ckpt["next_segment"])
+        cost_state = ckpt.get("cost")
         recorder.restore(first)
         log.info("resuming %s after segment %d of %d", out_path, first, len(stream))
     elif out_path is not None:
-        for name in ("steps.csv", "segments.csv", "groups.csv", "segment_details.jsonl", "summary.json", "report.html",
-                     "accuracy_matrix.png", "domain_errors.png", CHECKPOINT):
-            if (out_path / name).exists():
-                (out_path / name).unlink()
-    if config is not None and out_path is not None:
-        from ctta.config import dump_yaml
-
-        dump_yaml(config, out_path / "config.yaml")
+        if resume:
+            log.info("%s: no segment had finished; starting from the first", out_path)
+        elif state != "empty":
+            log.warning("--force: overwriting the %s run in %s", state, out_path)
+        runfolder.clean(out_path)
+    if out_path is not None and not (state == "unfinished" and resume and (out_path / runfolder.CONFIG).is_file()):
+        if config is not None:
+            runfolder.write_config(out_path, config)
+        else:
+            runfolder.write_config(out_path, runfolder.api_config(stream, strategy, dev), header=runfolder.API_HEADER)
 
     meter = CostMeter(dev)
+    if cost_state:
+        meter.load_state_dict(cost_state)  # time, images, steps and peak memory accumulate across the interruption
+    estimate = RunEstimate(meter, f"{strategy.name} on {stream.name}", stream.segments[first:], log)
     calls = {"adapt": lambda x, y: strategy.adapt(x), "train": strategy.learn,
              "eval": lambda x, y: strategy.predict(x)}
     seen_domain = any(s.role == "domain" for s in stream.segments[:first])
+    stopped: Optional[tuple] = None  # (segment, message) of a divergence that stopped the run
     try:
         for index, seg in enumerate(stream.segments):
             if index < first:
@@ -128,6 +190,7 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
                     strategy.reset()
                 seen_domain = True
             x_all, y_all, g_all = seg.materialise(dev)
+            check_finite_input(x_all, seg.name, stream.name)
             bar = tqdm(total=seg.num_batches, desc=f"[{index + 1}/{len(stream)}] {seg.name}", unit="batch",
                        disable=not progress, dynamic_ncols=True, leave=False)
             acc = SegmentAccumulator()
@@ -137,6 +200,7 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
             for i in range(0, x_all.shape[0], seg.batch_size):
                 x, y = x_all[i:i + seg.batch_size], y_all[i:i + seg.batch_size]
                 acc.update(call(x, y), y, None if g_all is None else g_all[i:i + seg.batch_size])
+                estimate.after_batch(seg, i // seg.batch_size, x.shape[0])  # times one early batch, once
                 bar.update(1)
             bar.close()
             strategy.segment_end(seg)  # inside the timing: end-of-session work (a retrain, an LDA solve) is cost too
@@ -145,9 +209,18 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
             recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds, meta=seg.meta, groups=seg.groups)
             log.info("%-24s %-5s accuracy %.2f%%  (%.1f img/s)", seg.name, seg.kind, 100 * rec.accuracy,
                      rec.n / max(seconds, 1e-12))
+            if rec.nonfinite:  # the segment's rows are written; its checkpoint is not (it would hold a NaN model)
+                what = (f"{strategy.name} diverged on segment {seg.name!r} of stream {stream.name!r}: "
+                        f"{rec.nonfinite} of {rec.n} samples had non-finite logits (NaN or inf)")
+                if on_diverge == "mark":
+                    log.warning("%s; marked, the run goes on (run.on_diverge=mark)", what)
+                else:
+                    where = f"; the results so far are in {out_path}, marked diverged" if out_path else ""
+                    stopped = (seg.name, f"{what}{where}; set run.on_diverge=mark to run on and mark it")
+                    break
             if out_path is not None:
                 _save_checkpoint(out_path, {"next_segment": index + 1, "strategy": strategy.name,
-                                            "stream_spec": stream.spec,
+                                            "stream_spec": stream.spec, "cost": meter.state_dict(),
                                             "strategy_state": strategy.checkpoint_state()})
     except KeyboardInterrupt:
         if out_path is not None:
@@ -157,16 +230,24 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     segments = recorder.segments()
     summary: Dict[str, Any] = {"stream": stream.name, "strategy": strategy.name, "device": str(dev),
                                "stream_spec": stream.spec}
+    summary["data_sources"] = getattr(stream, "provenance", None) or None  # per domain: -C file or generated
     groups = recorder.groups()
-    summary.update(run_metrics(segments, groups, recorder.details))
-    # cost of this process' part of the run (a resumed run times only the segments it ran)
+    summary.update(run_metrics(segments, groups, recorder.details, collapse_threshold=collapse_threshold))
+    if stopped:
+        summary["stopped_at"] = stopped[0]
+    if summary.get("collapsed_segments"):
+        log.warning("%s on %s: predictions collapsed in %s", strategy.name, stream.name,
+                    ", ".join(summary["collapsed_segments"]))
+    # cost of the whole run: a resumed run adds its part to the totals saved in the checkpoint
     summary.update(meter.summary(strategy.trainable_parameters()))
     summary["memory_kind"] = meter.memory_kind()
     summary["definitions"] = definitions_for(summary)
     result = RunResult(summary=summary, steps=recorder.steps(), segments=segments, out=out_path, groups=groups)
     if out_path is not None:
         recorder.write_summary(summary)
-        result.files = write_run_report(result, config is not None)
+        result.files = write_run_report(result, True)
+    if stopped:
+        raise DivergedError(stopped[1])
     return result
 
 
@@ -179,7 +260,7 @@ def write_run_report(result: RunResult, has_config: bool = False) -> Dict[str, P
     assert out is not None
     s = result.summary
     table = result.table()
-    table.to_csv(out / "domains.csv", index_label="strategy")
+    error_table({s["strategy"]: s}).to_csv(out / "domains.csv", index_label="strategy")  # full precision
     files = {"steps": out / "steps.csv", "segments": out / "segments.csv", "domains": out / "domains.csv",
              "summary": out / "summary.json", "details": out / "segment_details.jsonl", "plot": result.plot()}
     if len(result.groups):

@@ -27,3 +27,19 @@ class CheckpointError(CttaError, ValueError):
 
 class UnsupportedError(CttaError, ValueError):
     """A strategy asked to run a stream (step kind or setting) it does not support."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder that holds another run (finished, unfinished, or of another config) than the one asked for."""
+
+
+class RunFolderLockedError(RunFolderError):
+    """A run folder another process is writing right now; the message names that process."""
+
+
+class DivergedError(CttaError, RuntimeError):
+    """A model whose outputs became non-finite (NaN / infinity) during a run (``run.on_diverge: stop``)."""
+
+
+class NonFiniteInputError(CttaError, ValueError):
+    """A stream segment whose images hold NaN or infinite pixel values; the message names segment and stream."""

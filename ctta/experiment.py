@@ -76,10 +76,32 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
 
     One seed: each strategy in ``<out>/<strategy>`` (``<out>`` itself for a single strategy), labels are the
     strategy names. Several seeds: ``<out>/<strategy>/seed-<s>``, labels ``<strategy>/seed-<s>``, and the
-    comparison shows mean +- std over seeds.
+    comparison shows mean +- std over seeds. Several runs also save the resolved config at ``<out>/config.yaml``
+    (so ``ctta-bench --resume --out <out>`` continues them). ``<out>`` is held by this process until the last run
+    ends; folders holding earlier runs are refused before any work unless ``run.resume`` or ``run.force``.
     """
-    from ctta import backbones, strategies
-    from ctta.engine import CHECKPOINT, resolve_device, run
+    from ctta import runfolder
+
+    run_cfg = dict(cfg.get("run") or {})
+    if not run_cfg.get("out"):
+        name = (cfg.get("stream") or {}).get("name") or "run"
+        run_cfg["out"] = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = {**cfg, "run": run_cfg}
+    with runfolder.lock(run_cfg["out"]):
+        return _run_experiment(cfg, progress)
+
+
+def _run_folder(out_root: Path, name: str, seed: int, names: List[str], seeds: List[int]) -> Path:
+    """Where run (``name``, ``seed``) writes: ``<out>``, ``<out>/<strategy>`` or ``<out>/<strategy>/seed-<s>``."""
+    if len(seeds) > 1:
+        return out_root / name / f"seed-{seed}"
+    return out_root / name if len(names) > 1 else out_root
+
+
+def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
+    from ctta import backbones, runfolder, strategies
+    from ctta.engine import check_health_options, resolve_device, run
+    from ctta.evaluation.health import COLLAPSE_THRESHOLD
 
     names = strategy_names(cfg)
     for n in names:
@@ -87,6 +109,9 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
     seeds = seed_list(cfg)
     run_cfg = cfg.get("run", {})
     device = resolve_device(run_cfg.get("device", "auto"))
+    health = {"collapse_threshold": run_cfg.get("collapse_threshold", COLLAPSE_THRESHOLD),
+              "on_diverge": run_cfg.get("on_diverge", "stop")}
+    check_health_options(**health)
     out_root = Path(run_cfg.get("out") or Path("runs") / f"{cfg['stream']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     show = run_cfg.get("progress", True) if progress is None else progress
     results = {}
@@ -95,6 +120,7 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
     checked = {n: strategies.check_hparams(n, _hparams_for(n, hp_all, len(names) > 1)) for n in names}
     backbones.check(**cfg.get("backbone", {}))
     many = len(names) > 1 or len(seeds) > 1
+    check_folders(cfg, out_root, [_run_folder(out_root, n, s, names, seeds) for s in seeds for n in names], many)
     for seed in seeds:
         seed_cfg = {**cfg, "run": {**run_cfg, "seed": seed}}
         if len(seeds) > 1 and "seed" in cfg.get("stream", {}):
@@ -115,12 +141,28 @@ def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict
             one_cfg = {**seed_cfg, "strategy": {"name": name, **defaults, **hp}}
             log.info("running %s (seed %d) on %s (%s) -> %s", name, seed, stream.name, device, out)
             # with several runs, those not started yet when the run was interrupted start fresh
-            resume = bool(run_cfg.get("resume")) and (not many or (out / CHECKPOINT).is_file())
+            resume = bool(run_cfg.get("resume")) and (not many or runfolder.folder_state(out) != "empty")
             results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
-                                 config=one_cfg)
+                                 config=one_cfg, force=bool(run_cfg.get("force")), **health)
     if many:
         write_comparison(results, out_root)
     return results
+
+
+def check_folders(cfg: Mapping[str, Any], out_root: Path, outs: List[Path], many: bool) -> None:
+    """Before any work: refuse run folders holding earlier runs (unless resume / force); with several runs, check
+    a resumed root's saved config.yaml against ``cfg`` and save ``cfg`` there."""
+    from ctta import runfolder
+
+    resume, force = bool(cfg["run"].get("resume")), bool(cfg["run"].get("force"))
+    if not many:
+        runfolder.check_start(out_root, resume, force)  # the config itself is checked by the engine
+        return
+    runfolder.check_experiment_root(out_root, outs, resume, force)
+    if resume:
+        runfolder.check_resume_config(out_root, cfg)
+    if not (resume and (out_root / runfolder.CONFIG).is_file()):
+        runfolder.write_config(out_root, cfg)
 
 
 def write_comparison(results: Mapping[str, Any], out_root: Path, force: bool = False) -> Dict[str, Path]:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ctta.errors import ConfigError
 
+from .health import health_note, worst
 from .html import comparison_report
 from .report import accuracy_figure, domain_error_figure, error_table, save_figure
 
@@ -113,7 +114,7 @@ def aggregate(groups: Mapping[str, Sequence[RunData]]) -> tuple[pd.DataFrame, pd
     means, stds, counts = {}, {}, {}
     order: List[str] = []
     for label, runs in groups.items():
-        t = error_table({str(i): r.summary for i, r in enumerate(runs)})
+        t = error_table({str(i): r.summary for i, r in enumerate(runs)}).drop(columns="status")  # see group_status
         order += [c for c in t.columns if c not in order]
         means[label] = t.mean(axis=0, numeric_only=True)
         stds[label] = t.std(axis=0, ddof=1, numeric_only=True).fillna(0.0) if len(runs) > 1 else t.iloc[0] * 0.0
@@ -161,6 +162,36 @@ def mean_std_text(mean: pd.DataFrame, std: pd.DataFrame, counts: pd.Series) -> p
     return out
 
 
+def group_status(runs: Sequence[RunData]) -> str:
+    """The worst health of a group's runs, with how many of them when only some are affected."""
+    statuses = [str(r.summary.get("health") or "unknown") for r in runs]
+    bad = worst(statuses)
+    k = sum(s == bad for s in statuses)
+    return bad if k == len(runs) or bad in ("ok", "unknown") else f"{bad} ({k}/{len(runs)} seeds)"
+
+
+def health_notes(groups: Mapping[str, Sequence[RunData]]) -> List[str]:
+    """One line per run that diverged or collapsed (label, folder, where), in table order."""
+    return [n for label, g in groups.items() for r in g
+            if (n := health_note(label, r.summary, str(r.path) if r.path else ""))]
+
+
+MARK = "†"
+FOOTNOTE = (f"{MARK} not a healthy number: the mean includes a run that diverged (non-finite outputs) or whose "
+            "predictions collapsed (see status and below)")
+
+
+def mark_unhealthy(text: pd.DataFrame, status: pd.Series) -> pd.DataFrame:
+    """The text table with a ``status`` column and a footnote mark on the mean of every group that is not ok."""
+    out = text.copy()
+    out["status"] = status
+    if "mean" in out:
+        for label in out.index:
+            if not str(status[label]).startswith(("ok", "unknown")) and out.loc[label, "mean"] != "–":
+                out.loc[label, "mean"] = f"{out.loc[label, 'mean']} {MARK}"
+    return out
+
+
 def _mean_curve(runs: Sequence[RunData]) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
     """The first run's step table with accuracy replaced by the mean over runs; a +-std band when several."""
     base = runs[0].steps.reset_index(drop=True)
@@ -190,11 +221,16 @@ def write_comparison_report(runs: Sequence[RunData], out: Path, force: bool = Fa
     for c in mean.columns:
         csv_table[f"{c} std"] = std[c]
     csv_table["seeds"] = counts
+    status = pd.Series({label: group_status(g) for label, g in groups.items()}, name="status")
+    csv_table["status"] = status
     csv_table.to_csv(out / "comparison.csv", index_label="strategy")
-    text = mean_std_text(mean, std, counts)
+    text = mark_unhealthy(mean_std_text(mean, std, counts), status)
+    marked = "mean" in text and text["mean"].astype(str).str.endswith(MARK).any()
+    warnings = ([FOOTNOTE] if marked else []) + health_notes(groups)
     stream = runs[0].summary.get("stream", "?")
     unit = "online error (%) per domain, mean, forgetting (%), img/s"
-    (out / "comparison.md").write_text(f"{unit} on {stream}; mean ± std over seeds\n\n" + to_markdown(text))
+    (out / "comparison.md").write_text(f"{unit} on {stream}; mean ± std over seeds\n\n" + to_markdown(text)
+                                       + "".join(f"\n{line}\n" for line in warnings))
     curves, bands = {}, {}
     for label, g in groups.items():
         if len(g[0].steps):
@@ -218,5 +254,6 @@ def write_comparison_report(runs: Sequence[RunData], out: Path, force: bool = Fa
     stats = {label: summary_stats(g) for label, g in groups.items()}
     (out / "comparison.json").write_text(json.dumps(stats, indent=2))
     files["json"] = out / "comparison.json"
-    files["html"] = comparison_report(out / "comparison.html", title or f"Comparison on {stream}", text, images, notes)
+    files["html"] = comparison_report(out / "comparison.html", title or f"Comparison on {stream}", text, images, notes,
+                                      warnings)
     return {k: v for k, v in files.items() if v is not None}

@@ -1,10 +1,11 @@
 """Cost meters: wall time (with one device sync per segment), images/s, peak device memory, trainable parameters."""
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
-from typing import Dict, Iterable
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +27,21 @@ class CostMeter:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self._t0 = 0.0
+        self._peak_before = 0.0  # peak of the earlier part of a resumed run (same memory kind)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The totals so far, for a checkpoint: a resumed run adds to them (:meth:`load_state_dict`)."""
+        return {"seconds": dict(self.seconds), "images": dict(self.images), "steps": dict(self.steps),
+                "peak_memory_mb": self.peak_memory_mb(), "memory_kind": self.memory_kind()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Continue from the totals of :meth:`state_dict` (an interrupted run's time, images and steps)."""
+        for name in ("seconds", "images", "steps"):
+            saved = state.get(name) or {}
+            getattr(self, name).update({k: type(getattr(self, name)[k])(v) for k, v in saved.items()
+                                        if k in getattr(self, name)})
+        if state.get("memory_kind") == self.memory_kind():  # a CUDA peak and a process RSS do not compare
+            self._peak_before = float(state.get("peak_memory_mb") or 0.0)
 
     def start(self) -> None:
         synchronize(self.device)
@@ -40,11 +56,16 @@ class CostMeter:
         self.steps[kind] += steps
         return dt
 
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start`, after a device sync (one host sync: call it rarely)."""
+        synchronize(self.device)
+        return time.perf_counter() - self._t0
+
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            return max(self._peak_before, torch.cuda.max_memory_allocated(self.device) / 2**20)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+        return max(self._peak_before, rss / 1024 if sys.platform != "darwin" else rss / 2**20)
 
     def memory_kind(self) -> str:
         return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
@@ -59,3 +80,47 @@ class CostMeter:
         out["trainable_parameters"] = int(sum(p.numel() for p in trainable))
         out["adaptation_steps"] = self.steps["adapt"] + self.steps["train"]
         return out
+
+
+def duration_text(seconds: float) -> str:
+    """A rough human duration: '40 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunEstimate:
+    """The expected duration of a run, logged once at INFO from one measured batch of its first adapt/train segment.
+
+    The timed batch is the segment's second (its first pays the warm-up: lazy initialisation, cuDNN autotuning), or
+    its only one; that costs two host syncs per run and nothing on any other batch. ``segments`` are those still to
+    run (a resumed run counts only what is left); eval images are counted apart (forward passes only).
+    """
+
+    def __init__(self, meter: CostMeter, label: str, segments: Sequence[Any],
+                 logger: Optional[logging.Logger] = None) -> None:
+        self.meter, self.label = meter, label
+        self.images = sum(int(s.num_samples) for s in segments if s.kind != "eval")
+        self.eval_images = sum(int(s.num_samples) for s in segments if s.kind == "eval")
+        self.log = logger or logging.getLogger("ctta.engine")
+        self.done = self.images == 0
+        self.message: Optional[str] = None
+        self._mark = 0.0
+
+    def after_batch(self, segment: Any, index: int, batch_images: int) -> None:
+        """Call after batch ``index`` (0-based) of ``segment``; returns at once except on the one timed batch."""
+        if self.done or segment.kind == "eval":
+            return
+        if index == 0 and segment.num_batches > 1:
+            self._mark = self.meter.elapsed()
+            return
+        seconds = self.meter.elapsed() - (self._mark if index else 0.0)
+        self.done = True
+        rate = batch_images / max(seconds, 1e-9)
+        self.message = (f"{self.label}: about {duration_text(self.images / rate)} for {self.images} images at "
+                        f"{rate:.0f} img/s (measured on batch {index + 1} of {segment.name}"
+                        + (f"; plus {self.eval_images} eval images, forward passes only" if self.eval_images else "")
+                        + "; loading or generating each domain's data comes on top)")
+        self.log.info("%s", self.message)

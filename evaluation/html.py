@@ -9,6 +9,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import pandas as pd
 
+from .health import health_note
+from .report import metrics_table
+
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f2f2f2}img{max-width:100%}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
@@ -34,20 +37,31 @@ def page(title: str, sections: Sequence[tuple]) -> str:
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>")
 
 
+def _sources_html(sources: Mapping[str, Mapping[str, Any]]) -> str:
+    """Where each domain's images came from: a -C file (its path) or the corruption engine (generated)."""
+    rows = [{"domain": d, "source": s.get("source", ""),
+             "detail": s.get("path") or ", ".join(f"{k}={v}" for k, v in s.items()
+                                                  if k not in ("source", "path", "corruption", "severity"))}
+            for d, s in sources.items()]
+    return pd.DataFrame(rows).to_html(index=False, escape=True, na_rep="–")
+
+
 def run_report(out: Path, summary: Mapping[str, Any], table: pd.DataFrame, images: Mapping[str, Path],
                config_text: Optional[str] = None) -> Path:
     """``report.html`` of one run: the paper-style table, the scalar metrics, plots, definitions and config."""
-    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics = pd.DataFrame({"value": list(scalars.values())}, index=list(scalars))
     defs = summary.get("definitions", {})
-    sections = [
-        ("Online error (%) per domain", _table_html(table)),
-        ("Metrics", _table_html(metrics, "{:.4g}")),
-    ]
+    sections = [("Online error (%) per domain", _table_html(table))]
+    note = health_note(str(summary.get("strategy")), dict(summary))
+    if note:
+        sections.append((f"Health: {summary.get('health')}", _health_html([note])))
+    sections.append(("Metrics (accuracy and error in %, forgetting in % points; summary.json keeps the fractions)",
+                     _table_html(metrics_table(summary))))
     sections += [(name, embed_png(p)) for name, p in images.items() if Path(p).is_file()]
     sections.append(("Definitions", "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                                                       for k, v in defs.items()) + "</dl>"))
     sections.append(("Stream spec", f"<pre>{html.escape(json.dumps(summary.get('stream_spec', {}), indent=2, default=str))}</pre>"))
+    if summary.get("data_sources"):
+        sections.append(("Data sources", _sources_html(summary["data_sources"])))
     if config_text:
         sections.append(("Resolved config (config.yaml)", f"<pre>{html.escape(config_text)}</pre>"))
     path = Path(out) / "report.html"
@@ -55,10 +69,17 @@ def run_report(out: Path, summary: Mapping[str, Any], table: pd.DataFrame, image
     return path
 
 
+def _health_html(lines: Sequence[str]) -> str:
+    return "<ul>" + "".join(f"<li><b>{html.escape(line)}</b></li>" for line in lines) + "</ul>"
+
+
 def comparison_report(path: Path, title: str, table_md: pd.DataFrame, images: Mapping[str, Path],
-                      notes: Dict[str, str]) -> Path:
-    """The comparison page: table of mean +- std, overlaid curves, error bars and which runs were grouped."""
+                      notes: Dict[str, str], warnings: Sequence[str] = ()) -> Path:
+    """The comparison page: table of mean +- std, the runs that diverged or collapsed (``warnings``), overlaid
+    curves, error bars and which runs were grouped."""
     sections = [("Table (mean +- std over seeds)", _table_html(table_md))]
+    if warnings:
+        sections.append(("Health: runs that are not ok", _health_html(warnings)))
     sections += [(name, embed_png(p)) for name, p in images.items() if Path(p).is_file()]
     sections.append(("Runs", "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                                                for k, v in notes.items()) + "</dl>"))

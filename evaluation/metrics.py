@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .calibration import ECE_BINS
+from .health import COLLAPSE_THRESHOLD, MIN_EVIDENCE, health_summary
 from .matrix import accuracy_matrix, average_anytime_accuracy, matrix_metrics
 
 DEFINITIONS: Dict[str, str] = {
@@ -54,6 +55,19 @@ DEFINITIONS: Dict[str, str] = {
     "peak_memory_mb": "peak device memory: CUDA allocator peak on a GPU, process peak RSS on a CPU (MiB)",
     "trainable_parameters": "number of parameters the strategy's optimizer updates",
     "adaptation_steps": "number of adapt and train steps taken (steps that may change the model)",
+    "health": "diverged if any segment had a sample with non-finite logits, else collapsed if any segment's "
+              "predictions collapsed, else ok; a run that is not ok is marked in every table",
+    "diverged": "true when some sample of some segment had a NaN or +inf logit, or no finite one (segments.csv: "
+                "nonfinite); such a sample has no prediction and counts as an error",
+    "nonfinite_samples": "samples, over all segments, whose logits held a NaN or +inf, or no finite value (-inf "
+                         "alone is a masked class)",
+    "diverged_segments": "segments with at least one sample of non-finite logits, in stream order",
+    "collapsed_segments": "segments whose collapse_ratio = H(predicted classes) / H(true labels) (histogram "
+                          "entropies over the segment) is below collapse_threshold; judged only when at least "
+                          f"{MIN_EVIDENCE} labelled samples lie outside the segment's most frequent label",
+    "collapse_threshold": "run.collapse_threshold: a segment is collapsed when H(predictions) < threshold * "
+                          "H(labels), i.e. it uses fewer than (effective label classes)^threshold classes",
+    "stopped_at": "the segment after which the run stopped because it diverged (run.on_diverge: stop)",
 }
 
 
@@ -102,9 +116,11 @@ def domain_errors(segments: pd.DataFrame, groups: Optional[pd.DataFrame] = None)
 
 
 def run_metrics(segments: pd.DataFrame, groups: Optional[pd.DataFrame] = None,
-                details: Optional[Iterable[Mapping[str, Any]]] = None) -> Dict[str, Any]:
-    """Every run metric from the segment table, the group table and the per-segment details (ECE, per class)."""
-    out: Dict[str, Any] = {}
+                details: Optional[Iterable[Mapping[str, Any]]] = None,
+                collapse_threshold: float = COLLAPSE_THRESHOLD) -> Dict[str, Any]:
+    """Every run metric from the segment table, the group table and the per-segment details (ECE, per class),
+    and the run's health (divergence, collapse)."""
+    out: Dict[str, Any] = health_summary(segments, collapse_threshold) if "segment" in segments else {}
     out["domain_error"] = domain_errors(segments, groups)
     out["mean_error"] = float(np.mean(list(out["domain_error"].values()))) if out["domain_error"] else float("nan")
     interleaved = clean_interleave_errors(segments)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .calibration import expected_calibration_error
+from .health import collapse_ratio
 
 
 @dataclass
@@ -17,10 +18,11 @@ class SegmentRecord:
 
     step_sizes: np.ndarray  # (steps,)
     step_correct: np.ndarray  # (steps,)
-    predictions: np.ndarray  # (N,) argmax class
+    predictions: np.ndarray  # (N,) argmax class; -1 where the logits were not finite (no prediction: an error)
     labels: np.ndarray  # (N,)
     confidence: np.ndarray  # (N,) max softmax probability
     groups: Optional[np.ndarray] = None  # (N,) index into the segment's group names, or None
+    finite: Optional[np.ndarray] = None  # (N,) bool: every logit of the sample finite (None: all were)
 
     @property
     def n(self) -> int:
@@ -35,16 +37,26 @@ class SegmentRecord:
     def correct(self) -> np.ndarray:
         return self.predictions == self.labels
 
+    @property
+    def nonfinite(self) -> int:
+        """Samples whose logits held a NaN or +inf, or no finite value (the model diverged on them)."""
+        return 0 if self.finite is None else int((~self.finite).sum())
+
+    def collapse_ratio(self) -> float:
+        """H(predictions) / H(labels) of the segment (see :func:`ctta.evaluation.health.collapse_ratio`)."""
+        return collapse_ratio(self.predictions, self.labels)
+
     def confusion(self, num_classes: int) -> np.ndarray:
-        """Confusion matrix C[true, predicted] (counts)."""
+        """Confusion matrix C[true, predicted] (counts) of the labelled samples that have a prediction."""
         k = int(max(num_classes, self.labels.max(initial=-1) + 1, self.predictions.max(initial=-1) + 1))
-        flat = np.bincount(self.labels.astype(np.int64) * k + self.predictions, minlength=k * k)
+        keep = (self.labels >= 0) & (self.predictions >= 0)
+        flat = np.bincount(self.labels[keep].astype(np.int64) * k + self.predictions[keep], minlength=k * k)
         return flat.reshape(k, k)
 
     def per_class_accuracy(self, num_classes: int) -> List[Optional[float]]:
         """Accuracy on the samples of each true class (None for a class absent from the segment)."""
         c = self.confusion(num_classes)
-        n = c.sum(1)
+        n = np.bincount(self.labels[self.labels >= 0].astype(np.int64), minlength=len(c))[:len(c)]
         return [float(c[i, i] / n[i]) if n[i] else None for i in range(len(n))]
 
     def ece(self, bins: int = 15) -> float:
@@ -72,13 +84,18 @@ class SegmentAccumulator:
         self._label: List[Tensor] = []
         self._conf: List[Tensor] = []
         self._group: List[Tensor] = []
+        self._finite: List[Tensor] = []
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor] = None) -> None:
-        conf, pred = logits.detach().float().softmax(dim=1).max(dim=1)
-        self._pred.append(pred)
+        logits = logits.detach().float()
+        # NaN or +inf anywhere, or no finite logit at all; -inf alone is a masked class (unseen classes of CIL)
+        finite = ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=1) & torch.isfinite(logits).any(dim=1)
+        conf, pred = logits.softmax(dim=1).max(dim=1)
+        self._pred.append(torch.where(finite, pred, -1))  # no prediction from non-finite logits: counted wrong
         self._label.append(labels)
-        self._conf.append(conf)
+        self._conf.append(torch.where(finite, conf, 0.0))
+        self._finite.append(finite)
         if groups is not None:
             self._group.append(groups)
 
@@ -90,14 +107,14 @@ class SegmentAccumulator:
             raise ValueError("group indices were given for some steps of a segment but not all")
         sizes = np.array([p.numel() for p in self._pred], dtype=np.int64)
         # one transfer: predictions, labels and groups stacked as int64, confidences separately
-        ints = [torch.cat(self._pred), torch.cat(self._label).to(torch.long)]
+        ints = [torch.cat(self._pred), torch.cat(self._label).to(torch.long), torch.cat(self._finite).to(torch.long)]
         if self._group:
             ints.append(torch.cat(self._group).to(torch.long))
         stacked = torch.stack([t.to(ints[0].device) for t in ints]).cpu().numpy()
         conf = torch.cat(self._conf).cpu().numpy()
-        pred, label = stacked[0], stacked[1]
-        groups = stacked[2] if self._group else None
+        pred, label, finite = stacked[0], stacked[1], stacked[2].astype(bool)
+        groups = stacked[3] if self._group else None
         correct = (pred == label).astype(np.int64)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         step_correct = np.add.reduceat(correct, bounds[:-1]) if correct.size else np.zeros(0, np.int64)
-        return SegmentRecord(sizes, step_correct, pred, label, conf, groups)
+        return SegmentRecord(sizes, step_correct, pred, label, conf, groups, finite)

@@ -10,12 +10,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import pandas as pd
 
+from .health import COLLAPSE_THRESHOLD, is_collapsed
 from .online import SegmentRecord
 
 STEP_COLUMNS = ["segment_index", "segment", "kind", "role", "step", "step_in_segment", "n", "correct",
                 "accuracy", "error", "cumulative_accuracy", "rolling_accuracy"]
 SEGMENT_COLUMNS = ["segment_index", "segment", "kind", "role", "n", "accuracy", "error", "seconds",
-                   "images_per_s", "mean_confidence", "ece", "after", "groups", "meta"]
+                   "images_per_s", "mean_confidence", "ece", "after", "groups", "meta", "nonfinite", "collapse_ratio",
+                   "collapsed"]
 GROUP_COLUMNS = ["segment_index", "segment", "kind", "role", "after", "group", "n", "correct", "accuracy", "error",
                  "mean_confidence"]
 DETAILS = "segment_details.jsonl"
@@ -30,13 +32,16 @@ class Recorder:
     """Keeps the rows in memory and, when given a folder, appends them to ``steps.csv`` / ``segments.csv`` /
     ``groups.csv`` / ``segment_details.jsonl`` (confusion matrix, per-class accuracy, ECE of each segment).
 
-    ``window``: steps in the rolling mean of ``steps.csv`` (restarts at each segment).
+    ``window``: steps in the rolling mean of ``steps.csv`` (restarts at each segment); ``collapse_threshold``:
+    a segment is marked ``collapsed`` when its ``collapse_ratio`` is below it (see ``evaluation/health.py``).
     """
 
-    def __init__(self, out: Optional[Path] = None, window: int = 10, num_classes: Optional[int] = None) -> None:
+    def __init__(self, out: Optional[Path] = None, window: int = 10, num_classes: Optional[int] = None,
+                 collapse_threshold: float = COLLAPSE_THRESHOLD) -> None:
         self.out = Path(out) if out is not None else None
         self.window = window
         self.num_classes = num_classes
+        self.collapse_threshold = collapse_threshold
         self.step_rows: List[Dict[str, Any]] = []
         self.segment_rows: List[Dict[str, Any]] = []
         self.group_rows: List[Dict[str, Any]] = []
@@ -98,12 +103,14 @@ class Recorder:
         after = None if after is None else str(after)
         steps = self._step_rows(index, name, kind, role, rec)
         ece = rec.ece()
+        ratio = rec.collapse_ratio()
         seg = {"segment_index": index, "segment": name, "kind": kind, "role": role, "n": rec.n,
                "accuracy": rec.accuracy, "error": 1 - rec.accuracy, "seconds": seconds,
                "images_per_s": rec.n / seconds if seconds > 0 else float("nan"),
                "mean_confidence": float(rec.confidence.mean()) if rec.confidence.size else float("nan"),
                "ece": ece, "after": after, "groups": json.dumps(list(groups)) if groups else None,
-               "meta": json.dumps(meta) if meta else None}
+               "meta": json.dumps(meta) if meta else None, "nonfinite": rec.nonfinite, "collapse_ratio": ratio,
+               "collapsed": is_collapsed(ratio, self.collapse_threshold)}
         grows = [{"segment_index": index, "segment": name, "kind": kind, "role": role, "after": after, **g,
                   "error": 1 - g["accuracy"]} for g in rec.group_rows(groups or [])]
         classes = self.num_classes or 0

@@ -11,7 +11,8 @@ import pandas as pd
 
 
 def error_table(summaries: Mapping[str, Mapping]) -> pd.DataFrame:
-    """Strategies as rows, domains as columns, then the mean: online error in %, as CTTA papers print it."""
+    """Strategies as rows, domains as columns, then the mean: online error in %, as CTTA papers print it; last the
+    run's ``status`` (ok / collapsed / diverged; unknown for a run written before health was recorded)."""
     rows = {}
     for strategy, s in summaries.items():
         row = {d: 100 * e for d, e in s["domain_error"].items()}
@@ -24,15 +25,50 @@ def error_table(summaries: Mapping[str, Mapping]) -> pd.DataFrame:
             row["img/s"] = s["adapt_images_per_s"]
         elif s.get("train_images_per_s") is not None:
             row["img/s"] = s["train_images_per_s"]
+        row["status"] = s.get("health") or "unknown"
         rows[strategy] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+# every displayed number (terminal table, RunResult.table(), HTML, comparison cells) has this many decimals;
+# the files (domains.csv, comparison.csv, summary.json) keep full precision
+DISPLAY_DECIMALS = 1
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`error_table` rounded for display (``DISPLAY_DECIMALS``); the values are already percent."""
+    return table.round(DISPLAY_DECIMALS)
 
 
 def format_table(table: pd.DataFrame) -> str:
     """Fixed-width text of :func:`error_table`, domain names shortened to fit a terminal."""
     short = table.rename(columns=lambda c: str(c).replace("_noise", "").replace("_compression", "")
                          .replace("_transform", "").replace("_blur", "_b"))
-    return short.to_string(float_format=lambda v: f"{v:.1f}")
+    return short.to_string(float_format=lambda v: f"{v:.{DISPLAY_DECIMALS}f}")
+
+
+# summary scalars that are fractions of samples (shown x 100 as %) or differences of two such (shown as % points)
+PERCENT_METRICS = ("mean_error", "online_accuracy", "clean_accuracy_start", "clean_accuracy_end",
+                   "average_incremental_accuracy", "last_accuracy", "average_anytime_accuracy")
+POINT_METRICS = ("source_forgetting", "forgetting_avalanche", "forgetting_max", "backward_transfer")
+UNITS = {"_images_per_s": "img/s", "_ms_per_step": "ms", "peak_memory_mb": "MiB", "trainable_parameters": "count",
+         "adaptation_steps": "count"}
+
+
+def metrics_table(summary: Mapping) -> pd.DataFrame:
+    """The run's scalar metrics for display, one row each with its unit: accuracies and errors in %, forgetting
+    and transfer in percentage points, cost in img/s, ms, MiB or counts (summary.json keeps the raw fractions)."""
+    rows = {}
+    for k, v in summary.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if k in PERCENT_METRICS or k in POINT_METRICS:
+            value, unit = f"{100 * v:.{DISPLAY_DECIMALS}f}", "%" if k in PERCENT_METRICS else "% points"
+        else:
+            unit = next((u for suffix, u in UNITS.items() if k.endswith(suffix)), "")
+            value = f"{v:d}" if isinstance(v, int) else f"{v:.{DISPLAY_DECIMALS}f}" if unit else f"{v:.4g}"
+        rows[k] = {"value": value, "unit": unit}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["value", "unit"])
 
 
 def _plt():
