@@ -12,6 +12,7 @@ from ctta.errors import CttaError
 log = logging.getLogger("ctta")
 
 USAGE = """ctta-bench [--stream NAME --strategy NAME[,NAME...] [options]]   run an experiment
+       ctta-bench --resume --out DIR                                 continue the run(s) in DIR
        ctta-bench list                                               streams, strategies, backbones
        ctta-bench demo [--out DIR] [--device DEV]                    the offline default experiment
        ctta-bench report RUN [RUN ...] [--out DIR] [--force]         compare finished runs (mean +- std over seeds)
@@ -74,7 +75,11 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment YAML with stream/strategy/backbone/run sections")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set strategy.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out after its last finished segment (a finished run is shown as it "
+                   "is); the rest of the command may be left out: its saved config.yaml is used")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="overwrite the finished or unfinished run that --out holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
     return p
@@ -89,7 +94,7 @@ def _cli_config(a: argparse.Namespace) -> Dict[str, Any]:
         "strategy": {"name": a.strategy},
         "backbone": {"name": a.backbone, "weights": a.weights, "pretrained": a.pretrained,
                      "num_classes": a.num_classes},
-        "run": {"device": a.device, "seed": seed, "out": a.out, "resume": a.resume,
+        "run": {"device": a.device, "seed": seed, "out": a.out, "resume": a.resume, "force": a.force,
                 "progress": False if a.no_progress else None},
     }
 
@@ -106,24 +111,57 @@ def _print_results(results: Dict[str, Any]) -> None:
         title = "Online error (%) per domain"
     print(f"\n{title} on {first.summary['stream']} ({first.summary['device']}):")
     print(format_table(table))
+    legend = [text for col, text in (("forgetting", "forgetting: clean accuracy lost over the stream, % points"),
+                                     ("img/s", "img/s: images per second through adapt (or train) steps"))
+              if col in table]
+    if legend and "mean" in table:
+        print(f"({'; '.join(legend)})")
     seeded = any("/seed-" in k for k in results)
     outs = {str(r.out.parent.parent if seeded else r.out.parent if len(results) > 1 else r.out)
             for r in results.values() if r.out is not None}
     for o in sorted(outs):
         if seeded and (Path(o) / "comparison.md").is_file():
             print(f"\nMean +- std over seeds:\n{(Path(o) / 'comparison.md').read_text()}")
-        print(f"\nReport written to {o}/ (steps.csv, segments.csv, domains.csv, summary.json, config.yaml, "
-              f"accuracy_over_time.png, report.html)")
+    _print_files([r.out for r in results.values() if r.out is not None], sorted(outs))
+
+
+RUN_FILES = ("steps.csv", "segments.csv", "groups.csv", "domains.csv", "summary.json", "config.yaml",
+             "accuracy_over_time.png", "accuracy_matrix.png", "domain_errors.png", "report.html")
+
+
+def _print_files(folders: List[Path], roots: List[str]) -> None:
+    """The files the runs wrote, as they are on disk: each run folder's contents, then the pages to open."""
+    if not folders:
+        return
+    kept = [f for f in RUN_FILES if (folders[0] / f).is_file()]
+    print(f"\nRun folder{'s' if len(folders) > 1 else ''} ({', '.join(kept)}): "
+          f"{', '.join(f'{f}/' for f in folders)}")
+    pages = [f / "report.html" for f in folders if (f / "report.html").is_file()]
+    pages += [Path(o) / "comparison.html" for o in roots if (Path(o) / "comparison.html").is_file()]
+    if pages:
+        print("Reports (open in a browser):")
+        for page in pages:
+            print(f"  {page}" + ("   (the runs side by side)" if page.name == "comparison.html" else ""))
 
 
 def cmd_list() -> int:
+    import shutil
+    import textwrap
+
     from ctta import backbones, streams, strategies
 
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    indent = " " * 21
     for title, reg in (("streams", streams.STREAMS), ("strategies", strategies.STRATEGIES),
                        ("backbones", backbones.BACKBONES)):
         print(f"{title}:")
         for n in reg.names():
-            print(f"  {n:<18} {reg.describe(n)}")
+            text = reg.describe(n)
+            if title == "streams":
+                text += "".join(f" {label.capitalize()}: {', '.join(values)}."
+                                for label, values in streams.stream_choices(n).items())
+            print(textwrap.fill(text, width, initial_indent=f"  {n:<18} ", subsequent_indent=indent,
+                                break_on_hyphens=False) if text else f"  {n}")
     print("  (plus any timm model name, e.g. resnet50, vit_base_patch16_224)")
     return 0
 
@@ -135,12 +173,37 @@ def cmd_run(argv: List[str]) -> int:
     a = run_parser().parse_args(argv)
     _logging(a.quiet)
     experiment = load_yaml(a.config) if a.config else None
+    if a.resume and experiment is None:
+        experiment = _saved_config(a.out)  # the run as it was started; flags given must agree with it
+        for section, name in (("stream", a.stream), ("strategy", a.strategy), ("backbone", a.backbone)):
+            saved = experiment.get(section) or {}
+            if name and name != saved.get("name"):  # another one named: the saved options are not its options
+                experiment[section] = {"name": saved.get("name")}
     cfg = resolve(experiment, _cli_config(a), a.set)
     if not cfg["backbone"].get("name"):
         cfg["backbone"]["name"] = "resnet20_cifar" if cfg["stream"].get("name") in ("cifar10c", None) else None
     results = run_experiment(cfg)
     _print_results(results)
     return 0
+
+
+def _saved_config(out: Optional[str]) -> Dict[str, Any]:
+    """``--resume`` without ``--config``: the config.yaml saved in ``--out`` (a run folder, or the root of several
+    runs), under the flags given."""
+    from ctta.config import load_yaml
+
+    if not out:
+        raise CttaError("--resume needs --out: the folder of the run to continue")
+    saved = Path(out) / "config.yaml"
+    if not saved.is_file():
+        raise CttaError(f"nothing to resume in {out!r}: no config.yaml there (give the whole command again with "
+                        f"--resume, or check --out)")
+    cfg = load_yaml(saved)
+    backbone = cfg.get("backbone") or {}
+    if "class" in backbone and not backbone.get("name"):  # written by ctta.run: no backbone to rebuild
+        raise CttaError(f"{str(saved)!r} was written by the Python API (ctta.run); resume that run from Python with "
+                        f"ctta.run(..., out={out!r}, resume=True)")
+    return cfg
 
 
 def cmd_report(argv: List[str]) -> int:
@@ -169,14 +232,16 @@ def cmd_demo(argv: List[str]) -> int:
     from ctta.experiment import run_experiment
 
     p = argparse.ArgumentParser(prog="ctta-bench demo", description="The offline default experiment.")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="run folder (default runs/demo, overwritten by each demo)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="overwrite the runs an explicit --out holds")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     _logging(a.quiet)
     print("ctta-bench demo: scikit-learn digits under 5 corruptions (severity 5); source, BN, TENT, CoTTA")
     cfg = demo_config(out=a.out, device=a.device)
+    cfg["run"]["force"] = a.force or a.out is None  # runs/demo is the demo's own scratch folder
     results = run_experiment(cfg, progress=not a.no_progress)
     _print_results(results)
     return 0
@@ -239,12 +304,25 @@ def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _demo_flags_only(argv: List[str]) -> bool:
+    """No arguments, or only flags the demo takes (``ctta-bench --no-progress -q``): the default run is the demo."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--no-progress", "-q", "--quiet"):
+            i += 1
+        elif argv[i] in ("--device", "--out") and i + 1 < len(argv):
+            i += 2
+        else:
+            return False
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; user errors print one line and exit 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not argv:
-            return cmd_demo([])
+        if _demo_flags_only(argv):
+            return cmd_demo(argv)
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)

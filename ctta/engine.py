@@ -247,7 +247,7 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
         recorder.write_summary(summary)
         result.files = write_run_report(result, True)
     if stopped:
-        raise DivergedError(stopped[1])
+        raise DivergedError(stopped[1], result)
     return result
 
 

@@ -38,7 +38,12 @@ class RunFolderLockedError(RunFolderError):
 
 
 class DivergedError(CttaError, RuntimeError):
-    """A model whose outputs became non-finite (NaN / infinity) during a run (``run.on_diverge: stop``)."""
+    """A model whose outputs became non-finite (NaN / infinity) during a run (``run.on_diverge: stop``); ``result``
+    is what the run wrote up to the segment that diverged (so a comparison can still show it, marked)."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class NonFiniteInputError(CttaError, ValueError):

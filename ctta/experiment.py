@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from ctta.errors import ConfigError
+from ctta.errors import ConfigError, DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
     check_health_options(**health)
     out_root = Path(run_cfg.get("out") or Path("runs") / f"{cfg['stream']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     show = run_cfg.get("progress", True) if progress is None else progress
-    results = {}
+    results: Dict[str, Any] = {}
+    diverged: Dict[str, str] = {}
     hp_all = {k: v for k, v in cfg.get("strategy", {}).items() if k != "name"}
     # cheap checks first: every hyperparameter (type, range) and the backbone, before a stream is read
     checked = {n: strategies.check_hparams(n, _hparams_for(n, hp_all, len(names) > 1)) for n in names}
@@ -142,10 +143,21 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
             log.info("running %s (seed %d) on %s (%s) -> %s", name, seed, stream.name, device, out)
             # with several runs, those not started yet when the run was interrupted start fresh
             resume = bool(run_cfg.get("resume")) and (not many or runfolder.folder_state(out) != "empty")
-            results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
-                                 config=one_cfg, force=bool(run_cfg.get("force")), **health)
+            try:
+                results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
+                                     config=one_cfg, force=bool(run_cfg.get("force")), **health)
+            except DivergedError as e:
+                if not many or e.result is None:
+                    raise
+                # the other runs of a comparison go on; this one is in the table, marked diverged
+                log.error("%s: %s", label, e)
+                results[label], diverged[label] = e.result, str(e)
     if many:
         write_comparison(results, out_root)
+    if diverged:
+        raise DivergedError(f"{len(diverged)} of {len(results)} runs stopped on non-finite outputs "
+                            f"({', '.join(diverged)}); the others finished and the comparison in {out_root} marks "
+                            f"them (run.on_diverge=mark runs them to the end)")
     return results
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 GRID_KEYS = ("streams", "strategies", "backbones", "seeds", "overrides", "out", "resources")
 DEFAULT_RESOURCES: Dict[str, float] = {"num_gpus": 1, "num_cpus": 1}
 # keys of the run section that do not change what a run computes (ignored when matching a finished run)
-VOLATILE_RUN_KEYS = ("out", "resume", "progress")
+VOLATILE_RUN_KEYS = ("out", "resume", "force", "progress")
 SWEEP_FILE = "sweep.json"
 
 
@@ -285,6 +285,7 @@ def run_one(cfg: Mapping[str, Any], num_threads: Optional[int] = None) -> Dict[s
             return asdict(RunOutcome(rid, out, "skipped", mean_error=_mean_error(Path(out))))
         one = {k: copy.deepcopy(v) for k, v in cfg.items() if k in SECTIONS}
         one["run"]["resume"] = state == "interrupted"
+        one["run"]["force"] = state == "new" and _holds_other_run(Path(out), cfg)
         old_threads = torch.get_num_threads()
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -300,6 +301,23 @@ def run_one(cfg: Mapping[str, Any], num_threads: Optional[int] = None) -> Dict[s
     except Exception as e:  # noqa: BLE001 - a failed run is reported, the sweep goes on
         log.debug("run %s failed:\n%s", rid, traceback.format_exc())
         return asdict(RunOutcome(rid, out, "failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"))
+
+
+def _holds_other_run(out: Path, cfg: Mapping[str, Any]) -> bool:
+    """A cell's folder that holds a run of another config (the grid changed): the grid says what the cell is, so
+    that run is overwritten (force), with a warning naming what changed."""
+    from ctta import runfolder
+
+    if runfolder.folder_state(out) == "empty":
+        return False
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        changed = runfolder.describe_differences(runfolder.config_differences(
+            _comparable(saved), _expected_saved_config(cfg), ignore=[f"run.{k}" for k in VOLATILE_RUN_KEYS]))
+    except (OSError, yaml.YAMLError):
+        changed = "no readable config.yaml"
+    log.warning("sweep: %s holds a run of another config (%s): overwriting it", out, changed or "?")
+    return True
 
 
 def _mean_error(out: Path) -> Optional[float]:

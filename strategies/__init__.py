@@ -39,7 +39,10 @@ def create(name: str, model: nn.Module, **overrides: Any) -> Strategy:
 
 def build(cls: type, model: nn.Module, hparams: dict) -> Strategy:
     """Instantiate ``cls`` with ``hparams`` checked against its declarations (a one-line ConfigError otherwise)."""
-    return cls(model, **check_call(cls.__init__, hparams, f"strategy {cls.name!r}"))
+    checked = check_call(cls.__init__, hparams, f"strategy {cls.name!r}")
+    strategy = cls(model, **checked)
+    strategy.hparams = checked  # what it was built with (the Python API's config.yaml records it)
+    return strategy
 
 
 def check_hparams(name: str, hparams: dict) -> dict:

@@ -44,6 +44,7 @@ class Strategy(nn.Module):
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._generator: Optional[torch.Generator] = None
         self._initial: Optional[Dict[str, Any]] = None
+        self.hparams: Dict[str, Any] = {}  # set by ``strategies.create`` to the checked hyperparameters
 
     # --- the three step kinds -------------------------------------------------------------------------
     @torch.no_grad()

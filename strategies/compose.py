@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ctta.config import strategy_defaults
 from ctta.errors import ConfigError, UnsupportedError
 from ctta.hparams import check_call
+from ctta.registry import first_paragraph
 
 from .base import STRATEGIES, Strategy
 
@@ -205,7 +206,9 @@ def create_composite(name: str, model: nn.Module, hparams: Dict[str, Any]) -> Co
     plugin, host, cls, plug_hp, host_hp = _composite_parts(name, hparams)
     seed = host_hp.get("seed", plug_hp.get("seed", 0))
     plug = PLUGINS[plugin](model, **plug_hp)
-    return Composite(model, plug, cls, host_hp, seed=seed)
+    composite = Composite(model, plug, cls, host_hp, seed=seed)
+    composite.hparams = {plugin: plug_hp, host: host_hp}
+    return composite
 
 
 def composable_hosts(plugin: str) -> List[str]:
@@ -230,9 +233,10 @@ def register_composites() -> None:
             cls = type(f"Composite_{plugin}_{host}", (Composite,), {
                 "name": name, "plugin_name": plugin, "host_name": host,
                 "step_kinds": STRATEGIES.get(host).step_kinds, "settings": STRATEGIES.get(host).settings,
-                "__doc__": f"{plugin} plug-in on the {host} strategy."})
+                "__doc__": f"{plugin} plug-in ({first_paragraph(PLUGINS[plugin].__doc__ or '').rstrip('.')}) on the "
+                           f"{host} strategy."})
             STRATEGIES.register(name, cls)
         default = f"{plugin}+{PLUGINS[plugin].default_host}"
         if plugin not in STRATEGIES and default in STRATEGIES:
             STRATEGIES.register(plugin, STRATEGIES.get(default),
-                                help=f"{plugin} plug-in on its default host ({default})")
+                                help=f"{plugin} plug-in on its default host: {default}.")

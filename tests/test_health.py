@@ -190,3 +190,35 @@ def test_accumulator_counts_nonfinite_without_a_host_read(monkeypatch):
     rec = acc.finish()
     assert rec.nonfinite == 2 and rec.predictions[8 + 2] == -1 and rec.predictions[16 + 5] == -1
     assert rec.confusion(5).sum() == 22 and rec.per_class_accuracy(5)[0] == pytest.approx(rec.accuracy)
+
+
+def test_a_diverged_run_in_a_comparison_lets_the_others_finish(models, monkeypatch, tmp_path):
+    """Nothing computed is lost: the other strategies run, the comparison is written and marks the stopped one."""
+    import ctta.experiment as ex
+    from ctta.config import resolve
+
+    built = iter([NaNNet(), copy.deepcopy(models[2])])
+    monkeypatch.setattr(ex, "build_stream", lambda cfg: _stream(1))
+    monkeypatch.setattr(ex, "build_model", lambda cfg, k: next(built))
+    cfg = resolve(None, {"stream": {"name": "custom"}, "strategy": {"name": "source,bn"},
+                         "backbone": {"name": "resnet20_cifar"},
+                         "run": {"device": "cpu", "out": str(tmp_path / "cmp"), "progress": False}})
+    with pytest.raises(DivergedError, match=r"1 of 2 runs.*source"):
+        ex.run_experiment(cfg)
+    assert json.loads((tmp_path / "cmp" / "bn" / "summary.json").read_text())["health"] == "ok"
+    assert json.loads((tmp_path / "cmp" / "source" / "summary.json").read_text())["diverged"]
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "bn" in table and "diverged" in table
+
+
+def test_masked_classes_at_minus_infinity_are_not_divergence():
+    """Class-incremental learners put -inf on unseen classes; only NaN, +inf or no finite logit is non-finite."""
+    acc = SegmentAccumulator()
+    logits = torch.randn(6, 4)
+    logits[:, 2:] = float("-inf")
+    logits[4] = float("-inf")          # nothing finite: no prediction
+    logits[5, 0] = float("inf")
+    acc.update(logits, torch.zeros(6, dtype=torch.long))
+    rec = acc.finish()
+    assert rec.nonfinite == 2 and (rec.predictions[4:] == -1).all()
+    assert (rec.predictions[:4] >= 0).all() and (rec.predictions[:4] < 2).all()
