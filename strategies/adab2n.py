@@ -2,11 +2,17 @@
 
 Every BatchNorm of the backbone becomes an :class:`~strategies.common.adab2n_norm.AdaB2NBatchNorm` (task-balanced
 batch statistics with learnable task-wise contributions, modified running momentum kappa, statistics
-regulariser); the host is ER-ACE, unchanged: its training step concatenates the incoming batch with a replayed
-one, and before that forward a hook gives the layers the task id of every sample -- the current session for the
-incoming samples, the stored task of each replayed sample (the reservoir keeps it). As in the official
-``er_ace_ada``, from the second task on (and from session ``ada_t0``) the loss adds ``lambd`` times the sum of the
-layers' regularisers; the task weights are parameters of the model, trained by the same SGD.
+regulariser); the host is ER-ACE with its losses unchanged, but, as the official ``er_ace_ada``
+(lvyilin/AdaB2N ``models/er_ace_ada.py``), the incoming and the replayed batch go through the model in one forward
+of their concatenation (the ER-ACE baseline forwards them separately), so the layers see every task in one batch;
+before that forward a hook gives the layers the task id of every sample -- the current session for the incoming
+samples, the stored task of each replayed sample (the reservoir keeps it). As in ``er_ace_ada``, from the second
+task on (and from session ``ada_t0``) the loss adds ``lambd`` times the sum of the layers' regularisers; the task
+weights are parameters of the model, trained by the same SGD.
+
+Defaults are the paper's online setting for Split CIFAR-10 / CIFAR-100 (``utils/best_args.py`` with ``--bs 10``):
+incoming and replayed batch 10, SGD lr 0.03 without momentum; Split mini-ImageNet uses lr 0.1 (and lambd from
+{1e-5, 1e-4, 1e-3, 1e-2}); see ``configs/strategies/adab2n.yaml``.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ctta.errors import ConfigError
+from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
 
 from .base import register
 from .common.adab2n_norm import AdaB2NBatchNorm, replace_batchnorm
@@ -27,15 +34,13 @@ class AdaB2N(ERACE):
     """ER-ACE with every BatchNorm replaced by AdaB²N and the statistics regulariser added to the loss."""
 
     name = "adab2n"
+    concat_forward = True  # er_ace_ada: one forward of [incoming; replayed]
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 buffer_size: int = 500, replay_batch_size: int = 32, mask_unseen: bool = True,
-                 kappa: float = 0.7, lambd: float = 0.1, ada_t0: int = 0, init_weight: float = 0.0,
-                 num_tasks: int = 20, bn_momentum: Optional[float] = None, seed: int = 0) -> None:
-        if float(lambd) < 0:
-            raise ConfigError(f"lambd must be >= 0, got {lambd!r}")
-        if isinstance(ada_t0, bool) or not isinstance(ada_t0, int) or ada_t0 < 0:
-            raise ConfigError(f"ada_t0 must be an integer >= 0, got {ada_t0!r}")
+    def __init__(self, model: nn.Module, lr: Positive = 0.03, momentum: Momentum = 0.0,
+                 weight_decay: NonNegative = 0.0, buffer_size: Count = 500, replay_batch_size: Count = 10,
+                 mask_unseen: bool = True, kappa: Unit = 0.7, lambd: NonNegative = 0.1, ada_t0: NonNegInt = 0,
+                 init_weight: float = 0.0, num_tasks: Count = 20, bn_momentum: Optional[Unit] = None,
+                 seed: int = 0) -> None:
         # before the host builds its optimizer, so the task weights are trained with the rest
         layers = replace_batchnorm(model, kappa=kappa, num_tasks=num_tasks, init_weight=init_weight,
                                    momentum=bn_momentum)

@@ -72,8 +72,8 @@ def test_uniform_weights_and_plain_momentum_equal_batchnorm(ids):
     bn.train(), ada.train()
     for step in range(4):
         x = torch.randn(8, 5, 4, 4, generator=g) * 2 + 0.3 * step
-        if ids == "one_task":  # every sample in one task: weights 1/N
-            ada.set_tasks(torch.full((8,), 2), torch.tensor([0.0, 0.0, 8.0]))
+        if ids == "one_task":  # the first task, every sample in it: weights 1/N
+            ada.set_tasks(torch.zeros(8, dtype=torch.long), torch.tensor([8.0]))
         elif ids == "balanced":  # equal counts and equal priors: pi_t / n_t = 1/N
             ada.set_tasks(torch.arange(8) % 2, torch.tensor([4.0, 4.0]))
         assert torch.allclose(ada(x), bn(x), atol=1e-6)
@@ -107,6 +107,31 @@ def test_task_weights_change_batch_statistics_as_the_formula_says():
     assert torch.allclose(out, ref, atol=1e-5)
     out.square().mul(torch.arange(4.0).view(1, -1, 1, 1)).sum().backward()
     assert ada.task_weight.grad[:2].abs().sum() > 0 and ada.task_weight.grad[2] == 0
+
+
+def test_a_task_absent_from_the_batch_keeps_its_prior_mass_as_the_official_formula():
+    # official models/utils/adab2n.py: concentration = exp(w[:T+1]) + counts (0 for an absent task),
+    # task_weights = concentration / concentration.sum(), sample weight = task_weights[t] / n_t
+    x, _ = _two_task_batch()
+    ids = torch.tensor([0, 0, 0, 0, 2, 2])  # tasks 0 and 2 in the batch, task 1 (seen before) absent
+    ada = AdaB2NBatchNorm(4, num_tasks=3)
+    with torch.no_grad():
+        ada.task_weight.copy_(torch.tensor([0.5, 2.0, 1.5]))
+    ada.train()
+    ada.set_tasks(ids, torch.tensor([4.0, 0.0, 2.0]))
+    e = torch.exp(torch.tensor([0.5, 2.0, 1.5]))
+    a0, a1, a2 = e[0] + 4, e[1] + 0, e[2] + 2
+    total = a0 + a1 + a2  # the absent task's exp(w_1) stays in the denominator
+    w = torch.tensor([a0 / total / 4] * 4 + [a2 / total / 2] * 2)
+    assert torch.allclose(ada.sample_weights(ids, torch.tensor([4.0, 0.0, 2.0])), w, atol=1e-7)
+    assert float(w.sum()) < 0.9  # less than one: nothing renormalised
+    mean, var = ada.batch_statistics(x)
+    exp_mean = (x.mean(dim=(2, 3)) * w.view(-1, 1)).sum(0)
+    exp_var = ((x - exp_mean.view(1, -1, 1, 1)).square().mean(dim=(2, 3)) * w.view(-1, 1)).sum(0)
+    assert torch.allclose(mean, exp_mean, atol=1e-6) and torch.allclose(var, exp_var, atol=1e-6)
+    # renormalising over the present tasks (the old behaviour) gives other statistics
+    renorm = torch.tensor([a0 / (a0 + a2) / 4] * 4 + [a2 / (a0 + a2) / 2] * 2)
+    assert not torch.allclose(mean, (x.mean(dim=(2, 3)) * renorm.view(-1, 1)).sum(0), atol=1e-3)
 
 
 def test_modified_momentum_recursion():
@@ -242,6 +267,35 @@ def test_regulariser_enters_the_loss_from_the_second_task():
     ytot = y[:10]
     assert torch.allclose(s.loss(logits, ytot, 10), strategies.STRATEGIES.get("er_ace").loss(s, logits, ytot, 10)
                           + 1000.0 * reg)
+
+
+def test_one_forward_of_incoming_and_replayed_as_er_ace_ada():
+    s = strategies.create("adab2n", make_tiny(num_classes=6))
+    x, y = _data([0, 1])
+    s.learn(x[:10], y[:10])
+    s.segment_end(type("Seg", (), {"kind": "train"})())
+    sizes = []
+    hook = s.model.register_forward_pre_hook(lambda mod, a: sizes.append(int(a[0].shape[0])))
+    x, y = _data([2, 3], seed=1)
+    s.learn(x[:10], y[:10])
+    hook.remove()
+    assert sizes == [20]  # 10 incoming + 10 replayed (the paper's replay batch), one forward
+
+
+def test_defaults_are_the_papers_online_setting():
+    import inspect
+
+    from ctta.config import strategy_defaults
+
+    for name in ("adab2n", "er_ace"):
+        hp = strategy_defaults(name)
+        assert hp["lr"] == 0.03 and hp["replay_batch_size"] == 10 and hp["momentum"] == 0.0, name
+        sig = inspect.signature(strategies.STRATEGIES.get(name).__init__).parameters
+        assert sig["lr"].default == 0.03 and sig["replay_batch_size"].default == 10, name
+    for spec in ("cifar10_online", "cifar100_online"):
+        assert ctta.config.stream_defaults(spec)["batch_size"] == 10  # the incoming batch
+    s = strategies.create("adab2n", make_tiny(num_classes=6))
+    assert s.optimizer.param_groups[0]["lr"] == 0.03 and s.replay_batch_size == 10
 
 
 # ---- end to end --------------------------------------------------------------------------------------------------

@@ -78,6 +78,71 @@ def test_er_ace_incoming_loss_ignores_absent_classes():
     assert torch.all(z.grad[:, 2:] == 0) and torch.all(z.grad[:, :2] != 0)
 
 
+def _seg_end(s):
+    s.segment_end(type("Seg", (), {"kind": "train"})())
+
+
+def test_er_ace_forwards_incoming_and_replayed_separately_as_the_official_baseline():
+    import copy
+
+    s = strategies.create("er_ace", make_tiny(num_classes=4), replay_batch_size=6)
+    x0, y0 = _data([0, 1])
+    s.learn(x0[:8], y0[:8])
+    _seg_end(s)
+    drawn = []
+    sample = s.buffer.sample
+
+    def recording(k, generator=None):
+        out = sample(k, generator)
+        drawn.append(out)
+        return out
+
+    s.buffer.sample = recording
+    before = copy.deepcopy(s.model).train()
+    sizes = []
+    hook = s.model.register_forward_pre_hook(lambda mod, a: sizes.append(int(a[0].shape[0])))
+    x1, y1 = _data([2, 3], seed=1)
+    s.learn(x1[:8], y1[:8])
+    hook.remove()
+    assert sizes == [8, 6]  # two forwards: incoming, then replayed
+    bx, _ = drawn[0]
+    sep, cat = copy.deepcopy(before), copy.deepcopy(before)
+    with torch.no_grad():
+        sep(x1[:8]), sep(bx)
+        cat(torch.cat([x1[:8], bx]))
+    for name in ("bn1", "bn2"):
+        got = getattr(s.model, name)
+        assert torch.allclose(got.running_mean, getattr(sep, name).running_mean, atol=1e-6)
+        assert torch.allclose(got.running_var, getattr(sep, name).running_var, atol=1e-6)
+        assert not torch.allclose(got.running_mean, getattr(cat, name).running_mean, atol=1e-4)
+
+
+def test_er_ace_incoming_mask_keeps_future_classes_and_the_first_task_uses_all():
+    s = strategies.create("er_ace", make_tiny(num_classes=6))
+    logits = torch.tensor([[2.0, 1.0, 5.0, 0.0, 1.5, -1.0], [0.0, 3.0, 9.0, 1.0, 0.5, 2.0]])
+    y = torch.tensor([0, 1])
+    x0, y0 = _data([0, 1])
+    s.learn(x0[:8], y0[:8])  # first task: plain cross-entropy over every output, future classes included
+    assert torch.allclose(s.loss(logits, y, 2), F.cross_entropy(logits, y))
+    z = logits.clone().requires_grad_(True)
+    s.loss(z, y, 2).backward()
+    assert (z.grad[:, 2:] != 0).all()
+    # the first step trained every output: the unseen classes' bias moved too
+    assert (s.model.fc.bias[2:] != make_tiny(num_classes=6).fc.bias[2:]).all()
+    _seg_end(s)
+    x1, y1 = _data([2, 3], seed=1)
+    s.learn(x1[:8], y1[:8])  # seen: 0..3; incoming batch with classes 2, 3: 0 and 1 masked, 4 and 5 (future) kept
+    ynew = torch.tensor([2, 3])
+    keep = [2, 3, 4, 5]
+    expected = F.cross_entropy(logits[:, keep], torch.tensor([0, 1]))
+    assert torch.allclose(s.loss(logits, ynew, 2), expected, atol=1e-6)
+    # with a replayed part: incoming as above plus the replayed cross-entropy over every output
+    both = torch.cat([logits, logits.flip(0)])
+    yb = torch.cat([ynew, torch.tensor([0, 1])])
+    assert torch.allclose(s.loss(both, yb, 2), expected + F.cross_entropy(logits.flip(0), torch.tensor([0, 1])),
+                          atol=1e-6)
+
+
 # ---- incremental LDA ---------------------------------------------------------------------------------------------
 
 def _lda_direct(f, y, num_classes):
@@ -256,13 +321,16 @@ def test_joint_streaming_steps_on_each_batch_and_bad_mode_is_refused():
 
 # ---- FSA on the issue's EfficientNet-B0 (timm, random weights) -------------------------------------------------------
 
+#: official FilmEfficientNet.get_adaptation_config for B0: stem 32, each block's depthwise channels, head 1280
+B0_FILM_MAPS = [32, 32, 96, 144, 144, 240, 240, 480, 480, 480, 672, 672, 672, 1152, 1152, 1152, 1152, 1280]
+
+
 def test_fsa_film_on_efficientnet_b0_trains_norm_films_and_head_then_freezes():
     torch.manual_seed(0)
     model = ctta.backbones.create("efficientnet_b0", num_classes=4)
-    norm_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     s = strategies.create("fsa", model, mode="film", lr=0.01)
     head = 1280 * 4 + 4
-    assert sum(p.numel() for p in s.trainable_parameters()) == 2 * norm_channels + head
+    assert sum(p.numel() for p in s.trainable_parameters()) == 2 * sum(B0_FILM_MAPS) + head
     x0, y0 = _data([0, 1], n_per=4)
     x1, y1 = _data([2, 3], n_per=4, seed=1)
     up = lambda x: F.interpolate(x, size=32)  # noqa: E731  (EfficientNet needs more than 8 x 8 pixels)
@@ -277,3 +345,59 @@ def test_fsa_film_on_efficientnet_b0_trains_norm_films_and_head_then_freezes():
     out = s.predict(up(x1))
     assert all(torch.equal(frozen[k], v) for k, v in _state(s.model).items())
     assert out.shape == (8, 4) and set(out.argmax(1).tolist()) <= {0, 1, 2, 3}
+
+
+def test_fsa_film_on_efficientnet_b0_sits_exactly_where_the_official_code_puts_it():
+    """Official FilmEfficientNet: FiLM after the stem BN, each block's depthwise-conv BN and the head BN (timm:
+    ``bn1``; ``blocks.*.*.bn1`` of DepthwiseSeparableConv, ``bn2`` of InvertedResidual; ``bn2``), nowhere else."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+    from ctta.backbones.peft import FiLM
+
+    torch.manual_seed(0)
+    model = ctta.backbones.create("efficientnet_b0", num_classes=4)  # random weights, no download
+    net = model.net
+    want = ["net.bn1"]
+    for i, stage in enumerate(net.blocks):
+        for j, block in enumerate(stage):
+            assert isinstance(block, (DepthwiseSeparableConv, InvertedResidual))
+            dw_bn = "bn1" if isinstance(block, DepthwiseSeparableConv) else "bn2"
+            assert getattr(block, dw_bn).num_features == block.conv_dw.out_channels  # the BN right after conv_dw
+            want.append(f"net.blocks.{i}.{j}.{dw_bn}")
+    want.append("net.bn2")
+    channels = [model.get_submodule(n).num_features for n in want]
+    assert channels == B0_FILM_MAPS
+    x = torch.rand(2, 3, 32, 32)
+    before = model(x)
+    s = strategies.create("fsa", model, mode="film")
+    films = {n: m for n, m in s.model.named_modules() if isinstance(m, FiLM)}
+    assert sorted(films) == sorted(want) == sorted(s.film_names)
+    film_params = sum(p.numel() for m in films.values() for p in m.peft_parameters())
+    assert film_params == 2 * sum(channels) == 2 * sum(B0_FILM_MAPS)
+    plain = [n for n, m in s.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and n not in want
+             and not n.endswith(".base")]
+    assert plain and all(not isinstance(s.model.get_submodule(n), FiLM) for n in plain)  # expand/project BNs: none
+    torch.testing.assert_close(s.model(x), before)  # identity at init
+    # the modulation sits between the BN and its swish (official: swish(film(bn(x)))), not after the activation
+    stem = s.model.get_submodule("net.bn1")
+    with torch.no_grad():
+        stem.scale.fill_(-1.0)
+        stem.shift.fill_(0.5)
+        h = torch.randn(2, 32, 5, 5)
+        bn = torch.nn.functional.batch_norm(h, stem.base.running_mean, stem.base.running_var, stem.base.weight,
+                                            stem.base.bias, False, 0.0, stem.base.eps)
+        torch.testing.assert_close(stem(h), torch.nn.functional.silu(-bn + 0.5))
+    # film_layers='all': every norm layer (the former rule)
+    every = strategies.create("fsa", ctta.backbones.create("efficientnet_b0", num_classes=4), mode="film",
+                              film_layers="all")
+    n_bn = sum(1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, FiLM))
+    assert len(every.film_names) == n_bn > len(want)
+
+
+def test_fsa_film_on_other_backbones_goes_after_every_norm_layer_and_says_so(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ctta.strategies.fsa"):
+        s = strategies.create("fsa", make_tiny(num_classes=4), mode="film")
+    assert "defined for EfficientNet only" in caplog.text
+    assert len(s.film_names) == 2  # the tiny net's two BatchNorms

@@ -5,8 +5,11 @@ A BatchNorm whose statistics are balanced across the tasks of a continual stream
 
 * training (batch) statistics weight the samples of each task by a Bayesian task-wise contribution: a Dirichlet
   posterior mean ``pi_t = alpha_t / sum_s alpha_s`` with ``alpha_t = exp(w_t) + n_t`` (``w`` a learnable prior
-  log-concentration per task and layer, ``n_t`` the number of samples of task ``t`` in the batch), shared equally by
-  the ``n_t`` samples of the task: ``mu = sum_i pi_{t(i)} / n_{t(i)} * mean_hw(x_i)``, and likewise the variance;
+  log-concentration per task and layer, ``n_t`` the number of samples of task ``t`` in the batch, the sum over every
+  task so far, ``s = 0..T``), shared equally by the ``n_t`` samples of the task:
+  ``mu = sum_i pi_{t(i)} / n_{t(i)} * mean_hw(x_i)``, and likewise the variance. A task so far that is absent from
+  the batch (``n_t = 0``) keeps its prior mass ``exp(w_t)`` in the denominator, as the official code does, so the
+  weights of the samples then sum to less than one;
 * running (testing) statistics use the modified momentum ``eta_1 = m^kappa``,
   ``eta_k = eta_{k-1} / (eta_{k-1} + (1 - m)^kappa)``: kappa = 1 is BatchNorm's fixed momentum ``m``,
   kappa = 0 the cumulative average ``1/k``, values between balance old and recent batches;
@@ -16,10 +19,9 @@ A BatchNorm whose statistics are balanced across the tasks of a continual stream
 Differences from the official layer (kept small and stated): the running variance is updated with the unbiased
 batch variance (``var_B * m/(m-1)``, ``m`` = values per channel) as ``nn.BatchNorm2d`` does, and the regulariser
 compares the running variance with the batch variance in that same convention (the official code uses the biased
-one for both; the difference is a factor ``m/(m-1)``, e.g. 1.002 at batch 42 x 4 x 4); the task weights are
-renormalised over the tasks present in the batch (the official code leaves the weights of absent tasks out of the
-sum, so they then sum to less than one; the two agree whenever every task so far is in the batch). Works for any
-BatchNorm input ``(N, C, *)``; with no task ids (or one task in the batch) the batch statistics are BatchNorm's.
+one for both; the difference is a factor ``m/(m-1)``, e.g. 1.002 at batch 42 x 4 x 4). Works for any BatchNorm
+input ``(N, C, *)``; with no task ids, or in the first task (every sample of task 0), the batch statistics are
+BatchNorm's.
 """
 from __future__ import annotations
 
@@ -85,9 +87,12 @@ class AdaB2NBatchNorm(_BatchNorm):
 
     # --- the pieces of the method, each usable on its own ---------------------------------------------------------
     def sample_weights(self, task_ids: Tensor, task_counts: Tensor) -> Tensor:
-        """Weight of each sample in the batch statistics: ``pi_t / n_t`` of its task ``t`` (sums to one)."""
+        """Weight of each sample in the batch statistics: ``pi_t / n_t`` of its task ``t``, with
+        ``pi = alpha / alpha.sum()`` over every task so far (``task_counts`` has one entry per task ``0..T``, zero for
+        a task absent from the batch, whose prior mass ``exp(w_t)`` stays in the sum): the weights sum to one when
+        every task so far is in the batch, to less otherwise (the official formula)."""
         counts = task_counts.to(self.task_weight.dtype)
-        alpha = (self.task_weight[:counts.shape[0]].exp() + counts) * (counts > 0)
+        alpha = self.task_weight[:counts.shape[0]].exp() + counts
         pi = alpha / alpha.sum()
         return (pi / counts.clamp_min(1.0))[task_ids]
 
