@@ -15,18 +15,12 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ctta.streams.datasets import cache_dir  # the one cache folder: decoded data, this model, lsa adapters
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "digits_tiny_cnn_v2.pt"
 DEMO_STRATEGIES = "source,bn,tent,cotta"
-
-
-def cache_dir() -> Path:
-    """``$CTTA_BENCH_CACHE``, else ``$XDG_CACHE_HOME/ctta-bench``, else ``~/.cache/ctta-bench``."""
-    if os.environ.get("CTTA_BENCH_CACHE"):
-        return Path(os.environ["CTTA_BENCH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ctta-bench"
 
 
 def train_source_model(path: Path, epochs: int = 30, seed: int = 0) -> Path:

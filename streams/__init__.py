@@ -47,7 +47,24 @@ def list_streams() -> list[str]:
     return STREAMS.names()
 
 
+def stream_choices(name: str) -> dict[str, tuple]:
+    """The enumerated options a stream accepts, for ``ctta-bench list``: its ``order`` values (streams/orders.py)
+    and ``label_shift`` kinds (streams/label_shift.py), when its factory takes those options."""
+    import inspect
+
+    from .label_shift import KINDS
+    from .orders import ORDERS
+
+    params = inspect.signature(STREAMS.get(name)).parameters
+    out: dict[str, tuple] = {}
+    if "order" in params:
+        out["orders"] = ORDERS
+    if "label_shift" in params:
+        out["label shift"] = KINDS
+    return out
+
+
 __all__ = ["STREAMS", "Segment", "Stream", "class_incremental_stream", "create", "corruption", "corruption_stream",
            "domain_incremental_stream", "few_shot_stream", "from_avalanche", "from_batches", "from_dataset",
-           "from_folders", "from_tensors", "gilcd_stream", "list_streams", "sfda_stream", "tensor_segment",
-           "to_avalanche"]
+           "from_folders", "from_tensors", "gilcd_stream", "list_streams", "sfda_stream", "stream_choices",
+           "tensor_segment", "to_avalanche"]

@@ -1,6 +1,7 @@
 """The offline default dataset: scikit-learn's 8x8 handwritten digits (UCI), shipped inside the scikit-learn wheel.
 
-Real images that need no download: upsampled to 16x16 RGB so the CIFAR corruptions apply and a CPU runs the demo in about a minute.
+Real images that need no download: upsampled to 16x16 RGB so the CIFAR corruptions apply and an idle 2-core CPU
+runs the demo in about 20 s.
 The train/test split (2/3 : 1/3, stratified) is fixed by a seed so the cached source model and the stream agree.
 """
 from __future__ import annotations

@@ -141,3 +141,79 @@ def test_cli_corrupt_bad_input_is_one_line(tmp_path, capsys):
     code, _, err = _run(capsys, "corrupt", "--dataset", "digits", "--out", str(tmp_path), "--corruptions",
                         "fogg", "-q")
     assert code == 2 and "unknown corruption 'fogg'" in err
+
+
+def test_unknown_names_are_listed_under_a_proper_plural(tmp_path, npz_dataset, capsys):
+    from ctta.registry import plural
+
+    assert [plural(k) for k in ("strategy", "stream", "backbone", "corruption")] == \
+        ["strategies", "streams", "backbones", "corruptions"]
+    code, _, err = _run(capsys, "--stream", "cifar10c", "--strategy", "tnet", "--data-root", str(npz_dataset),
+                        "--corruptions", "gaussian_noise", "--backbone", "tiny_cnn", "--no-progress", "-q",
+                        "--out", str(tmp_path / "r"))
+    assert code == 2 and "Valid strategies: " in err and "strategys" not in err
+
+
+def test_cli_list_shows_whole_descriptions_wrapped_and_the_stream_choices(capsys):
+    from ctta import strategies
+    from ctta.streams.label_shift import KINDS
+    from ctta.streams.orders import ORDERS
+
+    code, out, _ = _run(capsys, "list")
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 120
+    flat = " ".join(out.split())
+    # joint's first docstring paragraph spans three lines; all of it is shown, up to its full stop
+    assert strategies.STRATEGIES.describe("joint").endswith("(``mode: streaming``).")
+    assert strategies.STRATEGIES.describe("joint") in flat
+    block = " ".join(out.split("  cifar10c ")[1].split("  cifar10c_di")[0].split())
+    assert f"Orders: {', '.join(ORDERS)}." in block and f"Label shift: {', '.join(KINDS)}." in block
+    assert "Orders:" not in " ".join(out.split("  cifar10_ci ")[1].split("  cifar10_gilcd")[0].split())
+
+
+def test_result_table_and_report_show_rounded_percent_files_keep_precision(tmp_path):
+    import torch
+
+    import ctta
+    from ctta.evaluation import metrics_table
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 3, 16, 16, generator=g), torch.arange(30) % 10
+    stream = ctta.streams.from_tensors([x, x.flip(-1)], [y, y], domains=["plain", "flipped"], kind="adapt")
+    model = ctta.backbones.create("tiny_cnn", num_classes=10)
+    result = ctta.run(stream, ctta.strategies.create("bn", model), device="cpu", out=tmp_path / "r", progress=False)
+    table = result.table()
+    s = result.summary
+    assert table.loc["bn", "mean"] == round(100 * s["mean_error"], 1)
+    num = table.select_dtypes("number")
+    assert ((num * 10).round() == num * 10).all().all(), "every displayed value has at most one decimal"
+    saved = pd.read_csv(tmp_path / "r" / "domains.csv", index_col=0)
+    assert saved.loc["bn", "plain"] == pytest.approx(100 * s["domain_error"]["plain"], abs=1e-9)  # full precision
+    m = metrics_table(s)
+    assert m.loc["mean_error", "unit"] == "%" and m.loc["mean_error", "value"] == f"{100 * s['mean_error']:.1f}"
+    assert m.loc["adapt_images_per_s", "unit"] == "img/s"
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "accuracy and error in %" in page and f"{s['mean_error']:.4g}" not in page
+
+
+def test_final_lines_name_files_that_exist_and_a_time_estimate_is_logged(tmp_path, npz_dataset, capsys, caplog):
+    import logging
+    import re
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="ctta")
+    code, stdout, err = _run(capsys, "--stream", "cifar10c", "--strategy", "source,bn", "--backbone", "tiny_cnn",
+                             "--data-root", str(npz_dataset), "--corruptions", "gaussian_noise,contrast",
+                             "--num-samples", "20", "--batch-size", "10", "--device", "cpu", "--out", str(out),
+                             "--no-progress", "-q")
+    assert code == 0, err
+    tail = stdout.split("Run folders")[1]
+    named = [Path(p) for p in re.findall(r"(\S+\.html)", tail.split("Reports (open in a browser):")[1])]
+    assert set(named) == {out / "source" / "report.html", out / "bn" / "report.html", out / "comparison.html"}
+    assert all(p.is_file() for p in named)
+    listed = re.search(r"\(([^)]*)\)", tail).group(1).split(", ")
+    assert "report.html" in listed and all((out / "bn" / f).is_file() for f in listed)
+    # the run's duration, estimated once from a measured batch: 2 domains x 20 images of adapt steps
+    estimates = [r.getMessage() for r in caplog.records if "img/s (measured on batch" in r.getMessage()]
+    assert len(estimates) == 2 and estimates[0].startswith("source on cifar10c: about ")
+    assert "for 40 images at" in estimates[0] and "measured on batch 2 of gaussian_noise-5" in estimates[0]

@@ -27,12 +27,11 @@ BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 def register_backbone(name: str, mean: Sequence[float], std: Sequence[float],
                       num_classes: int = 10) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a network factory under ``name``; its docstring's first line is the help text."""
+    """Decorator registering a network factory under ``name``; its docstring's first paragraph is the help text."""
 
     def _add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        doc = (factory.__doc__ or "").strip().splitlines()
         BACKBONES.register(name, BackboneSpec(factory, tuple(mean), tuple(std), num_classes),
-                           help=doc[0] if doc else "")
+                           help=factory.__doc__ or "")
         return factory
 
     return _add
