@@ -5,28 +5,40 @@ covariance, updated exactly and incrementally from running per-class sums, count
 (``strategies/common/lda.py``): no stored features and no replay after the first session.
 
 First session (``mode``): ``full`` fine-tunes the whole body (FSA), ``film`` trains only per-channel scale and shift
-after each norm layer with the body in eval mode (FSA-FiLM, the few-shot variant; ``ctta.backbones.peft.add_film``),
-``frozen`` adapts nothing (LDA on the given features). A linear head over the seen classes is trained with it
-(Adam, dropout before the head, as the official code); its data is kept until the session ends and then passed once
-through the frozen body into the LDA statistics (the official code trains several epochs on it, so it is at hand).
+(FiLM, init 1 / 0) with the body in eval mode (FSA-FiLM, the few-shot variant; ``ctta.backbones.peft.add_film``),
+``frozen`` adapts nothing (LDA on the given features).
+
+FiLM placement (``film_layers``): ``auto`` puts it where the official EfficientNet code does
+(aresPanos/fsa ``src/cnn/efficientnet.py`` ``FilmEfficientNet``: after the stem BN, each block's depthwise-conv BN
+and the head BN, before their swish; :func:`ctta.backbones.peft.efficientnet_film_layers` names those layers of a
+timm EfficientNet) and, on any other backbone, after every norm layer (the official placement is defined for
+EfficientNet only; a log line says so); ``all`` is after every norm layer on any backbone. A norm layer with a fused
+activation (timm's ``BatchNormAct2d``) is modulated before the activation.
+
+A linear head over the seen classes is trained with the body (Adam, dropout before the head, as the official code);
+the first session's data is kept until the session ends and then passed once through the frozen body into the LDA
+statistics (the official code trains several epochs on it, so it is at hand).
 The session ends at the first prediction step after it (see ``common/incremental.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Any, List, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.backbones.classifier import penultimate_features
-from ctta.backbones.peft import add_film, freeze, head_parameter_names
+from ctta.backbones.peft import add_film, efficientnet_film_layers, freeze, head_parameter_names
 from ctta.hparams import Count, NonNegative, NonNegInt, Positive, Unit
 
 from .base import register
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.lda import IncrementalLDA
 from .common.replay import GrowingStore
+
+log = logging.getLogger(__name__)
 
 
 @register
@@ -38,7 +50,8 @@ class FSA(IncrementalStrategy):
     def __init__(self, model: nn.Module, mode: Literal["full", "film", "frozen"] = "full", lr: Positive = 0.005,
                  weight_decay: NonNegative = 0.0, dropout: Unit = 0.5, ridge: NonNegative = 1.0,
                  shrinkage: Unit = 0.0, covariance: Literal["total", "within"] = "total", ddof: NonNegInt = 1,
-                 priors: bool = False, feature_batch_size: Count = 256, seed: int = 0) -> None:
+                 priors: bool = False, feature_batch_size: Count = 256,
+                 film_layers: Literal["auto", "all"] = "auto", seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
         self.mode = mode
         self.dropout = float(dropout)
@@ -47,8 +60,10 @@ class FSA(IncrementalStrategy):
                                   ridge=ridge, shrinkage=shrinkage, ddof=ddof, priors=priors)
         self.first = GrowingStore()  # the first session's data, until the body is frozen
         self.body_frozen = mode == "frozen"
+        self.film_layers = film_layers
+        self.film_names: List[str] = []
         if mode == "film":
-            add_film(self.model)
+            self.film_names = self._add_film(film_layers)
             trainable = freeze(self.model, except_=head_parameter_names(self.model), peft=True)
         elif mode == "full":
             trainable = [n for n, _ in self.model.named_parameters()]
@@ -60,6 +75,24 @@ class FSA(IncrementalStrategy):
         self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if params else None
         self.model.eval()
         self.remember_initial_state()
+
+    def _add_film(self, placement: str) -> List[str]:
+        """FiLM on the official EfficientNet layers (``auto`` on a timm EfficientNet) or on every norm layer; returns
+        the names of the modulated layers."""
+        names = efficientnet_film_layers(self.model) if placement == "auto" else None
+        if names is None:
+            if placement == "auto":
+                log.info("fsa: the official FiLM placement is defined for EfficientNet only; %s holds no timm "
+                         "EfficientNet, so FiLM goes after every norm layer", type(self.model).__name__)
+            films = {id(f) for f in add_film(self.model)}
+            return [n for n, m in self.model.named_modules() if id(m) in films]
+        wanted = set(names)
+        films = add_film(self.model, select=lambda n, m: n in wanted)
+        if len(films) != len(names):
+            raise RuntimeError(f"fsa: FiLM placed on {len(films)} of the {len(names)} EfficientNet norm layers")
+        log.info("fsa: FiLM after the EfficientNet stem BN, %d depthwise-conv BNs and the head BN (official placement)",
+                 len(names) - 2)
+        return names
 
     # --- features and heads -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,12 +6,25 @@ Class-Incremental Learning" (arXiv 2407.06136; code: github.com/xiaojieli0903/Ma
 
 * Base session: backbone, base branch and residual projection trained with the dot-regression (DR) loss towards the
   ETF vectors; the novel branch does not exist yet (its SSM gate rows are zero, so it outputs exactly zero).
-* Incremental sessions: backbone and base branch frozen; the few-shot samples' backbone features are kept, and at
-  the end of the session (the first prediction after it) the novel branch alone is trained for ``inc_steps`` steps
-  on them plus one mean feature per base class and per earlier novel class (the official ``mean_neck_feat`` memory),
-  with the DR loss (class-balanced target lengths, feature mixup) and the class-sensitive selective-scan losses:
-  suppression (the novel branch's gate ``z`` pushed to zero on base classes, slightly away from zero on novel ones)
-  and separation (the batch-mean input-dependent scan parameters delta, B, C of base and novel samples decorrelated).
+* Base prototypes (``base_protos``): ``final`` (official ``get_training_memory``) recomputes each base class's mean
+  feature with the final backbone once the base session ends, from the session's inputs kept until then (views of
+  the batches the stream gave, its first epoch only when the stream says how many epochs it repeats; nothing is kept
+  when the backbone is not trained, since the running means are then already the final backbone's); ``running``
+  keeps the running means (EMA ``proto_ema`` while the backbone trains), with no inputs kept.
+* Incremental sessions: backbone and base branch frozen; the few-shot samples' backbone features are kept once each
+  (a stream repeating the session over several epochs adds each sample once: the official code extracts the session's
+  features once, ``get_inc_memory``, and then trains ``step_list`` steps on them), and at the end of the session (the
+  first prediction after it) the novel branch alone is trained for ``inc_steps`` steps on them plus one mean feature
+  per base class and per earlier novel class (the official ``mean_neck_feat`` memory), reshuffled after each pass
+  with the incomplete last batch dropped (the official loader: shuffle, ``drop_last``), with the DR loss
+  (class-balanced target lengths, feature mixup) and the class-sensitive selective-scan losses: suppression (the
+  novel branch's gate ``z`` pushed to zero on base classes, slightly away from zero on novel ones) and separation
+  (the batch-mean input-dependent scan parameters delta, B, C of base and novel samples decorrelated).
+* Per-GPU scale (``loss_chunk``): the official code computes the class-sensitive losses on each GPU's 8 samples
+  (``samples_per_gpu=8`` x 8 GPUs = 64) and DDP averages the gradients; here each batch is cut into chunks of
+  ``loss_chunk`` samples, each loss computed per chunk and averaged over the chunks, and a loss is skipped for the
+  whole batch when a chunk lacks the samples it needs (the official ``all_reduce(MIN)`` of the base / novel counts).
+  ``||z|| / numel(z)`` on one batch of 64 is ``sqrt(8 / 64)`` ~ 0.35x the per-GPU value (tested).
 
 Tokens (``tokens``): ``map`` (as the official ``MambaNeck``) takes the backbone's last feature map
 (:func:`ctta.backbones.classifier.feature_map`), average-pools it to ``grid`` x ``grid`` (the official CIFAR /
@@ -26,10 +39,13 @@ Remaining deviations: the four gate tensors ``z`` are summed after realigning th
 flips the channel axis of the two backward gates, which looks unintended; it only changes the suppression loss's
 norm); the scan parameters for the separation loss come from the first (row-forward) direction, as in the official
 code; the stored few-shot features and class means are the ``grid`` x ``grid`` pooled maps, not the full maps.
-The class-sensitive losses see a whole ``inc_batch_size`` batch (the official code: each GPU's 8 samples).
+Feature mixup (the mix partner and the coin flip) is drawn over the whole batch (official: per GPU). The final
+base prototypes are means over the base inputs as the stream gave them (official: the train set through the
+test pipeline, i.e. without augmentation; here the stream's load-time transform, if any, is in them).
 ``inc_grad_clip`` is the official (unused, None) ``grad_clip`` hook. Scale note: the suppression term is
-``||z|| / numel(z)``, so its pull grows as widths and batches shrink; at ResNet-20 width (64) the official weight
-100 at lr 0.25 diverges (NaN) and, clipped, silences the novel branch (benchmarks/RESULTS.md, "Mamba-FSCIL").
+``||z|| / numel(z)`` per chunk, so its pull grows as widths (and the samples per chunk) shrink; at ResNet-20 width
+(64) the official weight 100 at lr 0.25 diverges (NaN) and, clipped, silences the novel branch (benchmarks/RESULTS.md,
+"Mamba-FSCIL", measured with the former whole-batch term, ~0.35x the per-chunk one).
 """
 from __future__ import annotations
 
@@ -138,22 +154,46 @@ class DualSelectiveProjector(nn.Module):
         return parts
 
 
-def separation_loss(param: Tensor, is_base: Tensor) -> Tensor:
+def _chunked(t: Tensor, rows: Tensor, chunk: int):
+    """``t`` (batch, ...) times the 0/1 row weights ``rows``, zero-padded to a multiple of ``chunk`` and viewed as
+    (chunks, chunk, ...); also the weights as (chunks, chunk)."""
+    n = t.shape[0]
+    pad = -n % chunk
+    w = rows.to(t.dtype)
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+        w = torch.cat([w, w.new_zeros(pad)])
+    w = w.view(-1, chunk)
+    return t.view(w.shape[0], chunk, *t.shape[1:]) * w.view(*w.shape, *([1] * (t.dim() - 1))), w
+
+
+def suppression_term(z: Tensor, rows: Tensor, chunk: int) -> Tensor:
+    """The official ``||z[rows]||_F / numel(z[rows])`` computed on each chunk of ``chunk`` samples (each GPU's batch)
+    and averaged over the chunks (DDP's gradient mean); 0 unless every chunk holds a selected row (the official
+    ``all_reduce(MIN)`` of the counts). No boolean indexing, no host sync. ``chunk`` >= the batch: one whole-batch
+    term."""
+    zc, w = _chunked(z, rows, chunk)
+    per_row = z.shape[1:].numel()
+    count = w.sum(dim=1)
+    term = torch.linalg.vector_norm(zc.flatten(1), dim=1) / (count * per_row).clamp_min(1)
+    return term.mean() * (count > 0).all().to(z.dtype)
+
+
+def separation_loss(param: Tensor, is_base: Tensor, chunk: Optional[int] = None) -> Tensor:
     """Mean of ``|I - S|`` for the cosine-similarity matrix S of the base-sample and novel-sample means of a scan
-    parameter (batch, k, L) averaged over batch and sequence (the official ``param_avg_dim='0-1-3'``)."""
-    w_base = is_base.float()[:, None, None]
-    w_novel = 1.0 - w_base
+    parameter (batch, k, L) averaged over batch and sequence (the official ``param_avg_dim='0-1-3'``), computed on
+    each chunk of ``chunk`` samples (default: the whole batch) and averaged over the chunks; 0 unless every chunk
+    holds both base and novel samples (the official gate)."""
+    chunk = chunk or param.shape[0]
+    pb, wb = _chunked(param, is_base, chunk)
+    pn, wn = _chunked(param, ~is_base, chunk)
     length = param.shape[-1]
-    base = (param * w_base).sum(dim=(0, 2)) / (w_base.sum() * length).clamp_min(1)
-    novel = (param * w_novel).sum(dim=(0, 2)) / (w_novel.sum() * length).clamp_min(1)
-    v = F.normalize(torch.stack([base, novel]), dim=-1)
-    return torch.abs(torch.eye(2, device=param.device) - v @ v.t()).mean()
-
-
-def _norm_per_element(z: Tensor, rows: Tensor) -> Tensor:
-    """``||z[rows]||_F / numel(z[rows])`` without boolean indexing (no host sync); 0 when no row is selected."""
-    w = rows.float()[:, None, None]
-    return torch.linalg.vector_norm(z * w) / (w.sum() * z.shape[1] * z.shape[2]).clamp_min(1)
+    base = pb.sum(dim=(1, 3)) / (wb.sum(dim=1, keepdim=True) * length).clamp_min(1)
+    novel = pn.sum(dim=(1, 3)) / (wn.sum(dim=1, keepdim=True) * length).clamp_min(1)
+    v = F.normalize(torch.stack([base, novel], dim=1), dim=-1)                      # (chunks, 2, k)
+    per_chunk = torch.abs(torch.eye(2, device=param.device) - v @ v.transpose(1, 2)).mean(dim=(1, 2))
+    both = ((wb.sum(dim=1) > 0) & (wn.sum(dim=1) > 0)).all().to(param.dtype)
+    return per_chunk.mean() * both
 
 
 @register
@@ -170,7 +210,9 @@ class MambaFSCIL(IncrementalStrategy):
                  inc_lr: Positive = 0.25, inc_steps: Count = 200, inc_batch_size: Count = 64, inc_warmup: NonNegInt = 5,
                  feature_mixup: Unit = 0.5, mixup_prob: Unit = 0.75, balanced_targets: bool = True,
                  supp_weight: NonNegative = 100.0, supp_novel_weight: NonNegative = 1e-5,
-                 sep_weight: NonNegative = 1e-3, proto_ema: Unit = 0.01, backend: Literal["auto", "torch", "mamba"] = "auto",
+                 sep_weight: NonNegative = 1e-3, loss_chunk: Count = 8, proto_ema: Unit = 0.01,
+                 base_protos: Literal["final", "running"] = "final",
+                 backend: Literal["auto", "torch", "mamba"] = "auto",
                  tokens: Literal["auto", "map", "pooled"] = "auto", grid: Count = 2,
                  inc_grad_clip: Optional[Positive] = None, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
@@ -190,7 +232,8 @@ class MambaFSCIL(IncrementalStrategy):
             int(inc_warmup)
         self.feature_mixup, self.mixup_prob, self.balanced_targets = feature_mixup, mixup_prob, bool(balanced_targets)
         self.supp_weight, self.supp_novel_weight, self.sep_weight = supp_weight, supp_novel_weight, sep_weight
-        self.proto_ema = float(proto_ema)
+        self.loss_chunk = int(loss_chunk)
+        self.proto_ema, self.base_protos = float(proto_ema), base_protos
         self.inc_grad_clip = inc_grad_clip
         self.grid = int(grid) if self.tokens == "map" else None
         with torch.random.fork_rng(devices=[]):  # the projector and ETF depend on the seed only
@@ -204,6 +247,9 @@ class MambaFSCIL(IncrementalStrategy):
         self.register_buffer("class_counts", torch.zeros(k))
         self.register_buffer("base_mask", torch.zeros(k, dtype=torch.bool))
         self._pending: List[tuple] = []
+        self._base_inputs: List[tuple] = []  # base_protos='final': the base session's (x, y), until it ends
+        self._epoch_samples: Optional[int] = None  # samples per epoch of the current train segment (when known)
+        self._done = 0  # samples learned in the current session
         base_params = list(self.projector.residual_proj.parameters()) + list(self.projector.base.parameters())
         if self.train_backbone:
             base_params = list(self.model.parameters()) + base_params
@@ -260,14 +306,26 @@ class MambaFSCIL(IncrementalStrategy):
             alpha = torch.where(counts > 0, alpha.clamp_min(self.proto_ema), alpha)
         self.class_means += alpha.view(expand) * (batch_mean - self.class_means)
 
+    def _first_epoch(self, n: int) -> int:
+        """How many leading samples of this batch of ``n`` belong to the session's first epoch (all of them when the
+        stream did not say how many samples an epoch has)."""
+        done, self._done = self._done, self._done + n
+        if self._epoch_samples is None:
+            return n
+        return max(0, min(n, self._epoch_samples - done))
+
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        k = self._first_epoch(x.shape[0])
         if self.sessions.session == 0:
+            if k and self.base_protos == "final" and self.train_backbone:
+                self._base_inputs.append((x[:k], y[:k]))
             return self._base_step(x, y)
         f = self._features(x)
         with torch.no_grad():
             logits = self.mask(self.head(self.projector(f, use_novel=True)["out"]))
-        self._update_means(f, y, ema=False)
-        self._pending.append((f, y))
+        if k:  # each few-shot sample once, however many epochs the stream repeats the session
+            self._update_means(f[:k], y[:k], ema=False)
+            self._pending.append((f[:k], y[:k]))
         return logits
 
     def _base_step(self, x: Tensor, y: Tensor) -> Tensor:
@@ -290,16 +348,46 @@ class MambaFSCIL(IncrementalStrategy):
         return self.mask(logits)
 
     # --- sessions -------------------------------------------------------------------------------------------------
+    def segment_start(self, segment: Any) -> None:
+        """A train segment says how many epochs it repeats its samples (``meta["epochs"]``): only the first is kept."""
+        if getattr(segment, "kind", None) == "train":
+            epochs = max(int((getattr(segment, "meta", None) or {}).get("epochs", 1)), 1)
+            self._epoch_samples = int(segment.num_samples) // epochs
+
     def begin_session(self, session: int) -> None:
+        self._done = 0
         self._apply_phase()
 
     def end_session(self, session: int) -> None:
         if session == 0:
             self.base_mask.copy_(self.seen.seen)
+            if self._base_inputs:
+                self.recompute_base_means()
         elif self._pending:
             self.train_novel(session)
-        self._pending = []
+        self._pending, self._base_inputs = [], []
+        self._epoch_samples, self._done = None, 0
         self._apply_phase()
+
+    @torch.no_grad()
+    def recompute_base_means(self, batch_size: int = 256) -> None:
+        """Each base class's mean feature from the final backbone (eval mode) over the kept base-session inputs, as
+        the official ``get_training_memory`` (the train set through the trained backbone, mean per class)."""
+        sums = torch.zeros_like(self.class_means)
+        counts = torch.zeros_like(self.class_counts)
+        total = 0
+        for x, y in self._base_inputs:  # batch by batch: no concatenated copy of the inputs
+            for i in range(0, x.shape[0], batch_size):
+                yi = y[i:i + batch_size].to(sums.device)
+                sums.index_add_(0, yi, self._features(x[i:i + batch_size]).to(sums.device))
+                counts += torch.bincount(yi, minlength=self.num_classes).to(counts.dtype)
+            total += x.shape[0]
+        present = counts > 0
+        expand = (-1,) + (1,) * (sums.dim() - 1)
+        means = sums / counts.clamp_min(1).view(expand)
+        self.class_means.copy_(torch.where(present.view(expand), means, self.class_means))
+        self.class_counts.copy_(torch.where(present, counts, self.class_counts))
+        log.debug("mamba_fscil: base prototypes recomputed with the final backbone from %d inputs", total)
 
     def _lr_at(self, step: int) -> float:
         """Linear warm-up from 0.1 lr, then cosine to 0.01 lr (the official incremental schedule, no cool-down)."""
@@ -359,24 +447,30 @@ class MambaFSCIL(IncrementalStrategy):
         else:
             loss = dot_regression_loss(F.normalize(out, dim=1), targets, scale)
         loss = self.dr_weight * loss
-        z = parts["z_novel"]
+        z, chunk = parts["z_novel"], self.loss_chunk
         if self.supp_weight:
-            loss = loss + self.supp_weight * _norm_per_element(z, is_base)
+            loss = loss + self.supp_weight * suppression_term(z, is_base, chunk)
         if self.supp_novel_weight:
-            loss = loss - self.supp_novel_weight * _norm_per_element(z, ~is_base)
+            loss = loss - self.supp_novel_weight * suppression_term(z, ~is_base, chunk)
         if self.sep_weight:
-            both = (is_base.any() & (~is_base).any()).float()
             for p in parts["params_novel"].values():
-                loss = loss + self.sep_weight * both * separation_loss(p, is_base)
+                loss = loss + self.sep_weight * separation_loss(p, is_base, chunk)
         return loss
 
     # --- resume ---------------------------------------------------------------------------------------------------
     def extra(self) -> Any:
-        if not self._pending:
+        if not self._pending and not self._base_inputs:
             return None
-        return {"x": torch.cat([f for f, _ in self._pending]).cpu(), "y": torch.cat([y for _, y in self._pending]).cpu()}
+        out: Dict[str, Any] = {}
+        for key, items in (("", self._pending), ("base_", self._base_inputs)):
+            if items:
+                out[key + "x"] = torch.cat([a for a, _ in items]).cpu()
+                out[key + "y"] = torch.cat([b for _, b in items]).cpu()
+        return out
 
     def load_extra(self, state: Any) -> None:
         dev = self.class_means.device
-        self._pending = [(state["x"].to(dev), state["y"].to(dev))] if state else []
+        state = state or {}
+        self._pending = [(state["x"].to(dev), state["y"].to(dev))] if "x" in state else []
+        self._base_inputs = [(state["base_x"].to(dev), state["base_y"].to(dev))] if "base_x" in state else []
         self._apply_phase()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ctta
 from conftest import TinyNet, make_tiny
@@ -285,3 +286,130 @@ def test_map_tokens_two_session_stream_end_to_end():
         assert torch.isfinite(out[:, :4 + session]).all() and out.shape == (17, 6)  # unseen classes: -inf
     assert s.class_means.shape == (6, 8, 2, 2) and bool((s.class_counts > 0).all())
     torch.testing.assert_close(s.class_means[5], s._features(batches([5], n=5, seed=2)[0]).mean(0))
+
+
+# ---- issue 15: official per-GPU loss scale, final-backbone base prototypes, each few-shot feature once -------------
+
+def test_chunked_suppression_is_the_per_gpu_formula_and_035x_on_one_batch():
+    """Official: each GPU takes ``||z[base]|| / numel(z[base])`` on its 8 samples; DDP averages the 8 GPUs."""
+    from ctta.strategies.mamba_fscil import separation_loss, suppression_term
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 32, 4, generator=g)
+    is_base = torch.rand(64, generator=g) < 0.6
+    is_base[::8] = True   # every chunk (GPU) holds base and novel samples
+    is_base[1::8] = False
+    per_gpu = torch.stack([torch.norm(c[b]) / torch.numel(c[b]) for c, b in zip(z.split(8), is_base.split(8))]).mean()
+    torch.testing.assert_close(suppression_term(z, is_base, 8), per_gpu)
+    whole = torch.norm(z[is_base]) / torch.numel(z[is_base])
+    torch.testing.assert_close(suppression_term(z, is_base, 64), whole)  # one chunk: the whole-batch term
+    ratio = float(whole / per_gpu)
+    assert 0.32 < ratio < 0.39 and abs(ratio - math.sqrt(8 / 64)) < 0.03  # ~0.35x as strong on one batch of 64
+    # a batch that is not a multiple of the chunk: the last chunk is smaller (as a GPU with fewer samples)
+    per_gpu_60 = torch.stack([torch.norm(c[b]) / torch.numel(c[b])
+                              for c, b in zip(z[:60].split(8), is_base[:60].split(8))]).mean()
+    torch.testing.assert_close(suppression_term(z[:60], is_base[:60], 8), per_gpu_60)
+    # the official all_reduce(MIN) gate: one GPU without base samples and no GPU adds the term
+    no_base = is_base.clone()
+    no_base[8:16] = False
+    assert float(suppression_term(z, no_base, 8)) == 0.0 and float(suppression_term(z, no_base, 64)) > 0
+    # separation: per chunk, averaged, gated the same way
+    p = torch.randn(64, 6, 4, generator=g)
+
+    def sep(pc, bc):
+        v = F.normalize(torch.stack([pc[bc].mean(dim=(0, 2)), pc[~bc].mean(dim=(0, 2))]), dim=-1)
+        return torch.abs(torch.eye(2) - v @ v.t()).mean()
+    want = torch.stack([sep(c, b) for c, b in zip(p.split(8), is_base.split(8))]).mean()
+    torch.testing.assert_close(separation_loss(p, is_base, 8), want)
+    torch.testing.assert_close(separation_loss(p, is_base), sep(p, is_base))
+    assert float(separation_loss(p, no_base, 8)) == 0.0
+
+
+def test_chunked_suppression_gradient_is_finite_at_a_zero_gate():
+    from ctta.strategies.mamba_fscil import suppression_term
+
+    z = torch.zeros(20, 4, 3, requires_grad=True)  # the novel gate starts at exactly zero
+    rows = torch.arange(20) % 3 == 0
+    suppression_term(z, rows, 8).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def _train_segment(num_samples, epochs):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kind="train", meta={"epochs": epochs}, num_samples=num_samples * epochs)
+
+
+def test_base_prototypes_are_the_final_backbones_class_means():
+    """Official get_training_memory: the base train set through the trained backbone, one mean per class."""
+    s = make_strategy()
+    assert s.base_protos == "final" and s.train_backbone
+    xs, ys = zip(*(batches([0, 1, 2, 3], seed=i) for i in range(3)))
+    s.segment_start(_train_segment(36, epochs=2))
+    for _ in range(2):  # the stream repeats the session twice: the inputs are kept once
+        for x, y in zip(xs, ys):
+            s.learn(x, y)
+    assert sum(a.shape[0] for a, _ in s._base_inputs) == 36
+    running = s.class_means.clone()
+    s.segment_end(_train_segment(36, epochs=2))  # ends the base session
+    assert s._base_inputs == []
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    f = s._features(x_all)  # the final backbone
+    want = torch.stack([f[y_all == c].mean(0) for c in range(4)])
+    torch.testing.assert_close(s.class_means[:4], want, rtol=1e-5, atol=1e-6)
+    assert s.class_counts[:4].tolist() == [9.0] * 4
+    assert not torch.allclose(running[:4], want, atol=1e-4)  # the running (EMA) means were not the final ones
+    # base_protos='running' keeps them and stores no input
+    r = make_strategy(base_protos="running")
+    for x, y in zip(xs, ys):
+        r.learn(x, y)
+    assert r._base_inputs == []
+    # a frozen backbone: the running means are already the final ones, nothing is stored
+    fr = make_strategy(train_backbone=False)
+    for x, y in zip(xs, ys):
+        fr.learn(x, y)
+    assert fr._base_inputs == []
+    fr.predict(xs[0])
+    f_frozen = fr._features(x_all)
+    torch.testing.assert_close(fr.class_means[:4], torch.stack([f_frozen[y_all == c].mean(0) for c in range(4)]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_each_few_shot_feature_is_used_once_per_pass_with_several_epochs():
+    """Official: the session's features are extracted once (get_inc_memory) and the loader reshuffles them every
+    pass; a stream repeating the 5-shot session 3 times must not triple the few-shot samples."""
+    s = make_strategy(inc_batch_size=9, inc_steps=2, mixup_prob=0.0)
+    x, y = batches([0, 1, 2, 3])
+    s.learn(x, y)
+    s.predict(x)
+    xs, ys = batches([4], n=5, seed=1)
+    s.segment_start(_train_segment(5, epochs=3))
+    for e in range(3):
+        perm = torch.randperm(5, generator=torch.Generator().manual_seed(e))
+        s.learn(xs[perm], ys[perm])
+    assert sum(f.shape[0] for f, _ in s._pending) == 5
+    seen = []
+    loss_fn = s._novel_loss
+    s._novel_loss = lambda f, *a: seen.append(f.detach().clone()) or loss_fn(f, *a)
+    s.predict(x)
+    few = s._features(xs)
+    used = torch.cat(seen)  # 2 steps of 9 = 2 passes over 5 few-shot features + 4 base means
+    counts = [sum(bool(torch.equal(u, f)) for u in used) for f in few]
+    assert used.shape[0] == 18 and counts == [2] * 5
+    torch.testing.assert_close(s.class_means[4], few.mean(0))
+
+
+def test_digits_fscil_with_epochs_keeps_each_sample_once(monkeypatch):
+    """Through the engine: the stream's ``epochs`` reach the strategy via segment_start."""
+    stream = ctta.streams.create("digits_fscil", base_classes=6, ways=2, shots=5, seed=0, train_per_class=10,
+                                 test_per_class=5, batch_size=16, epochs=3)
+    model = make_tiny(num_classes=10)
+    strategy = ctta.strategies.create("mamba_fscil", model, backend="torch", d_state=4, inc_steps=2)
+    sizes = {"base": [], "novel": []}
+    base_fn, novel_fn = strategy.recompute_base_means, strategy.train_novel
+    monkeypatch.setattr(strategy, "recompute_base_means",
+                        lambda: sizes["base"].append(sum(a.shape[0] for a, _ in strategy._base_inputs)) or base_fn())
+    monkeypatch.setattr(strategy, "train_novel",
+                        lambda k: sizes["novel"].append(sum(f.shape[0] for f, _ in strategy._pending)) or novel_fn(k))
+    ctta.run(stream, strategy, device="cpu", progress=False)
+    assert sizes == {"base": [60], "novel": [10, 10]}

@@ -4,7 +4,8 @@
 original module as ``.base``, so its weights and behaviour are untouched until the new parameters move away from
 their identity initialisation). On top of it:
 
-* :func:`add_film`: per-channel scale and shift after each norm layer (FiLM; FSA-FiLM, FiT), 2 x C parameters;
+* :func:`add_film`: per-channel scale and shift after each norm layer (FiLM; FSA-FiLM, FiT), 2 x C parameters
+  (:func:`efficientnet_film_layers`: the official FSA-FiLM placement in a timm EfficientNet);
 * :func:`add_lora`: low-rank update ``W + (alpha / r) B A`` of Linear layers (LoRA, Hu et al. 2022), r x (in + out);
 * :func:`add_adapter`: a residual bottleneck MLP after a module (Houlsby-style adapter), zero-initialised up-projection,
   or (``mode="parallel"``) beside it, ``base(x) + s * up(act(down(x)))`` (AdaptFormer / LAE), optionally with a
@@ -51,7 +52,12 @@ class PeftModule(nn.Module):
 
 class FiLM(PeftModule):
     """``base(x) * scale + shift`` with per-channel ``scale`` (init 1) and ``shift`` (init 0); the channel axis is 1
-    for BatchNorm/GroupNorm (N x C x ...) and the last for LayerNorm (... x C)."""
+    for BatchNorm/GroupNorm (N x C x ...) and the last for LayerNorm (... x C).
+
+    A norm layer with a fused activation (timm's ``BatchNormAct2d`` / ``GroupNormAct``: a BatchNorm or GroupNorm
+    subclass with ``drop`` and ``act`` modules) is modulated between the normalisation and the activation,
+    ``act(drop(norm(x) * scale + shift))``, as FiLM after a plain norm layer followed by its activation (and as the
+    official FSA-FiLM EfficientNet: ``swish(film(bn(x)))``)."""
 
     def __init__(self, base: nn.Module, channels: int, channel_dim: int) -> None:
         super().__init__()
@@ -61,11 +67,28 @@ class FiLM(PeftModule):
         self.shift = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
+        norm_only = _norm_forward_without_act(self.base)
+        out = self.base(x) if norm_only is None else norm_only(x)
         if self.channel_dim == -1 or out.dim() == 2:
-            return out * self.scale + self.shift
-        shape = [1, -1] + [1] * (out.dim() - 2)
-        return out * self.scale.view(shape) + self.shift.view(shape)
+            out = out * self.scale + self.shift
+        else:
+            shape = [1, -1] + [1] * (out.dim() - 2)
+            out = out * self.scale.view(shape) + self.shift.view(shape)
+        if norm_only is not None:
+            out = self.base.act(self.base.drop(out))
+        return out
+
+
+def _norm_forward_without_act(norm: nn.Module) -> Optional[Callable[[Tensor], Tensor]]:
+    """For a norm layer with a fused activation (a BatchNorm/GroupNorm subclass with ``drop`` and ``act`` modules, as
+    timm's ``BatchNormAct2d``), its normalisation alone: the forward of the torch class it extends; else None."""
+    if not isinstance(norm, (_BatchNorm, nn.GroupNorm)) or not isinstance(getattr(norm, "act", None), nn.Module) \
+            or not isinstance(getattr(norm, "drop", None), nn.Module):
+        return None
+    for cls in type(norm).__mro__[1:]:
+        if cls.__module__.startswith("torch.nn.") and issubclass(cls, (_BatchNorm, nn.GroupNorm)):
+            return lambda x: cls.forward(norm, x)
+    return None
 
 
 class LoRALinear(PeftModule):
@@ -483,6 +506,46 @@ def add_film(model: nn.Module, select: Union[None, str, Sequence[str], Selector]
     return [model.get_submodule(n) for n in names]
 
 
+def efficientnet_film_layers(model: nn.Module) -> Optional[List[str]]:
+    """The norm layers the official FSA-FiLM modulates, in the timm EfficientNet inside ``model`` (None when it holds
+    none): the stem BN (``bn1``), each block's BN after its depthwise conv and the head BN (``bn2``).
+
+    Official (aresPanos/fsa ``src/cnn/efficientnet.py``, ``FilmEfficientNet``): FiLM after ``_bn0`` (stem), after
+    each ``MBConvBlock``'s ``_bn1`` (the depthwise conv's BN) and after ``_bn1`` (head), each before the swish. In
+    timm's blocks the depthwise BN is ``bn1`` of ``DepthwiseSeparableConv`` (conv_dw -> bn1 -> se -> conv_pw -> bn2;
+    the official expand-ratio-1 block) and ``bn2`` of ``InvertedResidual`` / ``CondConvResidual`` (conv_pw -> bn1 ->
+    conv_dw -> bn2 -> se -> conv_pwl -> bn3). Blocks without a depthwise conv (EfficientNetV2's ``EdgeResidual``,
+    ``ConvBnAct``; not in the official B0) take the BN after their spatial conv (``bn1``): our extension.
+    """
+    try:
+        from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual,
+                                                      InvertedResidual)
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:  # timm missing or reorganised: no official placement to offer
+        return None
+    nets = [(n, m) for n, m in model.named_modules() if isinstance(m, EfficientNet)]
+    if not nets:
+        return None
+    if len(nets) > 1:
+        raise UnsupportedError(f"{type(model).__name__} holds {len(nets)} timm EfficientNets; the FiLM placement "
+                               f"needs exactly one")
+    prefix, net = nets[0]
+    p = prefix + "." if prefix else ""
+    names = [p + "bn1"]
+    for i, stage in enumerate(net.blocks):
+        for j, block in enumerate(stage):
+            if isinstance(block, InvertedResidual):  # CondConvResidual included
+                bn = "bn2"
+            elif isinstance(block, (DepthwiseSeparableConv, EdgeResidual, ConvBnAct)):
+                bn = "bn1"
+            else:
+                raise UnsupportedError(f"no FSA-FiLM placement for the timm block {type(block).__name__} "
+                                       f"(blocks.{i}.{j}); use FiLM on every norm layer instead")
+            names.append(f"{p}blocks.{i}.{j}.{bn}")
+    names.append(p + "bn2")
+    return names
+
+
 def add_lora(model: nn.Module, r: int = 4, alpha: float = 1.0, select: Union[None, str, Sequence[str], Selector] = None,
              dropout: float = 0.0) -> List[LoRALinear]:
     """Wrap Linear layers (all, or those ``select`` names, e.g. ``"*.attn.qkv"``) in :class:`LoRALinear`."""
@@ -629,5 +692,6 @@ def head_parameter_names(model: nn.Module) -> List[str]:
 
 __all__ = ["Adapter", "AttentionProjections", "FiLM", "KVLoRA", "LoRALinear", "MixtureOfRankLoRA", "NORM_TYPES",
            "PeftModule", "PrefixAttention", "Scaler", "add_adapter", "add_attention_peft", "add_film", "add_kv_lora",
-           "add_lora", "add_mora", "add_prefix", "count_trainable", "freeze", "head_parameter_names", "inject",
-           "peft_modules", "peft_parameters", "trainable_parameters", "vit_block_names"]
+           "add_lora", "add_mora", "add_prefix", "count_trainable", "efficientnet_film_layers", "freeze",
+           "head_parameter_names", "inject", "peft_modules", "peft_parameters", "trainable_parameters",
+           "vit_block_names"]
