@@ -18,8 +18,13 @@ Choices where the engine differs from the official loop, and why:
   data-set index. The official code fills the banks with the source model before adapting; here a sample's slot
   is filled when it is first seen, and neighbours come from the filled slots only (in the first epoch, from the
   samples seen so far).
-- Schedules need the total number of steps: ``max_iter`` (epochs x batches per epoch). When it is not given, lr and
-  lambda stay at their initial values (a warning is logged once); the strategy cannot know the stream's length.
+- Schedule length: the official ``max_iter = max_epoch * len(loader)``. When ``max_iter`` is null (the default) it is
+  read from the stream as LAE and CoSO read theirs, at the engine's ``segment_start`` of the first ``adapt`` segment:
+  its batches of at least two samples (the ones that update; the code skips batches of one and still makes
+  ``max_iter`` updates) times the ``num_epochs`` of its meta (the ``sfda`` stream's E; 1 if absent). So lambda and
+  lr reach their final values at the last update of the last epoch (lr at ``iter = max_iter``; lambda, computed
+  before the code's increment, at ``max_iter - 1``). Only ``adapt`` called outside the engine without ``max_iter``
+  keeps lr and lambda constant (a warning is logged once).
 - Parameter groups: our backbones have no bottleneck (the code's source models are SHOT's ResNet + bottleneck +
   weight-normed classifier); the final linear layer gets 1 x lr, every other parameter ``backbone_lr_mult`` x lr.
 - BatchNorm runs in train mode during adaptation (batch statistics, running statistics updated), as in the code;
@@ -37,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.backbones.classifier import features_and_logits, last_linear
-from ctta.errors import ConfigError, UnsupportedError
+from ctta.errors import UnsupportedError
+from ctta.hparams import Count, Momentum, NonNegative, Positive
 
 from .base import Strategy, register
 from .common.banks import SampleBank, batch_dispersion, decay, neighbour_attraction
@@ -76,31 +82,40 @@ class AaD(Strategy):
     step_kinds = frozenset({"adapt", "eval"})
     settings = frozenset({"sfda"})
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, backbone_lr_mult: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 1e-3, nesterov: bool = True, k: int = 5, alpha: float = 1.0, beta: float = 5.0,
-                 lr_gamma: float = 10.0, lr_power: float = 0.75, max_iter: Optional[int] = None,
-                 key_tol: float = 1e-3, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: Positive = 1e-3, backbone_lr_mult: NonNegative = 0.1,
+                 momentum: Momentum = 0.9, weight_decay: NonNegative = 1e-3, nesterov: bool = True, k: Count = 5,
+                 alpha: NonNegative = 1.0, beta: NonNegative = 5.0, lr_gamma: NonNegative = 10.0,
+                 lr_power: NonNegative = 0.75, max_iter: Optional[Count] = None, key_tol: NonNegative = 1e-3,
+                 seed: int = 0) -> None:
         super().__init__(model, seed)
-        if int(k) < 1:
-            raise ConfigError(f"{self.name}: k must be >= 1, got {k}")
-        if max_iter is not None and int(max_iter) < 1:
-            raise ConfigError(f"{self.name}: max_iter must be a positive number of steps or null, got {max_iter}")
         if not (hasattr(model, "features_and_logits")
                 or (hasattr(model, "forward_features") and hasattr(model, "forward_head"))):
             raise UnsupportedError(f"{self.name} needs the backbone's penultimate features; {type(model).__name__} "
                                    f"has no features_and_logits / forward_features+forward_head")
         self.k, self.alpha, self.beta = int(k), float(alpha), float(beta)
         self.lr_gamma, self.lr_power = float(lr_gamma), float(lr_power)
-        self.max_iter = int(max_iter) if max_iter is not None else None
+        self.max_iter_given = int(max_iter) if max_iter is not None else None
+        self.max_iter = self.max_iter_given  # inferred from the stream at the first adapt segment when None
         self.iteration = 0
+        self._warned = False
         self.model.requires_grad_(True)
         self.optimizer = torch.optim.SGD(sgd_groups(self.model, lr, backbone_lr_mult), lr=lr, momentum=momentum,
                                          weight_decay=weight_decay, nesterov=bool(nesterov) and momentum > 0)
         self.bank = SampleBank(tol=key_tol, seed=seed)
-        if self.max_iter is None:
-            log.warning("%s: max_iter not given, so lr and the dispersion weight are not decayed; set max_iter = "
-                        "epochs x batches per epoch for the paper's schedules", self.name)
         self.remember_initial_state()
+
+    # --- schedule length ------------------------------------------------------------------------------------------
+    def segment_start(self, segment: Any) -> None:
+        """At the first ``adapt`` segment, ``max_iter`` = its updating batches x ``meta["num_epochs"]`` (if not given)."""
+        if getattr(segment, "kind", None) != "adapt" or self.max_iter is not None:
+            return
+        meta = getattr(segment, "meta", None) or {}
+        epochs = int(meta.get("num_epochs", 1))
+        n, bs = int(segment.num_samples), max(int(segment.batch_size), 1)
+        updates = n // bs + (1 if n % bs >= 2 else 0)  # a last batch of one sample is only predicted
+        self.max_iter = max(epochs * updates, 1)
+        log.info("%s: schedule length max_iter = %d (%d epoch(s) x %d batches)", self.name, self.max_iter, epochs,
+                 updates)
 
     # --- steps --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +134,10 @@ class AaD(Strategy):
     def adapt(self, x: Tensor) -> Tensor:
         if x.shape[0] < 2:  # a batch of one: BatchNorm cannot train on it and there is nothing to disperse from
             return self.predict(x)
+        if self.max_iter is None and not self._warned:
+            log.warning("%s: schedule length unknown (adapt called outside the engine, no max_iter), so lr and the "
+                        "dispersion weight are not decayed; set max_iter = epochs x batches per epoch", self.name)
+            self._warned = True
         weight = self.dispersion_weight()
         scale = decay(self.iteration + 1, self.max_iter, self.lr_power, self.lr_gamma)
         for group in self.optimizer.param_groups:
@@ -143,7 +162,9 @@ class AaD(Strategy):
 
     # --- state --------------------------------------------------------------------------------------------------
     def extra_state(self) -> Any:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "max_iter": self.max_iter}
 
     def load_extra_state(self, state: Any) -> None:
-        self.iteration = int(state["iteration"]) if state else 0
+        state = state or {}
+        self.iteration = int(state.get("iteration", 0))
+        self.max_iter = state.get("max_iter", self.max_iter_given)

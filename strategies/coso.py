@@ -5,17 +5,26 @@ github.com/quinn-ch/CoSO, ``models/coso.py``, ``coso/adamw.py``, ``exps/coso_cif
 frozen except selected 2-D weights (the attention output projections ``attn.proj.weight``, as the official code) and
 the linear head. The selected weights are trained with :class:`SubspaceAdamW` (``strategies/common/subspace.py``):
 updates stay in a gradient subspace orthogonal to the directions earlier tasks used, which a frequent-directions
-sketch collects per task and keeps at its end (energy threshold 0.98; ``energy_rule``: ``reach`` keeps the
-fewest directions reaching the share, ``below`` the official code's count, one fewer). The loss is cross-entropy over the current
-session's classes of the logits divided by a temperature (3); the official per-task heads become one head whose old
-rows get no gradient (the head's Adam state restarts each session, so they do not move).
+sketch collects per task and keeps at its end (energy threshold 0.98; ``energy_rule``: ``below``, the official
+count ``sum(cumsum(share) < threshold)``, or ``reach``, the fewest directions reaching the share, one more). The
+sketch is the official ``DoubleSVD`` (each gradient shrunk by its own (r+1)-th singular value before merging;
+``sketch_shrink_block: false`` gives the textbook frequent-directions sketch). The loss is cross-entropy over the
+current session's classes of the logits divided by a temperature (3); the official per-task heads become one head
+whose old rows get no gradient (the head's Adam state restarts each session, so they do not move).
+
+Learning-rate schedule (``cosine``): the official ``utils/scheduler.py`` ``CosineSchedule`` with K = epochs, stepped
+once per epoch: in epoch e (0 .. K-1) of a session every rate is ``base * cos(99 pi e / (200 (K - 1)))``, a quarter
+cosine from the base rate down to cos(0.495 pi) = 1.6 % of it in the last epoch, constant within an epoch. The
+epochs come from the engine's ``segment_start`` (the train segment's ``meta["epochs"]``; its ``num_samples`` counts
+every pass), the epoch of a batch from the samples learned before it. With one epoch (where the official formula
+divides by zero) or outside the engine the rates stay at their base values.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
 import math
-from typing import Any, List, Optional, Sequence, Union
+from typing import Annotated, Any, List, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +32,7 @@ from torch import Tensor, nn
 
 from ctta.backbones.peft import freeze, head_parameter_names
 from ctta.errors import ConfigError
+from ctta.hparams import Count, NonNegative, Positive, Range, Unit
 
 from .base import register
 from .common.incremental import IncrementalStrategy, mask_logits
@@ -31,27 +41,30 @@ from .common.subspace import SubspaceAdamW
 log = logging.getLogger(__name__)
 
 
+def epoch_cosine(epoch: int, epochs: int) -> float:
+    """The official CoSO rate factor of epoch ``epoch`` of ``epochs``: ``cos(99 pi e / (200 (K - 1)))``; 1 when K <= 1."""
+    if epochs <= 1:
+        return 1.0
+    return math.cos(99.0 * math.pi * min(max(epoch, 0), epochs - 1) / (200.0 * (epochs - 1)))
+
+
 @register
 class CoSO(IncrementalStrategy):
     """Projected-AdamW training of selected ViT weights (``targets``) plus the head; see the module docstring.
 
-    ``cosine``: the learning rates follow a cosine from their base value to 0 over each session's train batches (the
-    official per-epoch cosine schedule, per batch here) when the session length is known from the engine.
+    ``cosine``: the official per-epoch quarter-cosine schedule (:func:`epoch_cosine`) when the engine tells the
+    session's epochs; false: constant rates.
     """
 
     name = "coso"
 
     def __init__(self, model: nn.Module, targets: Union[str, Sequence[str]] = "*.attn.proj.weight",
-                 lr: float = 3e-4, fc_lr: float = 5e-4, weight_decay: float = 0.0, proj_rank: int = 15,
-                 sketch_rank: int = 100, sketch_decay: float = 1.0, update_gap: int = 1, threshold: float = 0.98,
-                 energy_rule: str = "reach", temperature: float = 3.0, cosine: bool = True, seed: int = 0) -> None:
+                 lr: Positive = 3e-4, fc_lr: Positive = 5e-4, weight_decay: NonNegative = 0.0, proj_rank: Count = 15,
+                 sketch_rank: Count = 100, sketch_decay: Unit = 1.0, update_gap: Count = 1,
+                 threshold: Annotated[float, Range(gt=0, le=1)] = 0.98,
+                 energy_rule: Literal["reach", "below"] = "below", temperature: Positive = 3.0, cosine: bool = True,
+                 sketch_shrink_block: bool = True, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
-        if not 0.0 < float(threshold) <= 1.0:
-            raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}")
-        if not float(temperature) > 0:
-            raise ConfigError(f"temperature must be positive, got {temperature!r}")
-        if energy_rule not in ("reach", "below"):
-            raise ConfigError(f"energy_rule must be 'reach' or 'below', got {energy_rule!r}")
         patterns = [targets] if isinstance(targets, str) else list(targets)
         named = dict(self.model.named_parameters())
         self.target_names = [n for n in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
@@ -70,15 +83,16 @@ class CoSO(IncrementalStrategy):
             [{"params": self.head, "lr": fc_lr},
              {"params": self.targets, "lr": lr, "subspace": True}],
             weight_decay=weight_decay, proj_rank=proj_rank, sketch_rank=sketch_rank, sketch_decay=sketch_decay,
-            update_gap=update_gap)
+            update_gap=update_gap, shrink_block=sketch_shrink_block)
         self.threshold = float(threshold)
         self.energy_rule = str(energy_rule)
         self.temperature = float(temperature)
         self.cosine = bool(cosine)
         self._session_classes: Optional[Tensor] = None
         self._segment_classes: Optional[List[int]] = None
-        self._total = 0  # train batches of the current session (0: unknown)
-        self._done = 0
+        self._epochs = 0  # epochs of the current session (0: unknown)
+        self._epoch_samples = 0  # samples per epoch
+        self._done = 0  # samples learned in the current session
         self.remember_initial_state()
 
     def logits(self, x: Tensor) -> Tensor:
@@ -87,8 +101,10 @@ class CoSO(IncrementalStrategy):
 
     def segment_start(self, segment: Any) -> None:
         if getattr(segment, "kind", None) == "train":
-            self._total = math.ceil(int(segment.num_samples) / max(int(segment.batch_size), 1))
-            classes = (getattr(segment, "meta", None) or {}).get("classes")
+            meta = getattr(segment, "meta", None) or {}
+            self._epochs = max(int(meta.get("epochs", 1)), 1)
+            self._epoch_samples = max(int(segment.num_samples) // self._epochs, 1)
+            classes = meta.get("classes")
             self._segment_classes = list(classes) if classes is not None else None
 
     def begin_session(self, session: int) -> None:
@@ -104,12 +120,16 @@ class CoSO(IncrementalStrategy):
         dims = self.optimizer.end_task(self.threshold, self.energy_rule)
         log.info("coso: historical subspace dimensions after session %d: %s", session, dims)
         self._segment_classes = None
-        self._total = 0
+        self._epochs = self._epoch_samples = 0
+
+    def epoch(self) -> int:
+        """The epoch (0-based) of the next train batch in the current session, from the samples learned so far."""
+        if self._epochs <= 0:
+            return 0
+        return min(self._done // self._epoch_samples, self._epochs - 1)
 
     def _set_lr(self) -> None:
-        factor = 1.0
-        if self.cosine and self._total > 0:
-            factor = 0.5 * (1.0 + math.cos(math.pi * min(self._done, self._total) / self._total))
+        factor = epoch_cosine(self.epoch(), self._epochs) if self.cosine else 1.0
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
@@ -124,7 +144,7 @@ class CoSO(IncrementalStrategy):
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._done += 1
+        self._done += int(x.shape[0])
         return self.mask(logits.detach())
 
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -132,12 +152,14 @@ class CoSO(IncrementalStrategy):
 
     def extra(self) -> Any:
         return {"session_classes": None if self._session_classes is None else self._session_classes.cpu(),
-                "segment_classes": self._segment_classes, "total": self._total, "done": self._done}
+                "segment_classes": self._segment_classes, "epochs": self._epochs,
+                "epoch_samples": self._epoch_samples, "done": self._done}
 
     def load_extra(self, state: Any) -> None:
         state = state or {}
         sc = state.get("session_classes")
         self._session_classes = None if sc is None else sc.to(self.head[0].device)
         self._segment_classes = state.get("segment_classes")
-        self._total = int(state.get("total", 0))
+        self._epochs = int(state.get("epochs", 0))
+        self._epoch_samples = int(state.get("epoch_samples", 0))
         self._done = int(state.get("done", 0))

@@ -10,7 +10,8 @@ Choices the paper leaves open (documented): the prototypes are computed under th
 predicts with (test-batch statistics of each labelled batch, so the shots of a drifted stage are described in
 that stage's statistics); prototypes are fixed once their session ended (training-free: RSGS changes the
 features under them, the prototypes are not recomputed); the entropy filter's C counts the classes seen so far;
-hyperparameters are those of ``csfa`` and ``rsgs``.
+hyperparameters are those of ``csfa`` and ``rsgs``, SAR's model recovery included (``reset_constant``; a recovery
+resets the norm affines and the optimiser, not the prototypes or the label space).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ctta.backbones.classifier import features_and_logits
+from ctta.hparams import Momentum, NonNegative, Positive, Unit
 
 from .base import register
 from .csfa import CSFA
@@ -32,12 +34,13 @@ class CSFARSGS(CSFA):
     step_kinds = frozenset({"train", "adapt", "eval"})
     settings = frozenset({"gilcd"})
 
-    def __init__(self, model: nn.Module, shift_weight: float = 0.1, temperature: float = 16.0, scale: float = 16.0,
-                 lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, rho: float = 0.05,
-                 alpha: float = 0.1, e_margin: float = 0.4, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, shift_weight: Unit = 0.1, temperature: Positive = 16.0,
+                 scale: Positive = 16.0, lr: Positive = 1e-3, momentum: Momentum = 0.9, weight_decay: NonNegative = 0.0,
+                 rho: Positive = 0.05, alpha: NonNegative = 0.1, e_margin: Positive = 0.4,
+                 reset_constant: NonNegative = 0.2, seed: int = 0) -> None:
         self._params: list = []
         super().__init__(model, shift_weight, temperature, scale, seed)
-        self.update = RSGSUpdate(self._params, lr, momentum, weight_decay, rho, alpha, e_margin)
+        self.update = RSGSUpdate(self._params, lr, momentum, weight_decay, rho, alpha, e_margin, reset_constant)
         self.optimizer = self.update.optimizer
         self.remember_initial_state()
 

@@ -19,7 +19,12 @@ Choices the paper leaves open (documented, configurable): the adapted parameters
 of the normalisation layers, as in SAR and TENT; SGD with momentum 0.9 (SAR's optimiser) at ``lr = 1e-3`` (SAR
 uses 2.5e-4 for ImageNet ResNet-50 at batch 64; a CIFAR ResNet-20 has ~1/50 of the norm parameters); ``rho = 0.05``
 (SAR) held constant (no learning-rate schedule in a stream); ``alpha = 0.1`` (GSAM's surrogate-gap weight, a value
-inside the range GSAM tunes); SAR's model recovery (reset on a collapsing loss average) is left out. Averaging is
+inside the range GSAM tunes). Model recovery is on by default, as SAR's (``sar.py``): an EMA (0.9) of the perturbed
+loss of the kept samples, and a reset of the adapted parameters and the optimiser to their initial state when it
+falls below ``reset_constant = 0.2`` (SAR's value; an absolute entropy, set for ImageNet's 1000 classes; 0 turns
+recovery off). Whether the CSFA paper keeps it could not be checked (only its abstract is available offline, and it
+does not mention it), so SAR's mechanism is followed, as for the filter; the label space seen so far is not reset
+(it is not adapted weight state). Averaging is
 over the kept samples with a zero loss when none is kept (no host sync; the base optimiser's momentum still moves
 the weights on such a batch). On GILCD ``train`` steps ``rsgs`` only records the labels' classes (a source-free
 method uses no labels), so its head is the backbone's own head masked to the classes seen so far.
@@ -32,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ctta.errors import ConfigError
+from ctta.hparams import Count, Momentum, NonNegative, Positive
 
 from .base import Strategy, register
 from .common.incremental import SeenClasses, num_outputs
@@ -54,22 +60,52 @@ def entropy_threshold(seen: SeenClasses, e_margin: float) -> Tensor:
     return e_margin * torch.log(c.float())
 
 
-class RSGSUpdate:
+class RSGSUpdate(nn.Module):
     """The RSGS step on some parameters, for any differentiable ``logits_fn(x)`` (shared by ``rsgs`` and
-    ``csfa_rsgs``)."""
+    ``csfa_rsgs``, whose signatures declare the ranges of these hyperparameters).
+
+    Model recovery (SAR, ``sar.py``): an EMA (``0.9 ema + 0.1 loss``, started at the first loss) of the perturbed
+    step's loss over the samples both filters kept (skipped when none is kept); when it falls below
+    ``reset_constant`` (SAR: 0.2) after an update, the parameters return to their values at construction, the
+    optimiser's momentum to its empty start and the EMA is forgotten. ``reset_constant = 0``: no recovery. All on the
+    device (a ``torch.where``, no host sync); ``recoveries`` counts the resets. A module, so the EMA, the initial
+    values and the count move with ``.to()`` and are part of the strategy's checkpoint.
+    """
 
     def __init__(self, params: List[nn.Parameter], lr: float, momentum: float, weight_decay: float, rho: float,
-                 alpha: float, e_margin: float) -> None:
+                 alpha: float, e_margin: float, reset_constant: float = 0.2) -> None:
+        super().__init__()
         if not params:
             raise ConfigError("rsgs needs normalisation layers with affine parameters; the backbone has none")
-        for key, val in (("lr", lr), ("rho", rho), ("e_margin", e_margin)):
-            if float(val) <= 0:
-                raise ConfigError(f"{key} must be positive, got {val!r}")
-        if float(alpha) < 0 or not 0.0 <= float(momentum) < 1.0:
-            raise ConfigError(f"alpha must be >= 0 and momentum in [0, 1), got alpha={alpha!r}, momentum={momentum!r}")
         self.params = params
         self.rho, self.alpha, self.e_margin = float(rho), float(alpha), float(e_margin)
+        self.reset_constant = float(reset_constant)
         self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for i, p in enumerate(params):
+            self.register_buffer(f"initial_{i}", p.detach().clone())
+        self.register_buffer("ema", torch.zeros(()))
+        self.register_buffer("ema_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("recoveries", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def recover_if_collapsing(self, loss: Tensor, kept: Tensor) -> Tensor:
+        """SAR's model recovery after an update; ``loss`` is the perturbed loss, ``kept`` how many samples it averaged.
+        Returns the (0-d bool) reset flag."""
+        valid = kept > 0
+        loss = loss.detach().to(self.ema.dtype)
+        new = torch.where(self.ema_set, 0.9 * self.ema + 0.1 * loss, loss)
+        self.ema.copy_(torch.where(valid, new, self.ema))
+        self.ema_set.logical_or_(valid)
+        reset = self.ema_set & (self.ema < self.reset_constant)
+        for i, p in enumerate(self.params):
+            p.copy_(torch.where(reset, getattr(self, f"initial_{i}").to(p.dtype), p))
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:  # a zero buffer is SGD's empty start (dampening 0: the next buffer is the gradient)
+                buf.copy_(torch.where(reset, torch.zeros_like(buf), buf))
+        self.ema_set.logical_and_(~reset)
+        self.ema.copy_(torch.where(reset, torch.zeros_like(self.ema), self.ema))
+        self.recoveries.add_(reset.long())
+        return reset
 
     def step(self, x: Tensor, logits_fn: Callable[[Tensor], Tensor], threshold: Tensor) -> Tuple[Tensor, Tensor]:
         """One RSGS update on ``x``; returns (logits before the update, the first filter's keep mask)."""
@@ -85,12 +121,17 @@ class RSGSUpdate:
             else:
                 keep = state["keep"] & reliable
             w = keep.to(ent.dtype)
-            return (ent * w).sum() / w.sum().clamp_min(1.0)
+            loss = (ent * w).sum() / w.sum().clamp_min(1.0)
+            if perturbed:
+                state["loss2"], state["kept2"] = loss.detach(), w.sum().detach()
+            return loss
 
         self.optimizer.zero_grad(set_to_none=True)
         gsam_step(self.params, closure, self.rho, self.alpha)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.reset_constant > 0:
+            self.recover_if_collapsing(state["loss2"], state["kept2"])
         return state["logits"], state["keep"]
 
 
@@ -112,14 +153,14 @@ class RSGS(Strategy):
     step_kinds = frozenset({"adapt", "train", "eval"})
     settings = frozenset({"tta", "gilcd", "domain_incremental"})
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
-                 rho: float = 0.05, alpha: float = 0.1, e_margin: float = 0.4, steps: int = 1, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: Positive = 1e-3, momentum: Momentum = 0.9, weight_decay: NonNegative = 0.0,
+                 rho: Positive = 0.05, alpha: NonNegative = 0.1, e_margin: Positive = 0.4, steps: Count = 1,
+                 reset_constant: NonNegative = 0.2, seed: int = 0) -> None:
         super().__init__(model, seed)
-        if int(steps) < 1:
-            raise ConfigError(f"steps must be >= 1, got {steps!r}")
         self.steps = int(steps)
         self.seen = SeenClasses(num_outputs(model))
-        self.update = RSGSUpdate(rsgs_parameters(self.model), lr, momentum, weight_decay, rho, alpha, e_margin)
+        self.update = RSGSUpdate(rsgs_parameters(self.model), lr, momentum, weight_decay, rho, alpha, e_margin,
+                                 reset_constant)
         self.optimizer = self.update.optimizer
         self.last_keep: Optional[Tensor] = None
         self.remember_initial_state()

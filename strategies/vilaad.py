@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ctta.errors import ConfigError
+from ctta.hparams import Count, Momentum, NonNegative, Positive
 
 from .aad import AaD
 from .base import register
@@ -73,10 +74,11 @@ class ViLAaD(AaD):
     name = "vilaad"
 
     def __init__(self, model: nn.Module, teacher: Union[None, str, Dict[str, Any], nn.Module] = None,
-                 include_self: bool = True, lr: float = 1e-3, backbone_lr_mult: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 1e-3, nesterov: bool = True, k: int = 5, alpha: float = 1.0, beta: float = 5.0,
-                 lr_gamma: float = 10.0, lr_power: float = 0.75, max_iter: Optional[int] = None,
-                 key_tol: float = 1e-3, seed: int = 0) -> None:
+                 include_self: bool = True, lr: Positive = 1e-3, backbone_lr_mult: NonNegative = 0.1,
+                 momentum: Momentum = 0.9, weight_decay: NonNegative = 1e-3, nesterov: bool = True, k: Count = 5,
+                 alpha: NonNegative = 1.0, beta: NonNegative = 5.0, lr_gamma: NonNegative = 10.0,
+                 lr_power: NonNegative = 0.75, max_iter: Optional[Count] = None, key_tol: NonNegative = 1e-3,
+                 seed: int = 0) -> None:
         frozen = build_teacher(teacher, getattr(model, "num_classes", None))
         super().__init__(model, lr=lr, backbone_lr_mult=backbone_lr_mult, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, k=k, alpha=alpha, beta=beta, lr_gamma=lr_gamma,

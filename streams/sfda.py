@@ -77,7 +77,8 @@ def sfda_stream(name: str, target: ImageSet, variant: str = "closed", known_clas
     segments: List[Segment] = []
     for e in range(epochs):
         segments.append(parts_segment(f"target/epoch-{e}", "adapt", [Part(target, idx, transform, labels=labels)],
-                                      batch_size, role="domain", meta={"epoch": e, "variant": variant},
+                                      batch_size, role="domain",
+                                      meta={"epoch": e, "num_epochs": epochs, "variant": variant},
                                       shuffle_seed=stable_seed(seed, "sfda-epoch", e)))
     unknown = labels == num_known
     if variant == "open":

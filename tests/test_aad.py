@@ -118,7 +118,41 @@ def test_settings_and_bad_options():
     with pytest.raises(UnsupportedError, match="sfda"):
         ctta.run(from_batches([(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]),
                  create("aad", make_tiny()), device="cpu", progress=False)
-    with pytest.raises(ConfigError, match="k must be"):
+    with pytest.raises(ConfigError, match="hyperparameter k=0"):
         create("aad", make_tiny(), k=0)
     with pytest.raises(ConfigError, match="unknown hyperparameter|max_iter"):
         create("aad", make_tiny(), max_iter=0)
+
+
+@pytest.mark.parametrize("n", [96, 97])  # 97: each epoch ends on a batch of one sample, which only predicts
+def test_schedule_length_is_read_from_the_stream_and_reaches_its_final_values(n):
+    st = create("aad", make_tiny(seed=3, num_classes=10), lr=0.01)  # max_iter: null (the config's default)
+    assert st.max_iter is None
+    seen = []
+    adapt = st.adapt
+
+    def spy(x):
+        weight = st.dispersion_weight()
+        out = adapt(x)
+        if x.shape[0] > 1:
+            seen.append((weight, sorted(g["lr"] for g in st.optimizer.param_groups)))
+        return out
+
+    st.adapt = spy
+    ctta.run(_stream(n=n, epochs=2), st, device="cpu", progress=False)
+    max_iter = 2 * 3  # 2 epochs x 3 updating batches of 32
+    assert st.max_iter == max_iter and st.iteration == max_iter and len(seen) == max_iter
+    # official loop: lambda from iter_num before its increment (0 .. max_iter - 1), lr after it (1 .. max_iter)
+    for it, (weight, lrs) in enumerate(seen):
+        assert weight == pytest.approx((1 + 10 * it / max_iter) ** -5.0)
+        assert lrs == pytest.approx([0.001 * (1 + 10 * (it + 1) / max_iter) ** -0.75,
+                                     0.01 * (1 + 10 * (it + 1) / max_iter) ** -0.75])
+    assert seen[-1][1][1] == pytest.approx(0.01 * 11 ** -0.75)          # lr at it = max_iter
+    assert st.dispersion_weight() == pytest.approx(11 ** -5.0)        # lambda at it = max_iter
+    # an explicit max_iter wins; a reset re-reads the stream; the inferred length is carried across a resume
+    assert create("aad", make_tiny(num_classes=10), max_iter=50).max_iter == 50
+    state = st.checkpoint_state()
+    st.reset()
+    assert st.max_iter is None and st.iteration == 0
+    st.load_checkpoint_state(state)
+    assert st.max_iter == max_iter and st.iteration == max_iter

@@ -1,12 +1,14 @@
 """CoSO: projected AdamW orthogonal to the historical subspace, frequent-directions sketch, energy threshold."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ctta
 from ctta import strategies
 from ctta.backbones import create
-from ctta.strategies.common.fd_sketch import FrequentDirections, energy_rank
+from ctta.strategies.common.fd_sketch import FrequentDirections, energy_rank, fd_update
+from ctta.strategies.coso import epoch_cosine
 from ctta.strategies.common.subspace import SubspaceAdamW
 from test_lae import _ci_stream, _data, _vit
 
@@ -30,10 +32,28 @@ def test_frequent_directions_error_bound_on_a_random_matrix():
 def test_energy_threshold_counts_the_directions_below_the_cumulative_share():
     sigma = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0])  # energies 16, 4, 1, 1, 0 of 22
     # cumulative shares 0.727, 0.909, 0.955, 1.0, 1.0
-    assert energy_rank(sigma, 0.98) == 4 and energy_rank(sigma, 0.92) == 3 and energy_rank(sigma, 0.5) == 1
-    assert energy_rank(sigma, 0.98, "below") == 3 and energy_rank(sigma, 0.5, "below") == 0  # the official count
-    assert energy_rank(sigma, 1.0) == 4  # never a zero-energy direction
-    assert energy_rank(torch.zeros(3), 0.98) == 0
+    # the default is the official count sum(cumsum(share) < threshold)
+    assert energy_rank(sigma, 0.98) == 3 and energy_rank(sigma, 0.92) == 2 and energy_rank(sigma, 0.5) == 0
+    assert energy_rank(sigma, 0.98, "reach") == 4 and energy_rank(sigma, 0.92, "reach") == 3
+    assert energy_rank(sigma, 0.5, "reach") == 1
+    assert energy_rank(sigma, 1.0, "reach") == 4  # never a zero-energy direction
+    assert energy_rank(torch.zeros(3), 0.98) == 0 and energy_rank(torch.zeros(3), 0.98, "reach") == 0
+    # the optimiser's task end (CoSO's default rule) adds exactly that many directions of a hand-made sketch
+    w = torch.nn.Parameter(torch.zeros(8, 3))
+    opt = SubspaceAdamW([{"params": [w], "subspace": True}], proj_rank=2, sketch_rank=5)
+    basis = torch.linalg.qr(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))[0]
+    opt.state[w].update(step=3, fd_basis=basis, fd_sigma=sigma)
+    assert opt.end_task(0.98) == {"0.0": 3}
+    assert torch.allclose(opt.historical_basis(w).abs(), basis[:, :3].abs(), atol=1e-6)
+    # one dominant direction (99 % of the energy): the official count keeps none, H exists and is empty
+    w2 = torch.nn.Parameter(torch.zeros(8, 3))
+    opt = SubspaceAdamW([{"params": [w2], "subspace": True}], proj_rank=2, sketch_rank=5)
+    opt.state[w2].update(step=1, fd_basis=basis, fd_sigma=torch.tensor([10.0, 1.0, 0.0, 0.0, 0.0]))
+    assert opt.end_task(0.98) == {"0.0": 0} and opt.historical_basis(w2).shape == (8, 0)
+    w2.grad = torch.ones(8, 3)
+    opt.step()  # an empty H projects nothing away
+    assert bool((w2 != 0).all())
+    assert strategies.create("coso", _vit()).energy_rule == "below"
 
 
 def test_updates_after_a_task_have_no_component_in_the_historical_subspace():
@@ -100,3 +120,70 @@ def test_coso_runs_a_two_session_class_incremental_stream():
     assert len(evals) == 2 and evals["accuracy"].between(0, 1).all()
     assert s.sessions.session == 1
     assert all(s.optimizer.historical_basis(p) is not None for p in s.targets)
+
+
+def _hand_made(values, columns, u):
+    """A 8 x 4 matrix whose singular values ``values`` lie on the columns ``columns`` of the orthonormal ``u``."""
+    v = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    return sum(val * torch.outer(u[:, c], v[:, i]) for i, (val, c) in enumerate(zip(values, columns)))
+
+
+def test_sketch_shrinks_each_gradient_by_its_own_next_singular_value_before_merging():
+    u = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    g1 = _hand_made([5.0, 4.0, 3.0, 2.0], [0, 1, 2, 3], u)   # energies 25, 16, 9, 4 on u0..u3
+    g2 = _hand_made([3.0, 2.0, 1.0], [2, 3, 0], u)           # energies 9, 4, 1 on u2, u3, u0
+    # first block, rank 2: sigma_i^2 - sigma_3^2 = 25 - 9, 16 - 9 (both variants)
+    for shrink in (True, False):
+        b, s = fd_update(None, None, g1, 2, shrink_block=shrink)
+        assert torch.allclose(s, torch.tensor([4.0, 7.0 ** 0.5], dtype=torch.float64))
+        assert torch.allclose((b.T @ u[:, :2]).abs(), torch.eye(2, dtype=torch.float64), atol=1e-10)
+    b1, s1 = fd_update(None, None, g1, 2, shrink_block=True)
+    # official DoubleSVD: g2 -> sqrt(9 - 1) on u2, sqrt(4 - 1) on u3; merged energies u0 16, u1 7, u2 8, u3 3
+    # -> top two u0, u2 shrunk by the third (7): sqrt(9), sqrt(1)
+    b, s = fd_update(b1, s1, g2, 2, shrink_block=True)
+    assert torch.allclose(s, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert torch.allclose((b.T @ u[:, [0, 2]]).abs(), torch.eye(2, dtype=torch.float64), atol=1e-10)
+    # textbook frequent directions merges g2 whole: energies u0 17, u1 7, u2 9, u3 4 -> sqrt(10), sqrt(2)
+    b, s = fd_update(b1, s1, g2, 2, shrink_block=False)
+    assert torch.allclose(s, torch.tensor([10.0 ** 0.5, 2.0 ** 0.5], dtype=torch.float64))
+    # the optimiser sketches the same way (reusing the SVD it takes for its projector), by default
+    for shrink, expected in ((True, [3.0, 1.0]), (False, [10.0 ** 0.5, 2.0 ** 0.5])):
+        w = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.float64))
+        opt = SubspaceAdamW([{"params": [w], "subspace": True}], proj_rank=2, sketch_rank=2, shrink_block=shrink)
+        for g in (g1, g2):
+            w.grad = g.clone()
+            opt.step()
+        assert torch.allclose(opt.state[w]["fd_sigma"], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_learning_rate_follows_the_official_quarter_cosine_per_epoch():
+    import math
+
+    from ctta.streams.base import tensor_segment
+
+    assert epoch_cosine(0, 20) == 1.0 and epoch_cosine(0, 1) == 1.0
+    assert epoch_cosine(19, 20) == pytest.approx(math.cos(0.495 * math.pi)) == pytest.approx(0.01571, abs=1e-5)
+    assert epoch_cosine(10, 21) == pytest.approx(math.cos(99 * math.pi / 400))
+    s = strategies.create("coso", _vit(), proj_rank=2, sketch_rank=4)
+    x, y = _data([0, 1])  # 16 samples, 4 epochs in one train segment (as the incremental streams build them)
+    seg = tensor_segment("session-0", "train", x.repeat(4, 1, 1, 1), y.repeat(4), 6, role="session",
+                         meta={"classes": [0, 1], "epochs": 4})
+    lrs = []
+    xs, ys = seg.materialise(torch.device("cpu"))[:2]
+    s.segment_start(seg)  # what the engine does around a train segment
+    for i in range(0, seg.num_samples, seg.batch_size):
+        s.learn(xs[i:i + 6], ys[i:i + 6])
+        lrs.append([g["lr"] for g in s.optimizer.param_groups])
+    s.segment_end(seg)
+    # batches of 6 start at samples 0, 6, ..., 60: epochs floor(start / 16); constant within an epoch
+    epochs = [start // 16 for start in range(0, 64, 6)]
+    assert epochs == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3] and len(lrs) == len(epochs)
+    for (fc, lr), e in zip(lrs, epochs):
+        factor = math.cos(99 * math.pi * e / (200 * 3))
+        assert fc == pytest.approx(5e-4 * factor) and lr == pytest.approx(3e-4 * factor)
+    assert lrs[0] == pytest.approx([5e-4, 3e-4])                                    # first epoch: the base rates
+    assert lrs[-1] == pytest.approx([5e-4 * 0.015707, 3e-4 * 0.015707], rel=1e-3)   # last: 1.6 % of them
+    off = strategies.create("coso", _vit(), cosine=False)
+    off.segment_start(seg)
+    off.learn(x[:6], y[:6])
+    assert [g["lr"] for g in off.optimizer.param_groups] == pytest.approx([5e-4, 3e-4])

@@ -235,3 +235,40 @@ def test_digits_gilcd_end_to_end(name: str) -> None:
     matrix = result.summary["accuracy_matrix"]
     assert len(matrix["rows"]) == 3 and matrix["values"][2][2] is not None
     assert log and all(predicted <= labelled for predicted, labelled in log)
+
+
+@pytest.mark.parametrize("name", ["rsgs", "csfa_rsgs"])
+def test_rsgs_model_recovery_resets_to_the_initial_weights_below_the_loss_ema_threshold(name: str) -> None:
+    """SAR's model recovery: when the EMA of the perturbed loss falls below reset_constant (0.2) after an update, the
+    adapted parameters and the optimiser return to their initial state and the EMA is forgotten."""
+    def make(**kw):  # noqa: ANN003, ANN202
+        if name == "rsgs":
+            return strategies.create("rsgs", copy.deepcopy(LNNet()), e_margin=10.0, lr=0.5, rho=0.05, **kw)
+        st = strategies.create("csfa_rsgs", make_tiny(num_classes=4), e_margin=10.0, lr=0.5, **kw)
+        st.learn(_images(8, 0), torch.tensor([0, 1, 2, 3] * 2))
+        return st
+
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(0)) * 2 if name == "rsgs" else _images(16, 1)
+    st = make()
+    upd = st.update
+    initial = [p.detach().clone() for p in upd.params]
+    st.adapt(x)
+    assert upd.reset_constant == 0.2 and bool(upd.ema_set) and float(upd.ema) > 0.2   # a high EMA: no reset
+    assert int(upd.recoveries) == 0 and any(not torch.equal(p, p0) for p, p0 in zip(upd.params, initial))
+    assert any(s["momentum_buffer"].abs().sum() > 0 for s in upd.optimizer.state.values())
+    upd.ema.fill_(0.0)  # force the average down: 0.9 * 0 + 0.1 * loss < 0.2 for any loss below ln 4
+    st.adapt(x)
+    assert int(upd.recoveries) == 1 and not bool(upd.ema_set)
+    assert all(torch.equal(p, p0) for p, p0 in zip(upd.params, initial))
+    assert all(float(s["momentum_buffer"].abs().sum()) == 0 for s in upd.optimizer.state.values())
+    # after a recovery the next step is a fresh strategy's first step (a zero buffer is SGD's empty start)
+    fresh = make()
+    st.adapt(x)
+    fresh.adapt(x)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(upd.params, fresh.update.params))
+    # reset_constant 0: no recovery whatever the average
+    off = make(reset_constant=0.0)
+    off.adapt(x)
+    off.update.ema.fill_(0.0)
+    off.adapt(x)
+    assert int(off.update.recoveries) == 0 and any(not torch.equal(p, p0) for p, p0 in zip(off.update.params, initial))

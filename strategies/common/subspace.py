@@ -5,14 +5,16 @@ Parameter groups with ``subspace=True`` hold 2-D weights W (m x n); for each, ev
 
 1. the gradient G is made orthogonal to the historical subspace H (m x k, orthonormal): ``G <- G - H H^T G``;
 2. every ``update_gap`` steps the top-``proj_rank`` left singular vectors of G become the current subspace P, and G
-   is absorbed into a rank-``sketch_rank`` frequent-directions sketch of the task (``fd_sketch.py``);
+   is absorbed into a rank-``sketch_rank`` frequent-directions sketch of the task (``fd_sketch.py``; with
+   ``shrink_block``, the default, G is first cut to its top ``sketch_rank`` directions shrunk by its own
+   (``sketch_rank``+1)-th singular value, as the official ``DoubleSVD``, reusing the SVD taken for P);
 3. Adam runs on ``P^T G`` (moments in projected coordinates, as the official code, not rotated when P changes);
    the update ``P (m / (sqrt(v) + eps))`` is projected off H once more (exact orthogonality whatever P's numerics)
    and applied with AdamW's bias correction.
 
 :meth:`SubspaceAdamW.end_task` adds the sketch's directions holding a ``threshold`` share of its energy to H (by
-default the fewest that reach it; ``rule="below"`` is the official code's count, one fewer) and
-resets the moments, the step and the sketch. Decoupled weight decay on subspace weights is projected off H too (the
+default the official count ``sum(cumsum(share) < threshold)``; ``rule="reach"``: the fewest that reach it, one more)
+and resets the moments, the step and the sketch. Decoupled weight decay on subspace weights is projected off H too (the
 official code decays W whole; with its default weight decay 0 the two agree). Other groups are plain AdamW.
 All state is tensors, so ``state_dict`` / ``load_state_dict`` carry it across a resume.
 """
@@ -34,12 +36,13 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, proj_rank: int = 15, sketch_rank: int = 100,
-                 sketch_decay: float = 1.0, update_gap: int = 1) -> None:
+                 sketch_decay: float = 1.0, update_gap: int = 1, shrink_block: bool = True) -> None:
         for name, v in (("proj_rank", proj_rank), ("sketch_rank", sketch_rank), ("update_gap", update_gap)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subspace=False, proj_rank=proj_rank,
-                        sketch_rank=sketch_rank, sketch_decay=sketch_decay, update_gap=update_gap)
+                        sketch_rank=sketch_rank, sketch_decay=sketch_decay, update_gap=update_gap,
+                        shrink_block=bool(shrink_block))
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["subspace"]:
@@ -68,11 +71,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     if hist is not None:
                         grad = grad - hist @ (hist.T @ grad)
                     if "proj" not in state or state["step"] % group["update_gap"] == 0:
-                        u = torch.linalg.svd(grad.float(), full_matrices=False)[0]
+                        u, s, _ = torch.linalg.svd(grad.float(), full_matrices=False)
                         state["proj"] = u[:, :group["proj_rank"]].to(p.dtype)
                         state["fd_basis"], state["fd_sigma"] = fd_update(
                             state.get("fd_basis"), state.get("fd_sigma"), grad, group["sketch_rank"],
-                            group["sketch_decay"])
+                            group["sketch_decay"], group["shrink_block"], block_svd=(u, s))
                     grad = state["proj"].T @ grad
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad)
@@ -95,7 +98,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     # --- task boundaries ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def end_task(self, threshold: float = 0.98, rule: str = "reach") -> Dict[str, int]:
+    def end_task(self, threshold: float = 0.98, rule: str = "below") -> Dict[str, int]:
         """Close a task: the sketch's leading directions holding a ``threshold`` share of its energy
         (:func:`energy_rank`, ``rule``) join each weight's historical subspace; moments, step, current subspace and sketch are reset.
         Returns the historical dimension per subspace weight (index ``"g.i"``) for logging."""
@@ -109,15 +112,15 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     k = energy_rank(state["fd_sigma"], threshold, rule)
                     new = state["fd_basis"][:, :k]
                     hist = state.get("hist")
-                    if hist is not None:
-                        new = new - hist @ (hist.T @ new)
+                    if hist is None:  # H exists from the first task end on, possibly empty (the official rule may keep 0)
+                        hist = p.new_zeros(p.shape[0], 0)
+                    new = new - hist @ (hist.T @ new)
                     if k:
                         q, r = torch.linalg.qr(new.float())
                         keep = r.diagonal().abs() > 1e-6  # drop directions already (numerically) in H
                         q = q[:, keep].to(p.dtype)
-                        hist = q if hist is None else torch.cat([hist, q], dim=1)
-                    if hist is not None:
-                        state["hist"] = hist[:, :p.shape[0]]
+                        hist = torch.cat([hist, q], dim=1)
+                    state["hist"] = hist[:, :p.shape[0]]
                 for key in ("proj", "fd_basis", "fd_sigma", "exp_avg", "exp_avg_sq"):
                     state.pop(key, None)
                 if state:
@@ -128,7 +131,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         return dims
 
     def historical_basis(self, p: Tensor) -> Optional[Tensor]:
-        """H (m x k, orthonormal columns) of a subspace weight, None before the first task ends."""
+        """H (m x k, orthonormal columns; k may be 0) of a subspace weight, None before its first task ends."""
         return self.state[p].get("hist") if p in self.state else None
 
     def reset_group_state(self, groups: List[int]) -> None:
