@@ -5,6 +5,8 @@
 
 Each strategy adapts on the same ``--batches`` batches of gaussian-noise images (batch 200, 32x32) after one
 warm-up batch; the engine's cost meter gives images/s (device synchronised per segment) and peak memory.
+Strategies that take ``source_data`` (psmt) get ``--source-data`` or, without it, the benchmark's own random images
+(their one-off source work, e.g. PSMT's Fisher, falls in the warm-up batch).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--out", default=None, help="CSV to append the rows to")
+    p.add_argument("--source-data", default=None, help="source train set for strategies that take source_data")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -46,13 +49,16 @@ def main() -> None:
                               tensor_segment("timed", "adapt", x[a.batch_size:], y[a.batch_size:], a.batch_size)],
                     num_classes=10)
     if a.only:
-        print(json.dumps(measure(a.only, a.backbone, stream, device, a.batches, a.batch_size)))
+        print(json.dumps(measure(a.only, a.backbone, stream, device, a.batches, a.batch_size,
+                                 a.source_data or (x, y))))
         return
     # each strategy in a fresh process, so the CPU's peak-RSS figure is its own
     rows = []
     for name in a.strategies.split(","):
         cmd = [sys.executable, __file__, "--only", name, "--device", str(device), "--backbone", a.backbone,
                "--batches", str(a.batches), "--batch-size", str(a.batch_size)]
+        if a.source_data:
+            cmd += ["--source-data", a.source_data]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     ref = rows[0]["images_per_s"]
@@ -69,10 +75,12 @@ def main() -> None:
         pd.DataFrame(rows).to_csv(out, mode="a", header=not out.exists(), index=False)
 
 
-def measure(name: str, backbone: str, stream: Stream, device: torch.device, batches: int, batch_size: int) -> dict:
+def measure(name: str, backbone: str, stream: Stream, device: torch.device, batches: int, batch_size: int,
+            source_data: object = None) -> dict:
     """One strategy's images/s and peak memory on the timed segment (after a warm-up batch)."""
     torch.manual_seed(0)
-    s = strategies.create(name, backbones.create(backbone, num_classes=10))
+    extra = {"source_data": source_data} if "source_data" in strategies.strategy_defaults(name) else {}
+    s = strategies.create(name, backbones.create(backbone, num_classes=10), **extra)
     res = ctta.run(stream, s, device=device, progress=False)
     timed = res.segments.set_index("segment").loc["timed"]
     return {"strategy": name, "backbone": backbone, "device": device_name(device), "batch_size": batch_size,

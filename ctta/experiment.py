@@ -62,13 +62,17 @@ def build_model(cfg: Mapping[str, Any], num_classes: int):
 
 def _hparams_for(name: str, hp_all: Mapping[str, Any], several: bool) -> Dict[str, Any]:
     """The hyperparameters given for ``name``: all of them for one strategy; with several strategies compared, a
-    hyperparameter applies to those whose defaults have it."""
+    hyperparameter applies to those whose defaults have it (a PLUGIN+HOST composite: one of its parts, so e.g.
+    ``strategy.source_data`` reaches both ``psmt`` and ``lsa+tent``)."""
     from ctta.strategies import strategy_defaults
 
     if not several:
         return dict(hp_all)
     defaults = strategy_defaults(name)
-    return {k: v for k, v in hp_all.items() if k in defaults}
+    keys = set(defaults)
+    if "+" in name:
+        keys |= {k for part in defaults.values() if isinstance(part, Mapping) for k in part}
+    return {k: v for k, v in hp_all.items() if k in keys}
 
 
 def run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:

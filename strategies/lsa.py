@@ -28,16 +28,18 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.errors import CheckpointError, ConfigError, UnsupportedError
+from ctta.hparams import Count, Momentum, Positive, Range
 from ctta.seeding import stable_seed
 
 from .base import Strategy
+from .common.source_data import SourceData, load_source_data
 from .compose import Composite, Plugin, register_plugin
 
 log = logging.getLogger(__name__)
@@ -137,12 +139,33 @@ def source_features(model: nn.Module, images: Tensor, batch_size: int = 500) -> 
     model.eval()
     dev = next(model.parameters()).device
     out = []
-    for i in range(0, images.shape[0], batch_size):
+    batches = math.ceil(images.shape[0] / batch_size)
+    for b, i in enumerate(range(0, images.shape[0], batch_size)):
         xb = images[i:i + batch_size].to(dev)
         xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
         out.append(_features(model, xb).float())
+        if batches > 2 and b < 2:  # batch 2 timed (batch 1 is warm-up): two host syncs, then none
+            t = _synced_time(dev)
+            if b == 1:
+                log.info("lsa adapter: features of %d source images with the frozen model, about %s (measured on "
+                         "batch 2 of %d)", images.shape[0], _duration(batches * (t - t_mark)), batches)
+            t_mark = t
     model.train(was_training)
     return torch.cat(out)
+
+
+def _synced_time(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _duration(seconds: float) -> str:
+    from ctta.evaluation.cost import duration_text  # one formatting of durations, as the engine's run estimate
+
+    return duration_text(seconds)
 
 
 def train_adapter(model: nn.Module, images: Tensor, labels: Tensor, num_classes: Optional[int] = None,
@@ -156,6 +179,16 @@ def train_adapter(model: nn.Module, images: Tensor, labels: Tensor, num_classes:
     """
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise ConfigError(f"lsa source data: {images.shape[0]} images and {labels.shape[0]} labels")
+    # the global RNG is left as it was (the adapter's init and the prior draws reseed it inside): a run that loads
+    # the cached adapter instead of training it continues with the same random numbers
+    with torch.random.fork_rng(devices=[]):
+        return _train_adapter(model, images, labels, num_classes, steps, batch_size, priors_per_step, lr, hidden, eps,
+                              max_imbalance, seed, source_prior)
+
+
+def _train_adapter(model: nn.Module, images: Tensor, labels: Tensor, num_classes: Optional[int], steps: int,
+                   batch_size: int, priors_per_step: int, lr: float, hidden: int, eps: float, max_imbalance: float,
+                   seed: int, source_prior: Optional[Tensor]) -> LabelShiftAdapter:
     k = int(num_classes or getattr(model, "num_classes", 0) or int(labels.max()) + 1)
     feats = source_features(model, images)
     labels = labels.to(feats.device).long()
@@ -187,6 +220,13 @@ def train_adapter(model: nn.Module, images: Tensor, labels: Tensor, num_classes:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if step == 0 or step == min(10, steps - 1):  # steps 2..11 timed (step 1 is warm-up), two host syncs
+                t = _synced_time(feats.device)
+                if step:
+                    sec = (t - t_mark) / step
+                    log.info("lsa adapter: about %s for %d steps (%.1f ms per step, measured on steps 2-%d)",
+                             _duration(sec * steps), steps, 1000 * sec, step + 1)
+                t_mark = t
             if step % max(1, steps // 5) == 0 or step == steps - 1:
                 log.info("lsa adapter step %d/%d: logit-adjusted loss %.4f", step + 1, steps, loss.item())
     finally:
@@ -197,10 +237,14 @@ def train_adapter(model: nn.Module, images: Tensor, labels: Tensor, num_classes:
 
 
 def save_adapter(adapter: LabelShiftAdapter, path: Union[str, Path]) -> Path:
+    import os
+
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")  # written whole, then renamed: a reader never sees half a file
     torch.save({"format": ADAPTER_FORMAT, "num_classes": adapter.num_classes, "feature_dim": adapter.feature_dim,
-                "hidden": adapter.hidden, "eps": adapter.eps, "state_dict": adapter.state_dict()}, p)
+                "hidden": adapter.hidden, "eps": adapter.eps, "state_dict": adapter.state_dict()}, tmp)
+    os.replace(tmp, p)
     return p
 
 
@@ -212,31 +256,83 @@ def load_adapter(path: Union[str, Path]) -> LabelShiftAdapter:
         raise CheckpointError(f"cannot read lsa adapter {str(p)!r}: {type(e).__name__}: {e}") from None
     if not isinstance(ck, dict) or ck.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{str(p)!r} is not an lsa adapter checkpoint (no format {ADAPTER_FORMAT!r})")
-    a = LabelShiftAdapter(ck["num_classes"], ck["feature_dim"], hidden=ck["hidden"], eps=ck["eps"])
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten: it must not move the global random numbers
+        a = LabelShiftAdapter(ck["num_classes"], ck["feature_dim"], hidden=ck["hidden"], eps=ck["eps"])
     a.load_state_dict(ck["state_dict"])
     return a.requires_grad_(False)
 
 
 def _load_source_data(source_data: Any, num_classes: Optional[int], samples: Optional[int], seed: int) -> Tuple[Tensor, Tensor]:
-    """(images, labels) from a pair of tensors or a CIFAR train set path; a seeded class-stratified subset."""
-    if isinstance(source_data, (tuple, list)) and len(source_data) == 2:
-        x, y = torch.as_tensor(source_data[0]), torch.as_tensor(source_data[1]).long()
-    elif isinstance(source_data, (str, Path)):
-        from ctta.streams.datasets import load_cifar  # lazy: data loading lives in streams
+    """(images, labels) from a pair of tensors or a CIFAR train set path; a seeded random subset (the loader shared
+    with PSMT, ``common/source_data.py``)."""
+    return load_source_data(source_data, num_classes, samples, seed, who="lsa")
 
-        name = {10: "cifar10", 100: "cifar100"}.get(num_classes)
-        if name is None:
-            raise ConfigError(f"lsa source_data={str(source_data)!r}: only CIFAR-10/100 train sets are read from "
-                              f"a path; for {num_classes} classes pass (images, labels) tensors")
-        data = load_cifar(name, source_data, train=True)
-        x, y = data.images, data.labels
+
+# --- the adapter cache: a trained adapter is kept under the user cache folder, keyed by everything it depends on ---
+ADAPTER_CACHE_VERSION = 1  # bump when train_adapter changes what it computes
+
+
+def _hash_tensor(h: Any, name: str, t: Any) -> None:
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _source_identity(h: Any, source_data: Any) -> None:
+    """A path: its resolved name and the size and modification time of the files in it (and one folder down, a
+    torchvision layout); a pair of tensors: their contents."""
+    if isinstance(source_data, (str, Path)):
+        root = Path(source_data).expanduser().resolve()
+        h.update(f"path|{root}|".encode())
+        files = [root] if root.is_file() else []
+        if root.is_dir():
+            for entry in sorted(root.iterdir()):
+                files += [entry] if entry.is_file() else sorted(f for f in entry.iterdir() if f.is_file()) \
+                    if entry.is_dir() else []
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|".encode())
     else:
-        raise ConfigError(f"lsa source_data must be a path or (images, labels), got {type(source_data).__name__}")
-    if samples and samples < x.shape[0]:
-        g = torch.Generator().manual_seed(stable_seed(seed, "lsa-source-subset"))
-        idx = torch.randperm(x.shape[0], generator=g)[:samples]
-        x, y = x[idx], y[idx]
-    return x, y
+        images, labels = source_data
+        _hash_tensor(h, "images", images)
+        _hash_tensor(h, "labels", labels)
+
+
+def adapter_cache_path(model: nn.Module, source_data: Any, hp: Dict[str, Any]) -> Optional[Path]:
+    """``<cache>/lsa/adapter-<key>.pt`` (the cache folder of :func:`ctta.streams.datasets.cache_dir`, where the
+    decoded train sets and the demo model are); the key hashes the source data (path + file sizes and mtimes, or
+    the tensors), the backbone (class, state_dict: weights and buffers, device type) and the adapter's training
+    hyperparameters and seed. None (no caching) when the inputs cannot be hashed."""
+    import hashlib
+    import json
+
+    from ctta.streams.datasets import cache_dir  # lazy: the one cache folder lives with the data loading
+
+    h = hashlib.sha256(f"{ADAPTER_FORMAT}|v{ADAPTER_CACHE_VERSION}|".encode())
+    h.update(json.dumps(hp, sort_keys=True, default=str).encode())
+    try:
+        _source_identity(h, source_data)
+        first = next(model.parameters(), None)
+        h.update(f"{type(model).__module__}.{type(model).__qualname__}|"
+                 f"{first.device.type if first is not None else 'cpu'}|".encode())
+        for name, t in model.state_dict().items():
+            _hash_tensor(h, name, t)
+    except (TypeError, ValueError, RuntimeError, OSError):  # an unusual input: train without caching
+        return None
+    return cache_dir() / "lsa" / f"adapter-{h.hexdigest()[:24]}.pt"
+
+
+def _load_cached(path: Optional[Path]) -> Optional[LabelShiftAdapter]:
+    if path is None or not path.is_file():
+        return None
+    try:
+        a = load_adapter(path)
+    except CheckpointError as e:
+        log.warning("ignoring the unreadable cached lsa adapter (%s); training again", e)
+        return None
+    log.info("lsa: loaded the adapter trained earlier on the same source data, backbone weights and "
+             "hyperparameters from the cache: %s", path)
+    return a
 
 
 @register_plugin
@@ -246,14 +342,11 @@ class LSA(Plugin):
     name = "lsa"
     default_host = "tent"
 
-    def __init__(self, model: nn.Module, ema: float = 0.9, estimate_from: str = "adapted",
-                 adapter: Optional[str] = None, source_data: Any = None, source_samples: Optional[int] = 10000,
-                 train_steps: int = 1000, train_batch: int = 256, priors_per_step: int = 8, train_lr: float = 1e-3,
-                 hidden: int = 128, eps: float = 1e-3, max_imbalance: float = 100.0, seed: int = 0) -> None:
-        if not 0.0 <= float(ema) < 1.0:
-            raise ConfigError(f"lsa ema must lie in [0, 1), got {ema}")
-        if estimate_from not in ("adapted", "source"):
-            raise ConfigError(f"lsa estimate_from must be 'adapted' or 'source', got {estimate_from!r}")
+    def __init__(self, model: nn.Module, ema: Momentum = 0.9, estimate_from: Literal["adapted", "source"] = "adapted",
+                 adapter: Union[None, str, Path] = None, source_data: SourceData = None,
+                 source_samples: Optional[Count] = 10000, train_steps: Count = 1000, train_batch: Count = 256,
+                 priors_per_step: Count = 8, train_lr: Positive = 1e-3, hidden: Count = 128, eps: Positive = 1e-3,
+                 max_imbalance: Annotated[float, Range(ge=1)] = 100.0, seed: int = 0) -> None:
         self.ema, self.estimate_from = float(ema), estimate_from
         k = int(getattr(model, "num_classes", 0))
         self.adapter_module = self.prepare(model, adapter, source_data, source_samples, train_steps, train_batch,
@@ -266,8 +359,9 @@ class LSA(Plugin):
     def prepare(model: nn.Module, adapter: Optional[str], source_data: Any, source_samples: Optional[int],
                 train_steps: int, train_batch: int, priors_per_step: int, train_lr: float, hidden: int,
                 eps: float, max_imbalance: float, seed: int) -> LabelShiftAdapter:
-        """Load the adapter from ``adapter`` when that file exists; otherwise train it on ``source_data``
-        (and save it to ``adapter`` when a path was given, so the next run loads it)."""
+        """Load the adapter from ``adapter`` when that file exists; else from the cache when one was trained on
+        the same inputs (:func:`adapter_cache_path`); otherwise train it on ``source_data`` and cache it (and save
+        it to ``adapter`` when a path was given)."""
         if adapter is not None and Path(adapter).expanduser().is_file():
             a = load_adapter(adapter)
             dim = getattr(model, "feature_dim", None)
@@ -279,10 +373,28 @@ class LSA(Plugin):
                               "train_adapter) or source_data=PATH of the source train set to train one"
                               + (f" (no file at {adapter!r})" if adapter else ""))
         k = int(getattr(model, "num_classes", 0)) or None
-        x, y = _load_source_data(source_data, k, source_samples, seed)
-        a = train_adapter(model, x, y, num_classes=k, steps=train_steps, batch_size=train_batch,
-                          priors_per_step=priors_per_step, lr=train_lr, hidden=hidden, eps=eps,
-                          max_imbalance=max_imbalance, seed=seed)
+        hp = dict(num_classes=k, source_samples=source_samples, steps=train_steps, batch_size=train_batch,
+                  priors_per_step=priors_per_step, lr=train_lr, hidden=hidden, eps=eps, max_imbalance=max_imbalance,
+                  seed=seed)
+        cached = adapter_cache_path(model, source_data, hp)
+        a = _load_cached(cached)
+        if a is None:
+            what = (f"the source train set at {str(source_data)!r} (a JPEG .npz is decoded on first read)"
+                    if isinstance(source_data, (str, Path)) else "the given source images")
+            log.info("lsa: training the label-shift adapter before the run (none cached for this source data, "
+                     "backbone and these hyperparameters): %s images of %s, their features with the frozen model, "
+                     "then %d adapter steps; estimates follow the first batches; cached%s for the next run",
+                     f"up to {source_samples}" if source_samples else "all", what, train_steps,
+                     f" at {cached}" if cached else "")
+            x, y = _load_source_data(source_data, k, source_samples, seed)
+            a = train_adapter(model, x, y, num_classes=k, steps=train_steps, batch_size=train_batch,
+                              priors_per_step=priors_per_step, lr=train_lr, hidden=hidden, eps=eps,
+                              max_imbalance=max_imbalance, seed=seed)
+            if cached is not None:
+                try:
+                    save_adapter(a, cached)
+                except OSError as e:  # a read-only cache is not fatal: train again next time
+                    log.warning("could not cache the lsa adapter at %s (%s)", cached, e)
         if adapter is not None:
             log.info("lsa adapter saved to %s", save_adapter(a, adapter))
         return a
@@ -309,5 +421,5 @@ class LSA(Plugin):
         return None
 
 
-__all__ = ["LSA", "LabelShiftAdapter", "LabelShiftModel", "load_adapter", "sample_priors", "save_adapter",
-           "train_adapter", "Composite"]
+__all__ = ["LSA", "LabelShiftAdapter", "LabelShiftModel", "adapter_cache_path", "load_adapter", "sample_priors",
+           "save_adapter", "train_adapter", "Composite"]

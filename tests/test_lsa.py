@@ -213,3 +213,63 @@ def test_composite_hyperparameters_nested_flat_and_config():
         _lsa(nope=1)
     with pytest.raises(ConfigError, match="lsa has no hyperparameter 'lr'"):
         strategies.create("lsa+tent", make_tiny(num_classes=K), lsa={"lr": 1})
+
+
+def test_trained_adapter_is_cached_by_its_inputs_and_loaded_on_the_next_build(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="ctta")
+
+    def build(seed=0, **hp):
+        torch.manual_seed(123)
+        s = _lsa(seed=seed, **hp)
+        return s, torch.rand(3)  # the global random numbers a run would go on with
+
+    first, after_training = build()
+    assert "training the label-shift adapter" in caplog.text and "adapter steps" in caplog.text
+    assert "lsa adapter: about" in caplog.text  # the measured estimate of the training time
+    cached = list((tmp_path / "cache" / "lsa").glob("adapter-*.pt"))
+    assert len(cached) == 1
+    caplog.clear()
+    again, after_loading = build()
+    assert "loaded the adapter trained earlier" in caplog.text and str(cached[0]) in caplog.text
+    assert "training the label-shift adapter" not in caplog.text
+    for k, v in first.model.adapter.state_dict().items():
+        assert torch.equal(v, again.model.adapter.state_dict()[k])
+    assert torch.equal(after_training, after_loading), "a cache hit leaves the run's random numbers as training does"
+    # any input that changes the adapter is in the key: the seed, a hyperparameter, the backbone's weights
+    caplog.clear()
+    build(seed=1)
+    build(hidden=8)
+    torch.manual_seed(5)
+    strategies.create("lsa+tent", make_tiny(seed=7, num_classes=K), source_data=_source(), **FAST)
+    assert caplog.text.count("training the label-shift adapter") == 3
+    assert len(list((tmp_path / "cache" / "lsa").glob("adapter-*.pt"))) == 4
+
+
+def test_adapter_cache_key_follows_a_source_file_size_and_mtime(tmp_path, monkeypatch, npz_dataset, caplog):
+    import logging
+    import os
+
+    from ctta.strategies.lsa import adapter_cache_path
+
+    def tiny10():
+        m = make_tiny(num_classes=10)
+        m.num_classes = 10  # as ctta.backbones models say, so a path is read as CIFAR-10
+        return m
+
+    monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="ctta")
+    model, hp = tiny10(), {"steps": 10}
+    key = adapter_cache_path(model, str(npz_dataset), hp)
+    assert key is not None and key.parent == tmp_path / "cache" / "lsa"
+    assert adapter_cache_path(tiny10(), str(npz_dataset), hp) == key
+    assert adapter_cache_path(model, str(npz_dataset.parent), hp) != key  # the folder: another identity
+    first = strategies.create("lsa+bn", tiny10(), source_data=str(npz_dataset), **FAST)
+    again = strategies.create("lsa+bn", tiny10(), source_data=str(npz_dataset), **FAST)
+    assert caplog.text.count("training the label-shift adapter") == 1 and "loaded the adapter" in caplog.text
+    assert torch.equal(first.model.adapter.net[0].weight, again.model.adapter.net[0].weight)
+    st = npz_dataset.stat()
+    os.utime(npz_dataset, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert adapter_cache_path(model, str(npz_dataset), hp) != key  # a changed file is trained on again

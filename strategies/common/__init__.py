@@ -1,15 +1,23 @@
-"""Mechanics shared by the strategies (losses, EMA and mean teachers, Fisher information, stochastic restore,
-norm-layer utilities, augmentations).
+"""Mechanics shared by the strategies (losses, EMA and mean teachers, Fisher information, stochastic and masked
+restore, norm-layer utilities, augmentations, source data).
 
 Each lives here once; a strategy file only composes them.
 """
 from .augment import AugmentConfig, TTAAugment
 from .ema import ema_update_, frozen_copy
-from .fisher import DiagonalFisher, fisher_penalty, masks_for, top_fraction_masks
-from .losses import soft_cross_entropy, softmax_entropy
+from .fisher import (
+    DiagonalFisher,
+    fisher_penalty,
+    lowest_fraction_masks,
+    masks_for,
+    source_fisher,
+    top_fraction_masks,
+)
+from .losses import soft_cross_entropy, softmax_entropy, symmetric_cross_entropy
 from .mean_teacher import (
     augmented_prediction,
     auto_views_per_chunk,
+    copy_or_ema_update_,
     make_augment,
     masked_ema_update_,
     teacher_pseudo_label,
@@ -22,7 +30,8 @@ from .norm import (
     use_batch_statistics,
     view_grouped_batchnorm,
 )
-from .restore import stochastic_restore_
+from .restore import masked_restore_, stochastic_restore_
+from .source_data import SourceData, as_float_images, load_source_data
 
 __all__ = [
     "AugmentConfig",
@@ -30,8 +39,11 @@ __all__ = [
     "DiagonalFisher",
     "augmented_prediction",
     "auto_views_per_chunk",
+    "copy_or_ema_update_",
     "ema_update_",
     "fisher_penalty",
+    "lowest_fraction_masks",
+    "source_fisher",
     "make_augment",
     "masked_ema_update_",
     "masks_for",
@@ -40,6 +52,7 @@ __all__ = [
     "frozen_copy",
     "soft_cross_entropy",
     "softmax_entropy",
+    "symmetric_cross_entropy",
     "NORM_TYPES",
     "batchnorm_layers",
     "norm_affine_parameters",
@@ -47,4 +60,8 @@ __all__ = [
     "use_batch_statistics",
     "view_grouped_batchnorm",
     "stochastic_restore_",
+    "masked_restore_",
+    "SourceData",
+    "as_float_images",
+    "load_source_data",
 ]

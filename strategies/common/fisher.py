@@ -2,14 +2,19 @@
 
 The empirical diagonal Fisher of a parameter is the squared gradient of the loss (Kirkpatrick et al., PNAS 2017).
 :class:`DiagonalFisher` keeps it per parameter on the device, either per batch (``decay=0``) or as a running
-average ``F <- decay * F + (1 - decay) * g**2``.
+average ``F <- decay * F + (1 - decay) * g**2``; :func:`source_fisher` estimates it once on source images (as the
+released code of EATA and PSMT does). :func:`top_fraction_masks` / :func:`lowest_fraction_masks` mark the
+elements above / below a global quantile of such values.
 """
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .source_data import as_float_images
 
 
 class DiagonalFisher:
@@ -92,3 +97,55 @@ def masks_for(model: nn.Module, masks: Mapping[str, Tensor], invert: bool = Fals
         m = masks.get(name)
         out.append(None if m is None else (~m if invert else m))
     return out
+
+
+def source_fisher(model: nn.Module, images: Tensor, batch_size: int) -> Dict[str, Tensor]:
+    """Diagonal Fisher of ``model`` on source ``images`` (N x C x H x W, uint8 or float in [0, 1]), in their order.
+
+    As the EWC estimate of PSMT's released code (JiaxuTian/PSMT ``classification/methods/psmt.py``, after EATA's):
+    per batch of ``batch_size``, the cross-entropy of the model against its own argmax prediction (batch mean); the
+    squared gradients are summed over the batches and divided by their number. Every parameter that requires a
+    gradient gets a value; ``.grad`` is not touched. The model runs as it is configured (e.g. BatchNorm on batch
+    statistics).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("source_fisher: the model has no parameter that requires a gradient")
+    device = named[0][1].device
+    sums: Dict[str, Tensor] = {}
+    batches = 0
+    with torch.enable_grad():
+        for i in range(0, images.shape[0], batch_size):
+            logits = model(as_float_images(images[i:i + batch_size], device))
+            loss = F.cross_entropy(logits, logits.argmax(dim=1))
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            for (name, _), g in zip(named, grads):
+                if g is not None:
+                    sq = g.detach().square()
+                    sums[name] = sq if name not in sums else sums[name] + sq
+            batches += 1
+    if batches == 0:
+        raise ValueError("source_fisher: no source images")
+    return {n: v / batches for n, v in sums.items()}
+
+
+@torch.no_grad()
+def lowest_fraction_masks(values: Mapping[str, Tensor], fraction: float) -> Dict[str, Tensor]:
+    """Boolean masks marking the elements strictly below the global ``fraction`` quantile of all values.
+
+    The quantile is the released PSMT code's ``find_quantile``: linear interpolation between the sorted values at
+    ``floor(fraction * (n - 1))`` and the next one (found with ``kthvalue``, no full sort); ``fraction=0`` gives the
+    minimum, so nothing is marked. Ties at the threshold are not marked.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if not values:
+        return {}
+    flat = torch.cat([v.detach().reshape(-1) for v in values.values()])
+    pos = fraction * (flat.numel() - 1)
+    low = int(pos)
+    high = min(low + 1, flat.numel() - 1)
+    lo_v = flat.kthvalue(low + 1).values
+    hi_v = flat.kthvalue(high + 1).values if high != low else lo_v
+    threshold = lo_v + (hi_v - lo_v) * (pos - low)
+    return {name: v < threshold for name, v in values.items()}

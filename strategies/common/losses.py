@@ -5,11 +5,25 @@ from torch import Tensor
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
-    """Per-sample Shannon entropy of softmax(logits), shape N (TENT's objective)."""
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
+    """Per-sample Shannon entropy of softmax(logits), shape N (TENT's objective).
+
+    Written as the official code (DequanWang/tent; mariodoebler/test-time-adaptation ``utils/losses.py``
+    ``Entropy``): ``softmax * log_softmax``. The former ``exp(log_softmax) * log_softmax`` rounds differently, which
+    made TENT's gradients, hence its updates, differ from the reference's by float rounding (benchmarks/RESULTS.md)."""
+    return -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1)
 
 
 def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Per-sample cross-entropy of the student against the teacher's soft labels, shape N (CoTTA's consistency loss)."""
     return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1)
+
+
+def symmetric_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.5) -> Tensor:
+    """Per-sample symmetric cross-entropy of RMT (Döbler et al., CVPR 2023), used by PSMT's released code, shape N:
+    ``-(1 - alpha) sum softmax(t) log softmax(s) - alpha sum softmax(s) log softmax(t)``.
+
+    Gradients reach the student through both terms (through ``softmax(s)`` in the second); pass teacher logits
+    that need no gradient.
+    """
+    return (-(1.0 - alpha) * (teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1)
+            - alpha * (student_logits.softmax(dim=1) * teacher_logits.log_softmax(dim=1)).sum(dim=1))

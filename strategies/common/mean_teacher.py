@@ -8,7 +8,7 @@ teacher in device-sized chunks with BatchNorm statistics computed per view (as i
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -83,3 +83,17 @@ def masked_ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
     for t, s, u in zip(t_params, s_params, update_masks):
         step = (s.detach() - t) * (1.0 - momentum)
         t.add_(step if u is None else step * u.to(step.dtype))
+
+
+@torch.no_grad()
+def copy_or_ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
+                        copy_masks: Mapping[str, Tensor]) -> None:
+    """In place, per element of the parameters named in ``copy_masks``: the teacher takes the student's value where
+    the mask is True, else one EMA step ``momentum * teacher + (1 - momentum) * student``; parameters without a
+    mask take the EMA step. PSMT's released ``update_ema_variables_two``, with the masks matched by name."""
+    students = dict(student.named_parameters())
+    for name, t in teacher.named_parameters():
+        s = students[name].detach()
+        ema = momentum * t + (1.0 - momentum) * s
+        m = copy_masks.get(name)
+        t.copy_(ema if m is None else torch.where(m, s, ema))

@@ -22,3 +22,13 @@ def stochastic_restore_(
             continue
         mask = torch.rand(p.shape, device=p.device, generator=generator) < probability
         p.copy_(torch.where(mask, source[name].to(p.dtype), p))
+
+
+@torch.no_grad()
+def masked_restore_(model: nn.Module, source: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Where ``masks[name]`` is True, the parameter ``name`` returns to its ``source`` value (a chosen, not random,
+    restore: PSMT's released code restores the elements with the lowest Fisher information)."""
+    for name, p in model.named_parameters():
+        m = masks.get(name)
+        if m is not None:
+            p.copy_(torch.where(m, source[name].to(p.dtype), p))
