@@ -1,0 +1,285 @@
+"""Agreement of our test-time methods with the reference benchmark's: same model, images, batches, order and seed.
+
+The reference is not part of this repository: give the ``classification/`` folder of a checkout of
+mariodoebler/test-time-adaptation with ``--reference`` (its imports need ``pip install yacs iopath einops`` and two
+stand-in modules on the path: ``autoattack.py`` with ``class AutoAttack: pass`` and an empty ``webdataset.py``; pass
+their folder with ``--stand-ins``). This script contains none of its code: it imports it from that path.
+
+Each method of ``--methods`` runs twice over one continual stream, generated once by our engine
+(``ctta.streams.corruption``) and held in memory: ours through ``ctta.strategies.create(name, model, seed=...)``
+with its configured defaults, the reference's through its ``ADAPTATION_REGISTRY`` with its ``conf.py`` defaults
+merged with its own CIFAR-10-C config:
+
+    ours     reference class   reference config
+    source   Source            cfgs/cifar10_c/source.yaml
+    bn       BNTest            cfgs/cifar10_c/norm_test.yaml
+    tent     Tent              cfgs/cifar10_c/tent.yaml
+    cotta    CoTTA             cfgs/cifar10_c/cotta.yaml
+    lame     LAME              cfgs/cifar10_c/lame.yaml
+
+Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
+images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
+``split_up_model`` expects), the same batches in the same order, and the same seed (the reference draws from the
+global torch generator, seeded with ``--seed`` before each method, as its ``conf.py`` does with ``RNG_SEED``).
+
+    python benchmarks/reference_agreement.py --reference /tmp/refagree/classification \\
+        --stand-ins /tmp/refagree/stand --weights ../shared/models/resnet20-12fca82f.th \\
+        --data-root ../shared/data/cifar10 --methods source,bn,tent,cotta,lame \\
+        --corruptions gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression --num-samples 2000
+
+Prints, per method and corruption: the error of ours and of the reference, the share of identical argmaxes, the
+batches whose outputs are bit-identical (LAME: compared as log Y) and the largest |output difference| (logits; LAME:
+Y); then a summary with the mean over the stream. ``--steps`` sets the steps per batch of tent and cotta on both
+sides; ``--dirichlet 0.01`` orders each domain's labels in long single-class runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# our name -> (reference registry name, reference config file under cfgs/cifar10_c/)
+REFERENCE = {
+    "source": ("source", "source.yaml"),
+    "bn": ("bntest", "norm_test.yaml"),
+    "tent": ("tent", "tent.yaml"),
+    "cotta": ("cotta", "cotta.yaml"),
+    "lame": ("lame", "lame.yaml"),
+}
+
+
+class _Body(nn.Module):
+    """The backbone up to its last feature map (before pooling)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.forward_feature_map(x)
+
+
+class _Inner(nn.Module):
+    """children: body, global average pool, linear head (the reference drops the last and appends a flatten)."""
+
+    def __init__(self, net: nn.Module, pool: nn.Module) -> None:
+        super().__init__()
+        self.body = _Body(net)
+        self.pool = pool
+        self.fc = net.linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.body(x)), 1))
+
+
+class ReferenceView(nn.Module):
+    """Our Classifier seen in the layout the reference's ``split_up_model`` expects for a ResNet (LAME)."""
+
+    def __init__(self, classifier: nn.Module, pool: str) -> None:
+        super().__init__()
+        self.normalize = classifier.normalize
+        self.model = _Inner(classifier.net, nn.AdaptiveAvgPool2d(1) if pool == "adaptive" else nn.AvgPool2d(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.normalize(x))
+
+
+def import_reference(ref_root: str, stand_ins: str):
+    """The reference's ``conf`` module and ``ADAPTATION_REGISTRY``, imported from its folder."""
+    sys.path[:0] = [p for p in (os.path.abspath(stand_ins) if stand_ins else "", ref_root) if p]
+    cwd = os.getcwd()
+    os.chdir(ref_root)  # the reference resolves some paths relative to its folder
+    try:
+        import conf  # noqa: E402  (the reference's)
+        import methods  # noqa: F401,E402  registers its methods
+        from utils.registry import ADAPTATION_REGISTRY  # noqa: E402
+    finally:
+        os.chdir(cwd)
+    return conf, ADAPTATION_REGISTRY
+
+
+def reference_cfg(conf, ref_root: str, method: str, args):
+    """The reference's defaults merged with its CIFAR-10-C config for ``method``, at our batch size."""
+    cfg = conf.cfg.clone()
+    cfg.merge_from_file(os.path.join(ref_root, "cfgs", "cifar10_c", REFERENCE[method][1]))
+    cfg.TEST.BATCH_SIZE = args.batch_size
+    cfg.RNG_SEED = args.seed
+    if method == "lame":
+        cfg.MODEL.ARCH = "resnet20"  # split_up_model's ResNet branch: normalize + model.children()[:-1] + flatten
+    if args.steps and method in ("tent", "cotta"):
+        cfg.OPTIM.STEPS = args.steps
+    return cfg
+
+
+def settings_line(method: str, cfg, ours) -> str:
+    """The hyperparameters each side runs with, for the log."""
+    o = cfg.OPTIM
+    if method == "tent":
+        return (f"reference: {o.METHOD} lr {o.LR} beta {o.BETA} wd {o.WD} steps {o.STEPS}, batch {cfg.TEST.BATCH_SIZE}"
+                f"; ours: Adam lr {ours.optimizer.defaults['lr']} betas {ours.optimizer.defaults['betas']} "
+                f"wd {ours.optimizer.defaults['weight_decay']} steps {ours.steps}")
+    if method == "cotta":
+        return (f"reference: {o.METHOD} lr {o.LR} beta {o.BETA} wd {o.WD} steps {o.STEPS}, mt {cfg.M_TEACHER.MOMENTUM} "
+                f"rst {cfg.COTTA.RST} ap {cfg.COTTA.AP} views {cfg.TEST.N_AUGMENTATIONS}, batch {cfg.TEST.BATCH_SIZE}"
+                f"; ours: Adam lr {ours.optimizer.defaults['lr']} betas {ours.optimizer.defaults['betas']} "
+                f"wd {ours.optimizer.defaults['weight_decay']} steps {ours.steps}, mt {ours.mt} rst {ours.rst} "
+                f"ap {ours.ap} views {ours.views} (per chunk: {ours.views_per_chunk}), flip {ours.augment.cfg.hflip_p}")
+    if method == "lame":
+        return (f"reference: LAME {dict(cfg.LAME)}, batch {cfg.TEST.BATCH_SIZE}; ours: affinity={ours.affinity} "
+                f"knn={ours.knn} force_symmetry={ours.force_symmetry} lambda={ours.bound_lambda} "
+                f"max_steps={ours.max_steps} tol={ours.tol}")
+    return f"reference: batch {cfg.TEST.BATCH_SIZE}; ours: no hyperparameters"
+
+
+def _as_compared(method: str) -> Tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(ours, reference) output -> the form compared bit for bit; and the form whose difference is reported."""
+    if method == "lame":  # ours returns log Y clamped at the smallest normal float, the reference Y
+        return (lambda t: t), (lambda t: t.clamp_min(torch.finfo(t.dtype).tiny).log())
+    return (lambda t: t), (lambda t: t)
+
+
+def run_method(method: str, args, conf, registry, ref_root: str, domains, make_model) -> List[dict]:
+    import ctta
+
+    cfg = reference_cfg(conf, ref_root, method, args)
+    overrides = {"steps": args.steps} if args.steps and method in ("tent", "cotta") else {}
+    ours = ctta.strategies.create(method, make_model(), seed=args.seed, **overrides)
+    ref_model = make_model()
+    if method == "lame":
+        ref_model = ReferenceView(ref_model.eval(), args.pool)
+    ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
+    print(f"\n### {method}: {settings_line(method, cfg, ours)}", flush=True)
+    ours_form, ref_form = _as_compared(method)
+    # the reference draws from the global generators, seeded as its conf.py does
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    try:
+        import numpy as np
+
+        np.random.seed(args.seed)
+    except ImportError:  # pragma: no cover
+        pass
+    rows = []
+    print("| corruption | images | ours error % | reference error % | difference (points) | identical argmax % | "
+          "bit-identical outputs (batches) | max abs(output difference) | s ours / s reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, x_all, y_all in domains:
+        n = err_ours = err_ref = same = identical = batches = 0
+        max_diff = 0.0
+        t_ours = t_ref = 0.0
+        for start in range(0, len(y_all), args.batch_size):
+            x, y = x_all[start:start + args.batch_size], y_all[start:start + args.batch_size]
+            t0 = time.perf_counter()
+            out_ours = ours_form(ours.adapt(x).detach())
+            t1 = time.perf_counter()
+            out_ref = ref([x]).detach()
+            t2 = time.perf_counter()
+            t_ours, t_ref = t_ours + t1 - t0, t_ref + t2 - t1
+            cmp_ref = ref_form(out_ref)
+            a_ours, a_ref = out_ours.argmax(1), out_ref.argmax(1)
+            n += len(y)
+            batches += 1
+            err_ours += int((a_ours != y).sum())
+            err_ref += int((a_ref != y).sum())
+            same += int((a_ours == a_ref).sum())
+            identical += int(torch.equal(out_ours, cmp_ref))
+            diff = (out_ours.exp() - cmp_ref.exp()) if method == "lame" else (out_ours - out_ref)
+            max_diff = max(max_diff, float(diff.abs().max()))
+        row = dict(method=method, corruption=name, n=n, err_ours=err_ours, err_ref=err_ref, same=same,
+                   identical=identical, batches=batches, max_diff=max_diff, t_ours=t_ours, t_ref=t_ref)
+        rows.append(row)
+        print(f"| {name} | {n} | {100 * err_ours / n:.2f} | {100 * err_ref / n:.2f} | "
+              f"{100 * (err_ours - err_ref) / n:+.2f} | {100 * same / n:.2f} | {identical}/{batches} | "
+              f"{max_diff:.1e} | {t_ours:.0f} / {t_ref:.0f} |", flush=True)
+    n = sum(r["n"] for r in rows)
+    eo, er = sum(r["err_ours"] for r in rows), sum(r["err_ref"] for r in rows)
+    print(f"| mean | {n} | {100 * eo / n:.2f} | {100 * er / n:.2f} | {100 * (eo - er) / n:+.2f} | "
+          f"{100 * sum(r['same'] for r in rows) / n:.2f} | {sum(r['identical'] for r in rows)}/"
+          f"{sum(r['batches'] for r in rows)} | {max(r['max_diff'] for r in rows):.1e} | "
+          f"{sum(r['t_ours'] for r in rows):.0f} / {sum(r['t_ref'] for r in rows):.0f} |", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reference", required=True, help="the reference checkout's classification/ folder")
+    ap.add_argument("--stand-ins", default="", help="folder with autoattack.py / webdataset.py stand-ins")
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--backbone", default="resnet20_cifar")
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--methods", default="source,bn,tent,cotta,lame",
+                    help=f"comma-separated, from {', '.join(REFERENCE)}")
+    ap.add_argument("--corruptions", default="gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression")
+    ap.add_argument("--severity", type=int, default=5)
+    ap.add_argument("--num-samples", type=int, default=2000, help="images per corruption")
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1, help="stream sampling, our strategies' seed, the reference's RNG")
+    ap.add_argument("--steps", type=int, default=0, help="steps per batch of tent and cotta, both sides (0: configs)")
+    ap.add_argument("--dirichlet", type=float, default=0.0,
+                    help="temporally correlated labels (label_shift dirichlet with this delta); 0: i.i.d. order")
+    ap.add_argument("--pool", choices=("adaptive", "avg8"), default="adaptive",
+                    help="LAME's reference-side pooling module (avg8: its WideResNet branch's AvgPool2d(8))")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in REFERENCE]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(REFERENCE)}")
+    torch.set_num_threads(args.threads)
+
+    import ctta
+
+    ref_root = os.path.abspath(args.reference)
+    conf, registry = import_reference(ref_root, args.stand_ins)
+
+    def make_model() -> nn.Module:
+        return ctta.backbones.create(args.backbone, weights=args.weights).eval()
+
+    t0 = time.time()
+    stream = ctta.streams.corruption("cifar10", root=args.data_root, severity=args.severity,
+                                     corruptions=args.corruptions, num_samples=args.num_samples,
+                                     batch_size=args.batch_size, seed=args.seed, clean_eval=False,
+                                     label_shift={"kind": "dirichlet", "delta": args.dirichlet} if args.dirichlet
+                                     else None)
+    domains = []
+    for seg in stream.segments:
+        if seg.role == "domain":
+            x_all, y_all = seg.load(torch.device("cpu"))
+            domains.append((seg.name, x_all, y_all))
+    print(f"stream: {len(domains)} domains x {args.num_samples} images, severity {args.severity}, batch "
+          f"{args.batch_size}, seed {args.seed}, continual order ({time.time() - t0:.0f} s to generate)", flush=True)
+
+    source = make_model()
+    src_err: Dict[str, Tuple[int, int]] = {}
+    with torch.no_grad():
+        for name, x_all, y_all in domains:
+            wrong = sum(int((source(x_all[i:i + args.batch_size]).argmax(1) != y_all[i:i + args.batch_size]).sum())
+                        for i in range(0, len(y_all), args.batch_size))
+            src_err[name] = (wrong, len(y_all))
+
+    all_rows = {m: run_method(m, args, conf, registry, ref_root, domains, make_model) for m in methods}
+
+    names = [d[0] for d in domains]
+    print("\n### Summary: online error % ours / reference (identical argmax %)")
+    print("| method | " + " | ".join(names) + " | mean | difference (points) | identical argmax % |")
+    print("| --- | " + " | ".join("---" for _ in names) + " | --- | --- | --- |")
+    n_all = sum(v[1] for v in src_err.values())
+    print("| source model (eval) | " + " | ".join(f"{100 * src_err[c][0] / src_err[c][1]:.2f}" for c in names)
+          + f" | {100 * sum(v[0] for v in src_err.values()) / n_all:.2f} | | |")
+    for m, rows in all_rows.items():
+        n = sum(r["n"] for r in rows)
+        eo, er = sum(r["err_ours"] for r in rows), sum(r["err_ref"] for r in rows)
+        cells = [f"{100 * r['err_ours'] / r['n']:.2f} / {100 * r['err_ref'] / r['n']:.2f}" for r in rows]
+        print(f"| {m} | " + " | ".join(cells) + f" | {100 * eo / n:.2f} / {100 * er / n:.2f} | "
+              f"{100 * (eo - er) / n:+.2f} | {100 * sum(r['same'] for r in rows) / n:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
