@@ -139,10 +139,8 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
             if len(seeds) > 1 or "seed" not in _hparams_for(name, hp_all, len(names) > 1):
                 hp["seed"] = seed
             strategy = strategies.create(name, model, **hp)
-            out = out_root / name if len(names) > 1 else out_root
-            label = name
-            if len(seeds) > 1:
-                out, label = out_root / name / f"seed-{seed}", f"{name}/seed-{seed}"
+            out = _run_folder(out_root, name, seed, names, seeds)
+            label = f"{name}/seed-{seed}" if len(seeds) > 1 else name
             one_cfg = {**seed_cfg, "strategy": {"name": name, **defaults, **hp}}
             log.info("running %s (seed %d) on %s (%s) -> %s", name, seed, stream.name, device, out)
             # with several runs, those not started yet when the run was interrupted start fresh

@@ -262,12 +262,6 @@ def load_adapter(path: Union[str, Path]) -> LabelShiftAdapter:
     return a.requires_grad_(False)
 
 
-def _load_source_data(source_data: Any, num_classes: Optional[int], samples: Optional[int], seed: int) -> Tuple[Tensor, Tensor]:
-    """(images, labels) from a pair of tensors or a CIFAR train set path; a seeded random subset (the loader shared
-    with PSMT, ``common/source_data.py``)."""
-    return load_source_data(source_data, num_classes, samples, seed, who="lsa")
-
-
 # --- the adapter cache: a trained adapter is kept under the user cache folder, keyed by everything it depends on ---
 ADAPTER_CACHE_VERSION = 1  # bump when train_adapter changes what it computes
 
@@ -386,7 +380,7 @@ class LSA(Plugin):
                      "then %d adapter steps; estimates follow the first batches; cached%s for the next run",
                      f"up to {source_samples}" if source_samples else "all", what, train_steps,
                      f" at {cached}" if cached else "")
-            x, y = _load_source_data(source_data, k, source_samples, seed)
+            x, y = load_source_data(source_data, k, source_samples, seed, who="lsa")
             a = train_adapter(model, x, y, num_classes=k, steps=train_steps, batch_size=train_batch,
                               priors_per_step=priors_per_step, lr=train_lr, hidden=hidden, eps=eps,
                               max_imbalance=max_imbalance, seed=seed)
