@@ -18,7 +18,8 @@ from .errors import ConfigError
 SECTIONS = ("stream", "strategy", "backbone", "run")
 
 RUN_DEFAULTS: Dict[str, Any] = {"device": "auto", "seed": 1, "out": None, "resume": False, "force": False,
-                                "progress": True, "collapse_threshold": 0.5, "on_diverge": "stop"}
+                                "progress": True, "collapse_threshold": 0.5, "on_diverge": "stop",
+                                "chunk_size": None}
 
 
 class YamlLoader(yaml.SafeLoader):

@@ -1,7 +1,7 @@
 """The one loop: every stream is segments of adapt / train / eval steps, every strategy answers the same three calls.
 
-Per segment: materialise it on the device, run its steps (no host sync inside), then move the segment's
-predictions to the host once, append its rows to the run folder and checkpoint, so an interrupted run keeps
+Per segment: load it on the device (whole, or chunk by chunk with the next chunk fetched ahead), run its steps
+(no host sync inside but one finite-input check per chunk), then move the segment's predictions to the host once, append its rows to the run folder and checkpoint, so an interrupted run keeps
 every finished segment and ``resume=True`` continues after the last one.
 """
 from __future__ import annotations
@@ -100,6 +100,13 @@ def check_health_options(collapse_threshold: float, on_diverge: str) -> None:
                           f"{collapse_threshold!r}")
 
 
+def check_chunk_size(chunk_size: Optional[int]) -> None:
+    """``run.chunk_size`` is a positive number of images or ``None`` (automatic)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"run.chunk_size must be a positive number of images or null (automatic), got "
+                          f"{chunk_size!r}")
+
+
 def _save_checkpoint(out: Path, payload: Dict[str, Any]) -> None:
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
@@ -109,7 +116,8 @@ def _save_checkpoint(out: Path, payload: Dict[str, Any]) -> None:
 def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = "auto",
         out: Optional[str | Path] = None, resume: bool = False, progress: bool = True,
         config: Optional[Mapping[str, Any]] = None, force: bool = False,
-        collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop") -> RunResult:
+        collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop",
+        chunk_size: Optional[int] = None) -> RunResult:
     """Run ``strategy`` over ``stream`` on ``device``; write the run folder ``out`` as it goes when given.
 
     This process holds ``out`` while it writes it (a second writer is refused, naming this one; see
@@ -120,16 +128,20 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     Health (docs/evaluation.md): a segment whose predictions are far more concentrated than its labels is marked
     collapsed (``collapse_threshold``); non-finite logits stop the run with :class:`DivergedError` after that
     segment's rows and the summary are written (``on_diverge="stop"``), or mark it and go on (``"mark"``).
+    ``chunk_size`` (images; ``None``: automatic, see :meth:`Segment.chunk_length`) bounds the memory a large segment
+    takes on the device; results do not depend on it.
     """
     check_health_options(collapse_threshold, on_diverge)
+    check_chunk_size(chunk_size)
     with runfolder.lock(out):
         return _run(stream, strategy, device, out, resume, progress, config, force,
-                    collapse_threshold=collapse_threshold, on_diverge=on_diverge)
+                    collapse_threshold=collapse_threshold, on_diverge=on_diverge, chunk_size=chunk_size)
 
 
 def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, out: Optional[str | Path],
          resume: bool, progress: bool, config: Optional[Mapping[str, Any]], force: bool,
-         collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop") -> RunResult:
+         collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop",
+         chunk_size: Optional[int] = None) -> RunResult:
     check_compatible(stream, strategy)
     dev = resolve_device(device)
     strategy.to(dev)
@@ -189,19 +201,22 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
                 if seen_domain:
                     strategy.reset()
                 seen_domain = True
-            x_all, y_all, g_all = seg.materialise(dev)
-            check_finite_input(x_all, seg.name, stream.name)
             bar = tqdm(total=seg.num_batches, desc=f"[{index + 1}/{len(stream)}] {seg.name}", unit="batch",
                        disable=not progress, dynamic_ncols=True, leave=False)
             acc = SegmentAccumulator()
             call = calls[seg.kind]
+            chunks = seg.chunks(dev, chunk_size)  # one chunk for a small segment; the next fetched ahead otherwise
             strategy.segment_start(seg)
             meter.start()
-            for i in range(0, x_all.shape[0], seg.batch_size):
-                x, y = x_all[i:i + seg.batch_size], y_all[i:i + seg.batch_size]
-                acc.update(call(x, y), y, None if g_all is None else g_all[i:i + seg.batch_size])
-                estimate.after_batch(seg, i // seg.batch_size, x.shape[0])  # times one early batch, once
-                bar.update(1)
+            step = 0
+            for x_all, y_all, g_all in chunks:
+                check_finite_input(x_all, seg.name, stream.name)
+                for i in range(0, x_all.shape[0], seg.batch_size):
+                    x, y = x_all[i:i + seg.batch_size], y_all[i:i + seg.batch_size]
+                    acc.update(call(x, y), y, None if g_all is None else g_all[i:i + seg.batch_size])
+                    estimate.after_batch(seg, step, x.shape[0])  # times one early batch, once
+                    step += 1
+                    bar.update(1)
             bar.close()
             strategy.segment_end(seg)  # inside the timing: end-of-session work (a retrain, an LDA solve) is cost too
             seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -49,15 +49,21 @@ def build_stream(cfg: Mapping[str, Any]):
     return streams.create(name, **spec)
 
 
-def build_model(cfg: Mapping[str, Any], num_classes: int):
+def build_model(cfg: Mapping[str, Any], num_classes: int, output_classes: Optional[Sequence[int]] = None):
+    """The configured backbone for ``num_classes`` classes; with ``output_classes`` (a stream over a subset of
+    ImageNet's classes) built 1000-way, as pretrained, and cut to those outputs."""
     from ctta import backbones
+    from ctta.backbones.classifier import restrict_outputs
 
     spec = dict(cfg.get("backbone", {}))
     name = spec.pop("name", None)
     if not name:
         raise ConfigError("no backbone given: use --backbone NAME (see `ctta-bench list`)")
-    spec.setdefault("num_classes", num_classes)
-    return backbones.create(name, **spec)
+    if output_classes is None:
+        spec.setdefault("num_classes", num_classes)
+        return backbones.create(name, **spec)
+    spec.setdefault("num_classes", 1000)
+    return restrict_outputs(backbones.create(name, **spec), output_classes)
 
 
 def _hparams_for(name: str, hp_all: Mapping[str, Any], several: bool) -> Dict[str, Any]:
@@ -104,7 +110,7 @@ def _run_folder(out_root: Path, name: str, seed: int, names: List[str], seeds: L
 
 def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
     from ctta import backbones, runfolder, strategies
-    from ctta.engine import check_health_options, resolve_device, run
+    from ctta.engine import check_chunk_size, check_health_options, resolve_device, run
     from ctta.evaluation.health import COLLAPSE_THRESHOLD
 
     names = strategy_names(cfg)
@@ -116,6 +122,8 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
     health = {"collapse_threshold": run_cfg.get("collapse_threshold", COLLAPSE_THRESHOLD),
               "on_diverge": run_cfg.get("on_diverge", "stop")}
     check_health_options(**health)
+    chunk_size = run_cfg.get("chunk_size")
+    check_chunk_size(chunk_size)
     out_root = Path(run_cfg.get("out") or Path("runs") / f"{cfg['stream']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     show = run_cfg.get("progress", True) if progress is None else progress
     results: Dict[str, Any] = {}
@@ -133,7 +141,7 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
         stream = build_stream(seed_cfg)
         for name in names:
             torch.manual_seed(seed)
-            model = build_model(cfg, stream.num_classes)
+            model = build_model(cfg, stream.num_classes, stream.output_classes)
             defaults = strategies.strategy_defaults(name)
             hp = dict(checked[name])
             if len(seeds) > 1 or "seed" not in _hparams_for(name, hp_all, len(names) > 1):
@@ -147,7 +155,8 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
             resume = bool(run_cfg.get("resume")) and (not many or runfolder.folder_state(out) != "empty")
             try:
                 results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
-                                     config=one_cfg, force=bool(run_cfg.get("force")), **health)
+                                     config=one_cfg, force=bool(run_cfg.get("force")), chunk_size=chunk_size,
+                                     **health)
             except DivergedError as e:
                 if not many or e.result is None:
                     raise

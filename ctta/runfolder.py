@@ -43,7 +43,8 @@ OUTPUTS = ("steps.csv", "segments.csv", "groups.csv", "segment_details.jsonl", "
            "report.html", "accuracy_over_time.png", "accuracy_matrix.png", "domain_errors.png", CHECKPOINT,
            CHECKPOINT + ".tmp")
 #: dotted keys of the config that may differ on resume: how to run, not what is computed
-RESUME_IGNORED = ("run.resume", "run.force", "run.progress", "run.out", "run.device")
+RESUME_IGNORED = ("run.resume", "run.force", "run.progress", "run.out", "run.device", "run.chunk_size",
+                  "stream.workers")
 
 _HELD: Dict[str, List[Any]] = {}  # real path of a lock file -> [RunLock, depth, thread] held by this process
 _HELD_GUARD = threading.Lock()

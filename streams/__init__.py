@@ -9,6 +9,7 @@ from .custom import from_dataset, from_folders, from_tensors  # registers folder
 from .gilcd import gilcd_stream  # registers digits_gilcd, cifar10_gilcd, cifar100_gilcd
 from .incremental import class_incremental_stream, domain_incremental_stream, few_shot_stream  # *_ci, *_online, ...
 from .sfda import sfda_stream  # registers sfda
+from .imagenet import imagenet_c  # noqa: F401  (registers imagenet_c, imagenet_r, imagenet_a, imagenet_sketch, imagenet_v2)
 
 
 def to_avalanche(stream: Stream, device: str = "cpu") -> Any:

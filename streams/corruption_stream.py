@@ -22,8 +22,9 @@ from torch import Tensor
 from ctta.errors import ConfigError, CttaError, DataNotFoundError
 from ctta.seeding import stable_seed
 
-from .base import STREAMS, Segment, Stream, tensor_segment
+from .base import STREAMS, Segment, Stream
 from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
+from .gather import Block, gathered_segment
 from .datasets import (_C_FOLDER, ImageSet, c_release_folder, corrupted_file, default_data_root, load_c_labels,
                        load_corrupted, load_cifar)
 from .label_shift import check_label_shift, dirichlet_order, prior_counts, select_counts
@@ -163,31 +164,17 @@ class _Planner:
 
 def _planned_segment(name: str, parts: List[_Part], perm: Optional[Tensor], groups: Optional[List[str]],
                      sources: Dict[Key, _Source], batch_size: int, params: str, meta: Dict[str, Any]) -> Segment:
-    """A segment that gathers its parts from the sources on the device (corrupting generated ones there)."""
-    total = sum(len(p.index) for p in parts)
-
-    def load(device: torch.device):
-        xs, ys, gs = [], [], []
-        for p in parts:
-            src = sources[p.key]
-            rows = p.index if src.position is None else src.position[p.index]
-            x = src.images[rows].to(device, non_blocking=True)
-            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            if src.generated:
-                x = corrupt(x, p.key[0], p.key[1], seed=p.noise_seed, params=params)
-            xs.append(x)
-            ys.append(src.labels[rows])
-            gs.append(torch.full((len(rows),), p.group, dtype=torch.long))
-        x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(gs)
-        if perm is not None:
-            x, y, g = x[perm.to(device)], y[perm], g[perm]
-        y = y.to(device, dtype=torch.long, non_blocking=True)
-        if groups is None:
-            return x, y
-        return x, y, g.to(device, non_blocking=True)
-
-    return Segment(name=name, kind="adapt", num_samples=total, batch_size=batch_size, load=load, meta=meta,
-                   groups=groups)
+    """A segment that gathers its parts from the sources chunk by chunk (corrupting generated ones on the device)."""
+    gathered = []
+    for p in parts:
+        src = sources[p.key]
+        rows = p.index if src.position is None else src.position[p.index]
+        transform = None
+        if src.generated:
+            def transform(x: Tensor, key: Key = p.key, noise: int = p.noise_seed) -> Tensor:
+                return corrupt(x, key[0], key[1], seed=noise, params=params)
+        gathered.append(Block(src.images, rows, src.labels[rows], p.group, transform))
+    return gathered_segment(name, "adapt", gathered, batch_size, order=perm, groups=groups, meta=meta)
 
 
 def _sources(keys: List[Key], clean: ImageSet, used: Dict[Key, List[Tensor]],
@@ -218,6 +205,9 @@ def _sources(keys: List[Key], clean: ImageSet, used: Dict[Key, List[Tensor]],
         if len(pre) != len(clean) or not torch.equal(pre.labels.long(), clean.labels.long()):
             raise ConfigError(f"the -C file of {c} (severity {s}) holds {len(pre)} images whose labels do not "
                               f"match the {len(clean)} clean test images; use the matching -C release")
+        if not isinstance(pre.images, Tensor):  # files decoded on demand (ImageNet-C): nothing to compact
+            out[key] = _Source(pre.images, pre.labels, None, generated=False, path=pre.source)
+            continue
         rows = torch.unique(torch.cat(used[key]))  # sorted
         position = torch.full((len(clean),), -1, dtype=torch.long)
         position[rows] = torch.arange(len(rows))
@@ -365,9 +355,13 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
     sources = _sources(keys, clean, used, files, generate_missing, clean_missing)
     segments: List[Segment] = []
     probe_idx = pick("clean")
+
+    def probe(probe_name: str) -> Segment:
+        return gathered_segment(probe_name, "eval", [Block(clean.images, probe_idx, clean.labels[probe_idx])],
+                                batch_size, role="probe")
+
     if clean_eval:
-        segments.append(tensor_segment("clean@start", "eval", clean.images[probe_idx], clean.labels[probe_idx],
-                                       batch_size, role="probe"))
+        segments.append(probe("clean@start"))
     for seg_name, parts, perm, groups, meta in segs_plan:
         kinds = {sources[p.key].generated for p in parts if p.key is not None}
         if kinds:
@@ -376,8 +370,7 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
             meta = {**meta, "label_shift": [d["kind"] for d in opts.label_shift]}
         segments.append(_planned_segment(seg_name, parts, perm, groups, sources, batch_size, params, meta))
     if clean_eval:
-        segments.append(tensor_segment("clean@end", "eval", clean.images[probe_idx], clean.labels[probe_idx],
-                                       batch_size, role="probe"))
+        segments.append(probe("clean@end"))
     full_spec = dict(spec or {})
     full_spec.update(name=name, corruptions=names, severity=severity, batch_size=batch_size, num_samples=n,
                      order=order, seed=seed, clean_eval=clean_eval, params=params, rounds=rounds_n,

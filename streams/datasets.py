@@ -49,7 +49,8 @@ _HOW_TO_GET = ("pass --download when online, or point --data-root at a torchvisi
 
 @dataclass
 class ImageSet:
-    """Images (uint8, N x 3 x H x W), their int64 labels and the class names: a dataset held in memory."""
+    """Images (uint8, N x 3 x H x W), their int64 labels and the class names: a dataset held in memory, or image
+    files decoded on demand (:class:`~ctta.streams.files.FileImages`, indexed the same way)."""
 
     images: Tensor
     labels: Tensor
@@ -68,6 +69,9 @@ class ImageSet:
         """The images at ``indices`` (a tensor, a list or a slice), same classes."""
         if not isinstance(indices, (Tensor, slice)):
             indices = torch.as_tensor(list(indices), dtype=torch.long)
+        if not isinstance(self.images, Tensor):  # files decoded on demand (streams.files.FileImages)
+            rows = torch.arange(len(self))[indices]
+            return ImageSet(self.images.subset(rows), self.labels[rows], list(self.classes))
         return ImageSet(self.images[indices], self.labels[indices], list(self.classes))
 
     def to(self, device: Union[str, torch.device]) -> "ImageSet":

@@ -3,8 +3,8 @@
 Each learning session is a ``train`` segment (role ``session``); after it an ``eval`` segment holds the test data of
 everything learned so far, with ``groups`` = the sessions and ``meta["after"]`` = the session's name, so the
 accuracy matrix R[i, j] can be read off the run. Class orders and few-shot samples come from the stream's seed and
-are written into its spec, so the spec alone rebuilds the same stream. Segments index the in-memory data set and
-copy the selected images to the device only when the engine materialises them.
+are written into its spec, so the spec alone rebuilds the same stream. Segments index the data set and copy the
+selected images to the device chunk by chunk when the engine reaches them (:mod:`.gather`).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ctta.errors import ConfigError
 from ctta.seeding import stable_seed
 
 from .base import STREAMS, Segment, Stream
+from .gather import Block, gathered_segment
 from .datasets import ImageSet
 
 Transform = Callable[[Tensor], Tensor]
@@ -57,7 +58,8 @@ def parts_segment(name: str, kind: str, parts: Sequence[Part], batch_size: int, 
                   shuffle_seed: Optional[int] = None, epochs: int = 1) -> Segment:
     """A segment over indexed parts of in-memory sets; shuffled (a new order per epoch) when ``shuffle_seed`` is set.
 
-    Each part's transform runs once on the device at load (before repetition over epochs). ``eval`` segments are
+    Each part's transform runs on the device once per image of a chunk (a whole small segment is one chunk, so once
+    before repetition over epochs). ``eval`` segments are
     always shuffled (seeded by their name when no seed is given): class-sorted test batches would penalise every
     method that normalises with batch statistics.
     """
@@ -67,32 +69,17 @@ def parts_segment(name: str, kind: str, parts: Sequence[Part], batch_size: int, 
     n = sum(len(p) for p in parts)
     if n == 0:
         raise ConfigError(f"segment {name!r} would hold no samples")
-
-    def load(device: torch.device):
-        xs, ys, gs = [], [], []
-        for p in parts:
-            x = p.data.images[p.idx].to(device, non_blocking=True)
-            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            if p.transform is not None:
-                x = p.transform(x)
-            y = p.labels if p.labels is not None else p.data.labels[p.idx]
-            xs.append(x)
-            ys.append(y.to(device, dtype=torch.long, non_blocking=True))
-            gs.append(torch.full((len(p),), p.group, dtype=torch.long, device=device))
-        x, y, g = torch.cat(xs), torch.cat(ys), torch.cat(gs)
-        if shuffle_seed is not None:
-            gen = torch.Generator().manual_seed(shuffle_seed)
-            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(epochs)]).to(device)
-        elif epochs > 1:
-            order = torch.arange(n, device=device).repeat(epochs)
-        else:
-            order = None
-        if order is not None:
-            x, y, g = x[order], y[order], g[order]
-        return (x, y, g) if groups is not None else (x, y)
-
-    return Segment(name=name, kind=kind, num_samples=n * epochs, batch_size=batch_size, load=load, role=role,
-                   meta=dict(meta or {}), groups=list(groups) if groups is not None else None)
+    if shuffle_seed is not None:
+        gen = torch.Generator().manual_seed(shuffle_seed)
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(epochs)])
+    elif epochs > 1:
+        order = torch.arange(n).repeat(epochs)
+    else:
+        order = None
+    blocks = [Block(p.data.images, p.idx, p.labels if p.labels is not None else p.data.labels[p.idx], p.group,
+                    p.transform) for p in parts]
+    return gathered_segment(name, kind, blocks, batch_size, order=order, role=role, meta=meta,
+                            groups=list(groups) if groups is not None else None)
 
 
 def class_indices(data: ImageSet, classes: Sequence[int], per_class: Optional[int] = None,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedError
+from ..errors import ConfigError, UnsupportedError
 
 
 class LinearHeadNet(nn.Module):
@@ -216,3 +216,30 @@ def last_linear(model: nn.Module) -> Optional[nn.Linear]:
         if isinstance(m, nn.Linear):
             last = m
     return last
+
+
+def restrict_outputs(model: nn.Module, classes: Sequence[int]) -> nn.Module:
+    """Keep only outputs ``classes`` of ``model`` (in that order) by cutting its last linear layer to those rows.
+
+    For a linear head this equals selecting the logits after the full forward (how the mariodoebler benchmark
+    masks ImageNet-R / -A to their 200 classes), and the model keeps its feature API. In place; returns ``model``.
+    """
+    head = last_linear(model)
+    idx = [int(c) for c in classes]
+    if head is None:
+        raise ConfigError("this stream uses a subset of the model's classes, but the backbone has no final linear "
+                          "layer to restrict")
+    if not idx or min(idx) < 0 or max(idx) >= head.out_features:
+        raise ConfigError(f"the stream's classes index outputs up to {max(idx, default=-1)}, but the backbone has "
+                          f"{head.out_features}; build it with the full label space (e.g. 1000 for ImageNet)")
+    rows = torch.tensor(idx, device=head.weight.device)
+    head.weight = nn.Parameter(head.weight.detach()[rows].clone())
+    if head.bias is not None:
+        head.bias = nn.Parameter(head.bias.detach()[rows].clone())
+    head.out_features = len(idx)
+    if hasattr(model, "num_classes"):
+        model.num_classes = len(idx)
+    net = getattr(model, "net", None)
+    if net is not None and hasattr(net, "num_classes"):
+        net.num_classes = len(idx)
+    return model

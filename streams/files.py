@@ -1,0 +1,128 @@
+"""Image files decoded on demand: the lazy image source of the benchmark-scale streams (ImageNet-C and relatives).
+
+A :class:`FileImages` is indexed like a uint8 N x 3 x S x S tensor but holds only paths; ``images[rows]`` decodes
+those rows (PIL in a thread pool: decoding and resizing release the GIL) with ImageNet's evaluation preprocessing,
+torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` as ``make_imagenet_c.py`` and RobustBench apply it. A
+stream over 50 000 files therefore costs a list of paths until a chunk is fetched (:mod:`.gather`).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctta.errors import ConfigError, DataNotFoundError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp")
+
+
+def default_workers() -> int:
+    """Decoding threads when a stream does not say: the cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class FileImages:
+    """Paths of images, decoded on indexing into uint8 N x 3 x ``crop`` x ``crop`` (what a tensor source gives).
+
+    ``resize`` (the shorter side, bilinear, as torchvision's ``Resize``) then a centre crop of ``crop``; without
+    ``resize`` an image is only centre-cropped (resized first when smaller than ``crop``), which keeps released
+    224 x 224 ImageNet-C files as they are. ``workers`` threads decode one index call.
+    """
+
+    def __init__(self, files: Sequence[Union[str, Path]], crop: int = 224, resize: Optional[int] = None,
+                 workers: Optional[int] = None) -> None:
+        for name, v in (("crop", crop), ("resize", resize), ("workers", workers)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        self.files: List[Path] = [Path(f) for f in files]
+        self.crop, self.resize = crop, resize
+        self.workers = workers or default_workers()
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (len(self.files), 3, self.crop, self.crop)
+
+    def dim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return f"FileImages({len(self.files)} files, resize={self.resize}, crop={self.crop})"
+
+    def subset(self, rows: Union[Tensor, Sequence[int]]) -> "FileImages":
+        """The files at ``rows``, nothing decoded."""
+        idx = rows.tolist() if isinstance(rows, Tensor) else list(rows)
+        return FileImages([self.files[i] for i in idx], self.crop, self.resize, self.workers)
+
+    def __getitem__(self, rows: Union[Tensor, Sequence[int], slice]) -> Tensor:
+        """The images at ``rows`` decoded: uint8 len(rows) x 3 x crop x crop on the host, in the order asked."""
+        if isinstance(rows, slice):
+            idx = list(range(len(self.files)))[rows]
+        elif isinstance(rows, Tensor):
+            idx = rows.reshape(-1).tolist()
+        else:
+            idx = list(rows)
+        out = np.empty((len(idx), self.crop, self.crop, 3), dtype=np.uint8)
+
+        def one(k: int) -> None:
+            out[k] = self.decode(self.files[idx[k]])
+
+        if len(idx) > 1 and self.workers > 1:
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(idx))) as pool:
+                list(pool.map(one, range(len(idx))))
+        else:
+            for k in range(len(idx)):
+                one(k)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def decode(self, path: Path) -> np.ndarray:
+        """One file as uint8 crop x crop x 3 after the preprocessing."""
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if self.resize is not None:
+                    im = F.resize(im, self.resize, interpolation=InterpolationMode.BILINEAR)
+                elif min(im.size) < self.crop:
+                    im = F.resize(im, self.crop, interpolation=InterpolationMode.BILINEAR)
+                if im.size != (self.crop, self.crop):
+                    im = F.center_crop(im, self.crop)
+                return np.asarray(im)
+        except FileNotFoundError:
+            raise DataNotFoundError(f"{path}: the image file is gone (was the data folder moved?)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: not a readable image ({e})") from None
+
+
+def class_folder_files(root: Path, classes: Sequence[str], what: str) -> Tuple[List[Path], List[int], List[str]]:
+    """Images of a ``<root>/<wnid>/<file>`` tree, sorted by (folder, name); labels index ``classes``.
+
+    Returns the files, their labels and the folder names found. A folder not in ``classes`` is a one-line error.
+    """
+    if not root.is_dir():
+        raise DataNotFoundError(f"{what}: no folder {root}")
+    index = {c: i for i, c in enumerate(classes)}
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise ConfigError(f"{what}: {root} has class folders that are not ImageNet class ids (wnids): "
+                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    files: List[Path] = []
+    labels: List[int] = []
+    for f in folders:
+        members = sorted(p for p in (root / f).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files += members
+        labels += [index[f]] * len(members)
+    if not files:
+        raise DataNotFoundError(f"{what}: {root} holds no images (expected <wnid>/<image>.JPEG)")
+    return files, labels, folders
