@@ -39,13 +39,17 @@ def seed_list(cfg: Mapping[str, Any]) -> List[int]:
     return seeds
 
 
-def build_stream(cfg: Mapping[str, Any]):
+def build_stream(cfg: Mapping[str, Any], device: Any = "cpu"):
+    """The configured stream; CCC without an ``accuracy_matrix`` is calibrated with the run's backbone on ``device``."""
     from ctta import streams
 
     spec = dict(cfg.get("stream", {}))
     name = spec.pop("name", None)
     if not name:
         raise ConfigError("no stream given: use --stream NAME (see `ctta-bench list`)")
+    if name == "ccc" and not spec.get("accuracy_matrix") and (cfg.get("backbone") or {}).get("name"):
+        spec["model"] = build_model(cfg, 1000).to(device)
+        spec["device"] = str(device)
     return streams.create(name, **spec)
 
 
@@ -138,7 +142,7 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
         seed_cfg = {**cfg, "run": {**run_cfg, "seed": seed}}
         if len(seeds) > 1 and "seed" in cfg.get("stream", {}):
             seed_cfg["stream"] = {**cfg["stream"], "seed": seed}
-        stream = build_stream(seed_cfg)
+        stream = build_stream(seed_cfg, device)
         for name in names:
             torch.manual_seed(seed)
             model = build_model(cfg, stream.num_classes, stream.output_classes)

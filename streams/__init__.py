@@ -10,6 +10,7 @@ from .gilcd import gilcd_stream  # registers digits_gilcd, cifar10_gilcd, cifar1
 from .incremental import class_incremental_stream, domain_incremental_stream, few_shot_stream  # *_ci, *_online, ...
 from .sfda import sfda_stream  # registers sfda
 from .imagenet import imagenet_c  # noqa: F401  (registers imagenet_c, imagenet_r, imagenet_a, imagenet_sketch, imagenet_v2)
+from . import ccc  # noqa: F401  (the module; registers the ccc stream)
 
 
 def to_avalanche(stream: Stream, device: str = "cpu") -> Any:

@@ -32,16 +32,21 @@ class FileImages:
     ``resize`` (the shorter side, bilinear, as torchvision's ``Resize``) then a centre crop of ``crop``; without
     ``resize`` an image is only centre-cropped (resized first when smaller than ``crop``), which keeps released
     224 x 224 ImageNet-C files as they are. ``workers`` threads decode one index call.
+
+    With ``random_crop_seed`` (CCC's sampling) row ``r`` is file ``r % len(files)`` under a random horizontal flip
+    and ``RandomResizedCrop(crop)`` drawn from (seed, r): the same row always gives the same image, so one file seen
+    at two points of a stream (rows ``k * len(files) + i``) gets two crops, reproducibly.
     """
 
     def __init__(self, files: Sequence[Union[str, Path]], crop: int = 224, resize: Optional[int] = None,
-                 workers: Optional[int] = None) -> None:
+                 workers: Optional[int] = None, random_crop_seed: Optional[int] = None) -> None:
         for name, v in (("crop", crop), ("resize", resize), ("workers", workers)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         self.files: List[Path] = [Path(f) for f in files]
         self.crop, self.resize = crop, resize
         self.workers = workers or default_workers()
+        self.random_crop_seed = random_crop_seed
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -72,7 +77,10 @@ class FileImages:
         out = np.empty((len(idx), self.crop, self.crop, 3), dtype=np.uint8)
 
         def one(k: int) -> None:
-            out[k] = self.decode(self.files[idx[k]])
+            if self.random_crop_seed is None:
+                out[k] = self.decode(self.files[idx[k]])
+            else:
+                out[k] = self.decode_random(idx[k])
 
         if len(idx) > 1 and self.workers > 1:
             with ThreadPoolExecutor(max_workers=min(self.workers, len(idx))) as pool:
@@ -102,6 +110,54 @@ class FileImages:
             raise DataNotFoundError(f"{path}: the image file is gone (was the data folder moved?)") from None
         except OSError as e:
             raise ConfigError(f"{path}: not a readable image ({e})") from None
+
+
+    def decode_random(self, row: int) -> np.ndarray:
+        """Row ``row`` as CCC's generator makes it: ``RandomHorizontalFlip()`` then ``RandomResizedCrop(crop)``
+        (scale 0.08-1, ratio 3/4-4/3, bilinear), the draws seeded by (seed, row) instead of the global RNG."""
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        rng = np.random.default_rng([int(self.random_crop_seed), int(row)])
+        path = self.files[row % len(self.files)]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if rng.random() < 0.5:
+                    im = F.hflip(im)
+                top, left, h, w = resized_crop_box(im.size[1], im.size[0], rng)
+                return np.asarray(F.resized_crop(im, top, left, h, w, [self.crop, self.crop],
+                                                 interpolation=InterpolationMode.BILINEAR))
+        except FileNotFoundError:
+            raise DataNotFoundError(f"{path}: the image file is gone (was the data folder moved?)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: not a readable image ({e})") from None
+
+
+def resized_crop_box(height: int, width: int, rng: np.random.Generator, scale: Tuple[float, float] = (0.08, 1.0),
+                     ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop, torchvision's ``RandomResizedCrop.get_params`` rule (ten tries
+    at a random area and log-uniform aspect ratio, else the centre crop at the nearest allowed ratio) on ``rng``."""
+    import math
+
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def class_folder_files(root: Path, classes: Sequence[str], what: str) -> Tuple[List[Path], List[int], List[str]]:

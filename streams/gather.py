@@ -19,6 +19,8 @@ from ctta.errors import ConfigError
 
 from .base import Segment, StepKind, to_float
 
+TRANSFORM_BATCH = 256  # images per transform call: a corruption's temporaries are ~10x its images
+
 
 @dataclass
 class Block:
@@ -99,7 +101,8 @@ def gathered_segment(name: str, kind: StepKind, blocks: Sequence[Block], batch_s
         x = to_float(host.images, device)
         for p, s, e in host.blocks:
             if parts[p].transform is not None:
-                x[s:e] = parts[p].transform(x[s:e])
+                for a in range(s, e, TRANSFORM_BATCH):  # bounds a corruption's working memory (per image anyway)
+                    x[a:min(a + TRANSFORM_BATCH, e)] = parts[p].transform(x[a:min(a + TRANSFORM_BATCH, e)])
         if host.inverse is not None:
             x = x[host.inverse.to(device, non_blocking=True)]
         y = host.labels.to(device, non_blocking=True)
