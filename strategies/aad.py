@@ -15,9 +15,13 @@ Defaults are the code's VisDA-C ones: K = 5, alpha = 1, beta = 5, lr 1e-3, batch
 Choices where the engine differs from the official loop, and why:
 - Sample identity: the banks are indexed by slots recovered from the images (:class:`common.banks.SampleBank`),
   which on the ``sfda`` stream equal data-set indices from the second epoch on; the official code indexes by
-  data-set index. The official code fills the banks with the source model before adapting; here a sample's slot
-  is filled when it is first seen, and neighbours come from the filled slots only (in the first epoch, from the
-  samples seen so far).
+  data-set index. Bank start (``bank_init``): ``source`` (the default, as the official code) fills the whole bank
+  before the first adapt segment with the source model in eval mode over that segment's images (one extra pass
+  over the target, at the engine's ``segment_start``); ``lazy`` (the former behaviour) fills a sample's slot when it
+  is first seen, and neighbours come from the filled slots only (in the first epoch, from the samples seen so
+  far). Against the official code on the same images, order and model (benchmarks/aad_reference.py, 10000 images x
+  3 epochs): ``source`` 100 % identical argmaxes after epochs 1 and 2, 99.99 % after 3 (errors equal to 0.01
+  points); ``lazy`` 99.5 % (0.03 points).
 - Schedule length: the official ``max_iter = max_epoch * len(loader)``. When ``max_iter`` is null (the default) it is
   read from the stream as LAE and CoSO read theirs, at the engine's ``segment_start`` of the first ``adapt`` segment:
   its batches of at least two samples (the ones that update; the code skips batches of one and still makes
@@ -35,7 +39,7 @@ Choices where the engine differs from the official loop, and why:
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +90,7 @@ class AaD(Strategy):
                  momentum: Momentum = 0.9, weight_decay: NonNegative = 1e-3, nesterov: bool = True, k: Count = 5,
                  alpha: NonNegative = 1.0, beta: NonNegative = 5.0, lr_gamma: NonNegative = 10.0,
                  lr_power: NonNegative = 0.75, max_iter: Optional[Count] = None, key_tol: NonNegative = 1e-3,
-                 seed: int = 0) -> None:
+                 bank_init: Literal["source", "lazy"] = "source", seed: int = 0) -> None:
         super().__init__(model, seed)
         if not (hasattr(model, "features_and_logits")
                 or (hasattr(model, "forward_features") and hasattr(model, "forward_head"))):
@@ -97,6 +101,7 @@ class AaD(Strategy):
         self.max_iter_given = int(max_iter) if max_iter is not None else None
         self.max_iter = self.max_iter_given  # inferred from the stream at the first adapt segment when None
         self.iteration = 0
+        self.bank_init = str(bank_init)
         self._warned = False
         self.model.requires_grad_(True)
         self.optimizer = torch.optim.SGD(sgd_groups(self.model, lr, backbone_lr_mult), lr=lr, momentum=momentum,
@@ -106,8 +111,13 @@ class AaD(Strategy):
 
     # --- schedule length ------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
-        """At the first ``adapt`` segment, ``max_iter`` = its updating batches x ``meta["num_epochs"]`` (if not given)."""
-        if getattr(segment, "kind", None) != "adapt" or self.max_iter is not None:
+        """At the first ``adapt`` segment, ``max_iter`` = its updating batches x ``meta["num_epochs"]`` (if not given);
+        with ``bank_init: source``, the bank filled by the source model over that segment (once, while empty)."""
+        if getattr(segment, "kind", None) != "adapt":
+            return
+        if self.bank_init == "source" and int(self.bank.count) == 0:
+            self.fill_bank(segment)
+        if self.max_iter is not None:
             return
         meta = getattr(segment, "meta", None) or {}
         epochs = int(meta.get("num_epochs", 1))
@@ -116,6 +126,18 @@ class AaD(Strategy):
         self.max_iter = max(epochs * updates, 1)
         log.info("%s: schedule length max_iter = %d (%d epoch(s) x %d batches)", self.name, self.max_iter, epochs,
                  updates)
+
+    @torch.no_grad()
+    def fill_bank(self, segment: Any) -> None:
+        """The official bank start: every sample of ``segment`` with the current (source) model in eval mode."""
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        for x, _ in segment.batches(device):
+            feats, logits = features_and_logits(self.model, x)
+            slot = self.bank.slots(x)
+            self.bank.write("features", slot, F.normalize(feats.float().flatten(1), dim=1))
+            self.bank.write("scores", slot, logits.float().softmax(dim=1))
+        log.info("%s: bank filled by the source model with %d samples", self.name, int(self.bank.count))
 
     # --- steps --------------------------------------------------------------------------------------------------
     @torch.no_grad()

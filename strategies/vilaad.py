@@ -19,7 +19,9 @@ Choices the paper summary leaves open, and ours:
   "initialisation by the ViL model". ``include_self: false`` gives strictly the neighbours' ViL predictions.
 - The teacher's predictions are recomputed for every batch (the teacher is frozen and the images are the same, so
   they equal banked ones) and stored in the bank so neighbours' targets need no teacher forward.
-- Hyperparameters, optimiser, schedules, bank and parameter groups: AaD's (see strategies/aad.py), K = 5.
+- Hyperparameters, optimiser, schedules, bank and parameter groups: AaD's (see strategies/aad.py), K = 5; the bank
+  starts empty and fills as samples are seen (AaD's ``bank_init: lazy``: a source-model pre-fill would leave the
+  teacher's table of the unseen samples empty).
 - The teacher is not part of the strategy's state dict (it never changes; a ViT-B/32 would bloat every
   checkpoint); it moves with ``.to()`` and always stays in eval mode. Its class order must be the model's
   (``class_names`` of the teacher backbone, in the source model's output order).
@@ -82,7 +84,7 @@ class ViLAaD(AaD):
         frozen = build_teacher(teacher, getattr(model, "num_classes", None))
         super().__init__(model, lr=lr, backbone_lr_mult=backbone_lr_mult, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, k=k, alpha=alpha, beta=beta, lr_gamma=lr_gamma,
-                         lr_power=lr_power, max_iter=max_iter, key_tol=key_tol, seed=seed)
+                         lr_power=lr_power, max_iter=max_iter, key_tol=key_tol, bank_init="lazy", seed=seed)
         # kept outside the module tree: never in the state dict, never in the optimiser
         object.__setattr__(self, "_teacher_box", [frozen])
         self.include_self = bool(include_self)

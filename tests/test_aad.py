@@ -7,6 +7,7 @@ import torch
 
 import ctta
 from conftest import make_tiny
+from ctta.backbones.classifier import features_and_logits
 from ctta.errors import ConfigError, UnsupportedError
 from ctta.streams import create as make_stream
 from ctta.streams.base import from_batches
@@ -156,3 +157,31 @@ def test_schedule_length_is_read_from_the_stream_and_reaches_its_final_values(n)
     assert st.max_iter is None and st.iteration == 0
     st.load_checkpoint_state(state)
     assert st.max_iter == max_iter and st.iteration == max_iter
+
+
+def test_source_bank_init_fills_every_target_sample_with_the_source_model_before_adapting():
+    """bank_init: source (the official code's start): before the first step the bank holds every target sample's
+    normalised eval-mode features and softmax scores of the source model; the first step's neighbours then come from
+    the whole target set (lazy: only from the batch itself)."""
+    stream = _stream(n=64, epochs=2)
+    seg = stream.segments[0]
+    model = make_tiny(seed=3, num_classes=10)
+    st = create("aad", model)  # bank_init: source is the default (the official start)
+    assert st.bank_init == "source"
+    st.segment_start(seg)
+    assert int(st.bank.count) == 64 and st.max_iter == 4
+    x, _, _ = seg.materialise(torch.device("cpu"))
+    ref = make_tiny(seed=3, num_classes=10).eval()
+    with torch.no_grad():
+        f, logits = features_and_logits(ref, x)
+    slot = st.bank.slots(x)
+    assert int(st.bank.count) == 64  # the same samples: no new slots
+    assert torch.allclose(st.bank.table("features")[slot], torch.nn.functional.normalize(f.flatten(1), dim=1),
+                          atol=1e-6)
+    assert torch.allclose(st.bank.table("scores")[slot], logits.softmax(1), atol=1e-6)
+    st.segment_start(stream.segments[1])  # a later epoch does not refill
+    lazy = create("aad", make_tiny(seed=3, num_classes=10), bank_init="lazy")
+    lazy.segment_start(seg)
+    assert int(lazy.bank.count) == 0
+    with pytest.raises(ConfigError):
+        create("aad", make_tiny(), bank_init="target")
