@@ -198,7 +198,7 @@ def test_a_diverged_run_in_a_comparison_lets_the_others_finish(models, monkeypat
     from ctta.config import resolve
 
     built = iter([NaNNet(), copy.deepcopy(models[2])])
-    monkeypatch.setattr(ex, "build_stream", lambda cfg: _stream(1))
+    monkeypatch.setattr(ex, "build_stream", lambda cfg, device="cpu": _stream(1))
     monkeypatch.setattr(ex, "build_model", lambda cfg, k, output_classes=None: next(built))
     cfg = resolve(None, {"stream": {"name": "custom"}, "strategy": {"name": "source,bn"},
                          "backbone": {"name": "resnet20_cifar"},
