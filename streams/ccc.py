@@ -40,6 +40,7 @@ from ctta.seeding import stable_seed
 
 from .base import STREAMS, Stream
 from .corruptions.core import CORRUPTIONS, corruption_seed, quantize_8bit
+from .corruptions.digital import jpeg_compression
 from .corruptions.rng import ImageRng, content_keys
 from .datasets import cache_dir, default_data_root
 from .files import FileImages, class_folder_files
@@ -107,9 +108,7 @@ def corrupt_at(x: Tensor, corruption: str, severity: float, seed: int) -> Tensor
 
 def ccc_transform(x: Tensor, n1: str, s1: float, n2: str, s2: float, seed: int) -> Tensor:
     """One CCC image: n1 at s1, then n2 at s2, then saved as JPEG quality 85 (CCC's tar files)."""
-    x = corrupt_at(corrupt_at(x, n1, s1, seed), n2, s2, seed)
-    rng = ImageRng(stable_seed(seed, "ccc-jpeg"), content_keys(x))
-    return quantize_8bit(CORRUPTIONS.get("jpeg_compression").fn(x, 85, rng).clamp_(0.0, 1.0))
+    return jpeg_compression(corrupt_at(corrupt_at(x, n1, s1, seed), n2, s2, seed), 85, None)
 
 
 def find_walk(acc: np.ndarray, target: float) -> List[Tuple[int, int]]:

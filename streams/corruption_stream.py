@@ -24,6 +24,7 @@ from ctta.seeding import stable_seed
 
 from .base import STREAMS, Segment, Stream
 from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
+from .corruptions.digital import jpeg_compression
 from .gather import Block, gathered_segment
 from .datasets import (_C_FOLDER, ImageSet, c_release_folder, corrupted_file, default_data_root, load_c_labels,
                        load_corrupted, load_cifar)
@@ -163,8 +164,10 @@ class _Planner:
 
 
 def _planned_segment(name: str, parts: List[_Part], perm: Optional[Tensor], groups: Optional[List[str]],
-                     sources: Dict[Key, _Source], batch_size: int, params: str, meta: Dict[str, Any]) -> Segment:
-    """A segment that gathers its parts from the sources chunk by chunk (corrupting generated ones on the device)."""
+                     sources: Dict[Key, _Source], batch_size: int, params: str, meta: Dict[str, Any],
+                     jpeg_quality: Optional[int] = None) -> Segment:
+    """A segment that gathers its parts from the sources chunk by chunk (corrupting generated ones on the device,
+    then saving them as JPEG at ``jpeg_quality`` when given, as the released ImageNet-C files were saved)."""
     gathered = []
     for p in parts:
         src = sources[p.key]
@@ -172,7 +175,8 @@ def _planned_segment(name: str, parts: List[_Part], perm: Optional[Tensor], grou
         transform = None
         if src.generated:
             def transform(x: Tensor, key: Key = p.key, noise: int = p.noise_seed) -> Tensor:
-                return corrupt(x, key[0], key[1], seed=noise, params=params)
+                out = corrupt(x, key[0], key[1], seed=noise, params=params)
+                return out if jpeg_quality is None else jpeg_compression(out, jpeg_quality, None)
         gathered.append(Block(src.images, rows, src.labels[rows], p.group, transform))
     return gathered_segment(name, "adapt", gathered, batch_size, order=perm, groups=groups, meta=meta)
 
@@ -243,7 +247,7 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
                       files: Optional[Callable[[str, int], Optional[ImageSet]]] = None,
                       spec: Optional[dict] = None, rounds: Optional[int] = None, interleave_clean: bool = False,
                       clean_ratio: float = 0.0, label_shift: Any = None, generate_missing: bool = True,
-                      clean_missing: Optional[str] = None) -> Stream:
+                      clean_missing: Optional[str] = None, jpeg_quality: Optional[int] = None) -> Stream:
     """Build a corruption stream over ``clean``; ``files(corruption, severity)`` may supply precomputed -C images.
 
     ``order`` (see :mod:`.orders`), ``rounds``, ``interleave_clean`` (a clean adapt domain after every shifted
@@ -368,7 +372,8 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
             meta = {**meta, "source": "generated" if kinds == {True} else ("files" if kinds == {False} else "mixed")}
         if opts.label_shift:
             meta = {**meta, "label_shift": [d["kind"] for d in opts.label_shift]}
-        segments.append(_planned_segment(seg_name, parts, perm, groups, sources, batch_size, params, meta))
+        segments.append(_planned_segment(seg_name, parts, perm, groups, sources, batch_size, params, meta,
+                                         jpeg_quality))
     if clean_eval:
         segments.append(probe("clean@end"))
     full_spec = dict(spec or {})
@@ -380,6 +385,8 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
         full_spec["class_counts"] = list(plan.counts)
     if generate_missing is False:
         full_spec["generate_missing"] = False
+    if jpeg_quality is not None:
+        full_spec["jpeg_quality"] = jpeg_quality
     return Stream(name=name, segments=segments, num_classes=len(clean.classes), setting="tta", spec=full_spec,
                   reset_each_domain=(order == "reset"), provenance=_provenance(sources, params))
 

@@ -7,7 +7,8 @@ list timm ships, ``timm.data.ImageNetInfo``), so a 1000-way pretrained model nee
 * ``imagenet_c``: the released layout ``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` (5000 images per domain by
   default, as RobustBench and the mariodoebler benchmark evaluate; ``num_samples`` up to 50 000), and every
   corruption without files generated on the device from the validation folder (``<root>/val/<wnid>/*.JPEG``) in
-  ``make_imagenet_c.py``'s order: resize 256, centre crop 224, then corrupt with the ImageNet-C constants. All
+  ``make_imagenet_c.py``'s order: resize 256, centre crop 224, corrupt with the ImageNet-C constants, then JPEG
+  quality 85 as the release was saved. All
   orders and label-shift options of the CIFAR-10-C stream apply (:func:`.corruption_stream.corruption_stream`).
 * ``imagenet_r``, ``imagenet_a`` (200-class subsets: labels index the subset, and ``Stream.output_classes`` tells
   the run to keep only those outputs of the 1000-way model, as the mariodoebler benchmark masks them),
@@ -93,8 +94,13 @@ def imagenet_c(data_root: Optional[str] = None, corruptions: Union[str, Sequence
                batch_size: int = 64, num_samples: Optional[int] = IMAGENET_C_DEFAULT_SAMPLES, order: str = "continual",
                seed: int = 1, clean_eval: bool = False, rounds: Optional[int] = None, interleave_clean: bool = False,
                clean_ratio: float = 0.0, label_shift: Any = None, generate_missing: bool = True,
-               image_list: Optional[str] = None, workers: Optional[int] = None) -> Stream:
-    """ImageNet-C: released folders where present, generated on the device from ``val/`` otherwise."""
+               image_list: Optional[str] = None, workers: Optional[int] = None,
+               jpeg_quality: Optional[int] = 85) -> Stream:
+    """ImageNet-C: released folders where present, generated on the device from ``val/`` otherwise (then saved as
+    JPEG at ``jpeg_quality``, 85 as ``make_imagenet_c.py`` saved the release; ``None``: not compressed)."""
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
+                                     or not 1 <= jpeg_quality <= 100):
+        raise ConfigError(f"jpeg_quality must be an integer from 1 to 100 or null, got {jpeg_quality!r}")
     check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
                          label_shift)
     names = _corruption_list(corruptions)
@@ -149,7 +155,8 @@ def imagenet_c(data_root: Optional[str] = None, corruptions: Union[str, Sequence
     return corruption_stream("imagenet_c", clean, names, severity, batch_size, num_samples, order, seed, clean_eval,
                              params="imagenet", files=released, spec=spec, rounds=rounds,
                              interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift,
-                             generate_missing=generate_missing, clean_missing=clean_missing)
+                             generate_missing=generate_missing, clean_missing=clean_missing,
+                             jpeg_quality=jpeg_quality)
 
 
 def _variant(name: str, folder_names: Tuple[str, ...], subset: bool, digit_folders: bool = False):

@@ -65,17 +65,21 @@ def test_imagenet_c_reads_released_folders_and_generates_the_rest(tree):
 
 def test_imagenet_c_generated_domain_is_the_val_image_resized_cropped_then_corrupted(tree):
     from ctta.streams.corruptions import corrupt
+    from ctta.streams.corruptions.digital import jpeg_compression
 
     s = ctta.streams.create("imagenet_c", data_root=str(tree), corruptions="contrast", num_samples=None,
                             batch_size=4, seed=3)
     x, y, _ = s.segments[0].materialise(torch.device("cpu"))
     files = sorted((tree / "val").rglob("*.JPEG"))
     clean = FileImages(files, crop=224, resize=256)[torch.arange(12)].float() / 255
-    expected = corrupt(clean, "contrast", 5, seed=3, params="imagenet")
+    expected = jpeg_compression(corrupt(clean, "contrast", 5, seed=3, params="imagenet"), 85, None)  # as released
     # the segment is a seeded shuffle of the 12 images: every output is one corrupted clean image
     match = [(expected - xi).abs().flatten(1).amax(1).argmin().item() for xi in x]
     assert sorted(match) == list(range(12))
     assert all(torch.equal(x[i], expected[j]) for i, j in enumerate(match))
+    raw = ctta.streams.create("imagenet_c", data_root=str(tree), corruptions="contrast", num_samples=None,
+                              batch_size=4, seed=3, jpeg_quality=None).segments[0].materialise(torch.device("cpu"))[0]
+    assert not torch.equal(raw, x)
 
 
 def test_chunk_size_and_workers_do_not_change_a_run_and_resume_continues_mid_stream(tree, tmp_path):
