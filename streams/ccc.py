@@ -15,6 +15,9 @@ The generator, as released:
    walk is n1 of the next); each walk point holds ``speed`` images drawn without repeats from the folder, under
    ``RandomHorizontalFlip`` + ``RandomResizedCrop(224)``, n1 then n2 (8-bit after each), then JPEG quality 85.
 
+``shards`` reads the released webdataset tars instead (``serial_00000.tar`` ..., one segment each) with the
+standard library's ``tarfile`` (no webdataset dependency), for users who have them.
+
 One walk (one pair) is one segment (its walk points are blocks, so batches run across points as in CCC); the
 run keeps at most two chunks in memory whatever ``num_images`` is. Noise and crops are keyed per image, so a
 given (folder, seed, baseline, speed, matrix) is one stream. Not reproduced: CCC's own random draws (its images
@@ -43,7 +46,7 @@ from .corruptions.core import CORRUPTIONS, corruption_seed, quantize_8bit
 from .corruptions.digital import jpeg_compression
 from .corruptions.rng import ImageRng, content_keys
 from .datasets import cache_dir, default_data_root
-from .files import FileImages, class_folder_files
+from .files import FileImages, TarImages, class_folder_files, index_shard
 from .gather import Block, gathered_segment
 
 log = logging.getLogger(__name__)
@@ -221,18 +224,62 @@ def _cache_file(model: torch.nn.Module, root: Path, grid: Sequence[float], n: in
     return cache_dir() / "ccc" / f"calibration-{h.hexdigest()[:16]}.pt"
 
 
+def _shard_index(tar: Path) -> Tuple[List[int], List[int], List[int]]:
+    """:func:`~.files.index_shard`, cached on disk by the tar's path, size and modification time."""
+    st = tar.stat()
+    key = hashlib.sha1(f"{tar.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "ccc" / f"shard-{key}.npz"
+    if cached.is_file():
+        z = np.load(cached)
+        return z["offsets"].tolist(), z["sizes"].tolist(), z["labels"].tolist()
+    out = index_shard(tar)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cached, offsets=np.asarray(out[0]), sizes=np.asarray(out[1]), labels=np.asarray(out[2]))
+    return out
+
+
+def released_shards(folder: str, num_images: int, batch_size: int, workers: Optional[int]) -> Stream:
+    """CCC's released webdataset shards (``serial_00000.tar`` ...: ``<key>.input.jpg`` 224 x 224, ``<key>.output.cls``
+    the ImageNet class index) read in order, one segment per shard, ``num_images`` in all; no webdataset needed."""
+    root = Path(folder).expanduser()
+    tars = sorted(root.glob("serial_*.tar")) or sorted(root.glob("*.tar"))
+    if not tars:
+        raise DataNotFoundError(f"shards: no serial_*.tar in {root} (a CCC dataset folder such as "
+                                f"baseline_20_transition+speed_1000_seed_44/)")
+    segments, total = [], 0
+    for tar in tars:
+        if total >= num_images:
+            break
+        offsets, sizes, labels = _shard_index(tar)
+        take = min(len(offsets), num_images - total)
+        block = Block(TarImages(tar, offsets, sizes, workers=workers), torch.arange(take),
+                      torch.tensor(labels[:take], dtype=torch.long))
+        segments.append(gathered_segment(tar.stem, "adapt", [block], batch_size, meta={"shard": str(tar)}))
+        total += take
+    spec = {"name": "ccc", "shards": str(folder), "num_images": num_images, "batch_size": batch_size}
+    return Stream(name="ccc", segments=segments, num_classes=1000, setting="tta", spec=spec,
+                  provenance={"ccc": {"source": "files", "path": str(root), "shards": len(segments)}})
+
+
 def ccc(data_root: Optional[str] = None, baseline: Any = "medium", speed: int = 1000, seed: int = 44,
         num_images: int = CCC_LENGTH, batch_size: int = 64, accuracy_matrix: Optional[str] = None,
         calibration_images: int = 200, severity_step: float = 0.25, crop: str = "random",
-        workers: Optional[int] = None, model: Optional[torch.nn.Module] = None, device: Any = "cpu") -> Stream:
-    """CCC from a clean ImageNet-layout folder (``<root>/val/<wnid>/*.JPEG`` or the folder itself)."""
+        workers: Optional[int] = None, model: Optional[torch.nn.Module] = None, device: Any = "cpu",
+        shards: Optional[str] = None) -> Stream:
+    """CCC generated from a clean ImageNet-layout folder (``<root>/val/<wnid>/*.JPEG`` or the folder itself), or
+    read from its released webdataset shards (``shards``: the folder of ``serial_*.tar``)."""
     from .imagenet import find_val, imagenet_classes
+
+    for name, v in (("num_images", num_images), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if shards:
+        return released_shards(shards, num_images, batch_size, workers)
 
     base = PRESETS.get(baseline, baseline) if isinstance(baseline, str) else baseline
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 <= base <= 100:
         raise ConfigError(f"baseline must be easy / medium / hard or an accuracy in % (0-100), got {baseline!r}")
-    for name, v in (("speed", speed), ("num_images", num_images), ("batch_size", batch_size),
-                    ("calibration_images", calibration_images)):
+    for name, v in (("speed", speed), ("calibration_images", calibration_images)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     if crop not in ("random", "center"):

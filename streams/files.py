@@ -135,6 +135,85 @@ class FileImages:
             raise ConfigError(f"{path}: not a readable image ({e})") from None
 
 
+class TarImages:
+    """The JPEG members of a tar file (a webdataset shard such as CCC's ``serial_00000.tar``), decoded on indexing.
+
+    ``offsets`` / ``sizes`` locate each image's bytes (see :func:`index_shard`); reads use ``os.pread``, so the
+    decoding threads share one open file. Images are centre-cropped to ``crop`` when not that size already.
+    """
+
+    def __init__(self, path: Union[str, Path], offsets: Sequence[int], sizes: Sequence[int], crop: int = 224,
+                 workers: Optional[int] = None) -> None:
+        self.path = Path(path)
+        self.offsets, self.sizes = list(offsets), list(sizes)
+        self.crop = crop
+        self.workers = workers or default_workers()
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (len(self.offsets), 3, self.crop, self.crop)
+
+    def dim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, rows: Union[Tensor, Sequence[int]]) -> Tensor:
+        import io
+
+        from PIL import Image
+        from torchvision.transforms import functional as F
+
+        idx = rows.reshape(-1).tolist() if isinstance(rows, Tensor) else list(rows)
+        out = np.empty((len(idx), self.crop, self.crop, 3), dtype=np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            def one(k: int) -> None:
+                data = os.pread(fd, self.sizes[idx[k]], self.offsets[idx[k]])
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        im = im.convert("RGB")
+                        if im.size != (self.crop, self.crop):
+                            im = F.center_crop(F.resize(im, self.crop) if min(im.size) < self.crop else im,
+                                               self.crop)
+                        out[k] = np.asarray(im)
+                except OSError as e:
+                    raise ConfigError(f"{self.path}: image {idx[k]} is not a readable JPEG ({e})") from None
+
+            with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(idx)))) as pool:
+                list(pool.map(one, range(len(idx))))
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def index_shard(path: Union[str, Path], image_ext: str = "input.jpg",
+                label_ext: str = "output.cls") -> Tuple[List[int], List[int], List[int]]:
+    """Byte offsets, sizes and integer labels of the samples of a webdataset tar, in the tar's order (members
+    ``<key>.<image_ext>`` and ``<key>.<label_ext>``, the label as text); one pass over its headers."""
+    import tarfile
+
+    entries: dict = {}
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, ext = Path(m.name).name.partition(".")
+                e = entries.setdefault(key, {})
+                if ext == image_ext:
+                    e["offset"], e["size"] = m.offset_data, m.size
+                elif ext == label_ext:
+                    e["label"] = int(tf.extractfile(m).read().decode().strip())
+    except (tarfile.TarError, OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable webdataset shard ({type(e).__name__}: {e})") from None
+    done = [e for e in entries.values() if "offset" in e and "label" in e]
+    if not done:
+        raise ConfigError(f"{path}: no samples with both .{image_ext} and .{label_ext} members")
+    return [e["offset"] for e in done], [e["size"] for e in done], [e["label"] for e in done]
+
+
 def resized_crop_box(height: int, width: int, rng: np.random.Generator, scale: Tuple[float, float] = (0.08, 1.0),
                      ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
     """(top, left, h, w) of a random resized crop, torchvision's ``RandomResizedCrop.get_params`` rule (ten tries

@@ -112,3 +112,40 @@ def test_ccc_reads_cccs_accuracy_matrix_and_names_what_is_missing(val, tmp_path)
         ctta.streams.create("ccc", data_root=str(val), baseline="hard", speed=5, num_images=10)
     with pytest.raises(ConfigError, match="baseline"):
         ctta.streams.create("ccc", data_root=str(val), baseline="impossible", accuracy_matrix=str(path))
+
+
+def test_ccc_reads_released_webdataset_shards_in_order(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    monkeypatch.setenv("CTTA_BENCH_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "baseline_20_transition+speed_1000_seed_44"
+    folder.mkdir()
+    pixels, labels = [], []
+    for shard in range(2):
+        with tarfile.open(folder / f"serial_{shard:05d}.tar", "w") as tf:
+            for i in range(5):
+                img = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=85)
+                label = int(rng.integers(0, 1000))
+                for ext, data in (("info", b"++dir++x"), ("input.jpg", buf.getvalue()),
+                                  ("output.cls", str(label).encode())):
+                    member = tarfile.TarInfo(f"sample_{shard * 5 + i}.{ext}")
+                    member.size = len(data)
+                    tf.addfile(member, io.BytesIO(data))
+                buf.seek(0)
+                pixels.append(np.asarray(Image.open(buf).convert("RGB")))
+                labels.append(label)
+    s = ctta.streams.create("ccc", shards=str(folder), num_images=8, batch_size=4)
+    assert [seg.name for seg in s] == ["serial_00000", "serial_00001"]
+    assert [seg.num_samples for seg in s] == [5, 3]
+    xs, ys = zip(*[seg.materialise(torch.device("cpu"))[:2] for seg in s])
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert y.tolist() == labels[:8]
+    assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(np.stack(pixels[:8])).permute(0, 3, 1, 2))
+    chunked = torch.cat([c[0] for seg in s for c in seg.chunks(torch.device("cpu"), chunk_size=2)])
+    assert torch.equal(chunked, x)
+    with pytest.raises(Exception, match="serial_"):
+        ctta.streams.create("ccc", shards=str(tmp_path / "cache"))
