@@ -437,18 +437,17 @@ def _read_image(path: Path, size: Optional[int]) -> np.ndarray:
         raise ConfigError(f"{path}: not a readable image ({e})") from None
 
 
-def load_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None, size: Optional[int] = None,
-                      max_per_class: Optional[int] = None, seed: int = 0) -> ImageSet:
-    """An ImageFolder tree (``<root>/<class>/<image>``) as an :class:`ImageSet`.
+def list_class_folders(root: PathLike, classes: Optional[Sequence[str]] = None, max_per_class: Optional[int] = None,
+                       seed: int = 0, what: str = "image folder", kind: str = "given classes"
+                       ) -> Tuple[List[Path], List[int], List[str]]:
+    """The images of a ``<root>/<class>/<image>`` tree, sorted by (folder, path), their labels and the class names.
 
-    Labels follow ``classes`` when given (so several domains share one label space; a folder not in it is an
-    error), else the sorted folder names (torchvision's ImageFolder order, which is ImageNet's class index for
-    wnid folders). ``size`` resizes (shorter side) and centre-crops; without it all images must share one shape.
-    ``max_per_class`` keeps a seeded random subset of each class (sorted file order otherwise).
+    Labels index ``classes`` when given (a folder not among them is a one-line error naming ``kind``), else the
+    sorted folder names (torchvision's ImageFolder order). ``max_per_class`` keeps a seeded subset per class.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataNotFoundError(f"image folder {root} does not exist")
+        raise DataNotFoundError(f"{what} {root} does not exist")
     if max_per_class is not None and (not isinstance(max_per_class, int) or max_per_class < 1):
         raise ConfigError(f"max_per_class must be a positive integer or omitted, got {max_per_class!r}")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -456,7 +455,7 @@ def load_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None, s
     index = {c: i for i, c in enumerate(names)}
     unknown = [f for f in folders if f not in index]
     if unknown:
-        raise ConfigError(f"image folder {root} has class folders not among the {len(names)} given classes: "
+        raise ConfigError(f"{what} {root} has class folders not among the {len(names)} {kind}: "
                           f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     files: List[Path] = []
     labels: List[int] = []
@@ -468,8 +467,22 @@ def load_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None, s
         files += members
         labels += [index[f]] * len(members)
     if not files:
-        raise DataNotFoundError(f"image folder {root} holds no images (expected <class>/<image> with one of "
+        raise DataNotFoundError(f"{what} {root} holds no images (expected <class>/<image> with one of "
                                 f"{', '.join(IMAGE_EXTENSIONS)})")
+    return files, labels, names
+
+
+def load_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None, size: Optional[int] = None,
+                      max_per_class: Optional[int] = None, seed: int = 0) -> ImageSet:
+    """An ImageFolder tree (``<root>/<class>/<image>``) as an :class:`ImageSet`.
+
+    Labels follow ``classes`` when given (so several domains share one label space; a folder not in it is an
+    error), else the sorted folder names (torchvision's ImageFolder order, which is ImageNet's class index for
+    wnid folders). ``size`` resizes (shorter side) and centre-crops; without it all images must share one shape.
+    ``max_per_class`` keeps a seeded random subset of each class (sorted file order otherwise).
+    """
+    root = Path(root).expanduser()
+    files, labels, names = list_class_folders(root, classes, max_per_class, seed)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
@@ -498,4 +511,5 @@ def load_imagenet_c(root: PathLike, corruption: str, severity: int, size: Option
 
 
 __all__ = ["CIFAR10_CLASSES", "ImageSet", "c_release_folder", "cache_dir", "corrupted_file", "default_data_root",
-           "load_c_labels", "load_cifar", "load_corrupted", "load_image_folder", "load_imagenet_c"]
+           "list_class_folders", "load_c_labels", "load_cifar", "load_corrupted", "load_image_folder",
+           "load_imagenet_c"]

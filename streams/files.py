@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,15 +18,72 @@ from torch import Tensor
 
 from ctta.errors import ConfigError, DataNotFoundError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp")
-
-
 def default_workers() -> int:
     """Decoding threads when a stream does not say: the cores, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
-class FileImages:
+class LazyImages:
+    """Images decoded on indexing: ``images[rows]`` is uint8 len(rows) x 3 x ``crop`` x ``crop`` on the host, in the
+    order asked, decoded by ``workers`` threads (PIL decodes and resizes without the GIL). Subclasses say how to
+    get one row (:meth:`image`)."""
+
+    crop: int = 224
+    workers: int = 1
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (len(self), 3, self.crop, self.crop)
+
+    def dim(self) -> int:
+        return 4
+
+    def image(self, row: int) -> np.ndarray:
+        """Row ``row`` as uint8 crop x crop x 3 (called from several threads)."""
+        raise NotImplementedError
+
+    def open(self) -> None:
+        """Called before the threads of an index call start (e.g. to open a file they share)."""
+
+    def __getitem__(self, rows: Union[Tensor, Sequence[int], slice]) -> Tensor:
+        if isinstance(rows, slice):
+            idx = list(range(len(self)))[rows]
+        elif isinstance(rows, Tensor):
+            idx = rows.reshape(-1).tolist()
+        else:
+            idx = list(rows)
+        out = np.empty((len(idx), self.crop, self.crop, 3), dtype=np.uint8)
+        self.open()
+
+        def one(k: int) -> None:
+            out[k] = self.image(idx[k])
+
+        if len(idx) > 1 and self.workers > 1:
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(idx))) as pool:
+                list(pool.map(one, range(len(idx))))
+        else:
+            for k in range(len(idx)):
+                one(k)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _decoded(source: Any, what: str, prepare: Callable[[Any], Any]) -> np.ndarray:
+    """``prepare(PIL RGB image)`` of an image file or stream as an array; one-line errors for gone or bad files."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as im:
+            return np.asarray(prepare(im.convert("RGB")))
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{what}: the image file is gone (was the data folder moved?)") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: not a readable image ({e})") from None
+
+
+class FileImages(LazyImages):
     """Paths of images, decoded on indexing into uint8 N x 3 x ``crop`` x ``crop`` (what a tensor source gives).
 
     ``resize`` (the shorter side, bilinear, as torchvision's ``Resize``) then a centre crop of ``crop``; without
@@ -48,13 +105,6 @@ class FileImages:
         self.workers = workers or default_workers()
         self.random_crop_seed = random_crop_seed
 
-    @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        return (len(self.files), 3, self.crop, self.crop)
-
-    def dim(self) -> int:
-        return 4
-
     def __len__(self) -> int:
         return len(self.files)
 
@@ -66,80 +116,49 @@ class FileImages:
         idx = rows.tolist() if isinstance(rows, Tensor) else list(rows)
         return FileImages([self.files[i] for i in idx], self.crop, self.resize, self.workers)
 
-    def __getitem__(self, rows: Union[Tensor, Sequence[int], slice]) -> Tensor:
-        """The images at ``rows`` decoded: uint8 len(rows) x 3 x crop x crop on the host, in the order asked."""
-        if isinstance(rows, slice):
-            idx = list(range(len(self.files)))[rows]
-        elif isinstance(rows, Tensor):
-            idx = rows.reshape(-1).tolist()
-        else:
-            idx = list(rows)
-        out = np.empty((len(idx), self.crop, self.crop, 3), dtype=np.uint8)
-
-        def one(k: int) -> None:
-            if self.random_crop_seed is None:
-                out[k] = self.decode(self.files[idx[k]])
-            else:
-                out[k] = self.decode_random(idx[k])
-
-        if len(idx) > 1 and self.workers > 1:
-            with ThreadPoolExecutor(max_workers=min(self.workers, len(idx))) as pool:
-                list(pool.map(one, range(len(idx))))
-        else:
-            for k in range(len(idx)):
-                one(k)
-        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    def image(self, row: int) -> np.ndarray:
+        return self.decode(self.files[row]) if self.random_crop_seed is None else self.decode_random(row)
 
     def decode(self, path: Path) -> np.ndarray:
         """One file as uint8 crop x crop x 3 after the preprocessing."""
-        from PIL import Image
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
-
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if self.resize is not None:
-                    im = F.resize(im, self.resize, interpolation=InterpolationMode.BILINEAR)
-                elif min(im.size) < self.crop:
-                    im = F.resize(im, self.crop, interpolation=InterpolationMode.BILINEAR)
-                if im.size != (self.crop, self.crop):
-                    im = F.center_crop(im, self.crop)
-                return np.asarray(im)
-        except FileNotFoundError:
-            raise DataNotFoundError(f"{path}: the image file is gone (was the data folder moved?)") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: not a readable image ({e})") from None
-
+        return _decoded(path, str(path), lambda im: centre_crop(im, self.crop, self.resize))
 
     def decode_random(self, row: int) -> np.ndarray:
         """Row ``row`` as CCC's generator makes it: ``RandomHorizontalFlip()`` then ``RandomResizedCrop(crop)``
         (scale 0.08-1, ratio 3/4-4/3, bilinear), the draws seeded by (seed, row) instead of the global RNG."""
-        from PIL import Image
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
         rng = np.random.default_rng([int(self.random_crop_seed), int(row)])
         path = self.files[row % len(self.files)]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if rng.random() < 0.5:
-                    im = F.hflip(im)
-                top, left, h, w = resized_crop_box(im.size[1], im.size[0], rng)
-                return np.asarray(F.resized_crop(im, top, left, h, w, [self.crop, self.crop],
-                                                 interpolation=InterpolationMode.BILINEAR))
-        except FileNotFoundError:
-            raise DataNotFoundError(f"{path}: the image file is gone (was the data folder moved?)") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: not a readable image ({e})") from None
+
+        def prepare(im: Any) -> Any:
+            if rng.random() < 0.5:
+                im = F.hflip(im)
+            top, left, h, w = resized_crop_box(im.size[1], im.size[0], rng)
+            return F.resized_crop(im, top, left, h, w, [self.crop, self.crop], interpolation=InterpolationMode.BILINEAR)
+
+        return _decoded(path, str(path), prepare)
 
 
-class TarImages:
+def centre_crop(im: Any, crop: int, resize: Optional[int] = None) -> Any:
+    """torchvision's ``Resize(resize)`` (bilinear, shorter side) then ``CenterCrop(crop)`` on a PIL image; without
+    ``resize`` only the crop (after resizing to ``crop`` when smaller)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    if resize is not None:
+        im = F.resize(im, resize, interpolation=InterpolationMode.BILINEAR)
+    elif min(im.size) < crop:
+        im = F.resize(im, crop, interpolation=InterpolationMode.BILINEAR)
+    return im if im.size == (crop, crop) else F.center_crop(im, crop)
+
+
+class TarImages(LazyImages):
     """The JPEG members of a tar file (a webdataset shard such as CCC's ``serial_00000.tar``), decoded on indexing.
 
-    ``offsets`` / ``sizes`` locate each image's bytes (see :func:`index_shard`); reads use ``os.pread``, so the
-    decoding threads share one open file. Images are centre-cropped to ``crop`` when not that size already.
+    ``offsets`` / ``sizes`` locate each image's bytes (see :func:`index_shard`); reads use ``os.pread`` on one open
+    file shared by the decoding threads. Images are centre-cropped to ``crop`` when not that size already.
     """
 
     def __init__(self, path: Union[str, Path], offsets: Sequence[int], sizes: Sequence[int], crop: int = 224,
@@ -148,44 +167,24 @@ class TarImages:
         self.offsets, self.sizes = list(offsets), list(sizes)
         self.crop = crop
         self.workers = workers or default_workers()
-
-    @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        return (len(self.offsets), 3, self.crop, self.crop)
-
-    def dim(self) -> int:
-        return 4
+        self._fd: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, rows: Union[Tensor, Sequence[int]]) -> Tensor:
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def open(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def image(self, row: int) -> np.ndarray:
         import io
 
-        from PIL import Image
-        from torchvision.transforms import functional as F
-
-        idx = rows.reshape(-1).tolist() if isinstance(rows, Tensor) else list(rows)
-        out = np.empty((len(idx), self.crop, self.crop, 3), dtype=np.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            def one(k: int) -> None:
-                data = os.pread(fd, self.sizes[idx[k]], self.offsets[idx[k]])
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        im = im.convert("RGB")
-                        if im.size != (self.crop, self.crop):
-                            im = F.center_crop(F.resize(im, self.crop) if min(im.size) < self.crop else im,
-                                               self.crop)
-                        out[k] = np.asarray(im)
-                except OSError as e:
-                    raise ConfigError(f"{self.path}: image {idx[k]} is not a readable JPEG ({e})") from None
-
-            with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(idx)))) as pool:
-                list(pool.map(one, range(len(idx))))
-        finally:
-            os.close(fd)
-        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        data = os.pread(self._fd, self.sizes[row], self.offsets[row])
+        return _decoded(io.BytesIO(data), f"{self.path} (image {row})", lambda im: centre_crop(im, self.crop))
 
 
 def index_shard(path: Union[str, Path], image_ext: str = "input.jpg",
@@ -240,24 +239,8 @@ def resized_crop_box(height: int, width: int, rng: np.random.Generator, scale: T
 
 
 def class_folder_files(root: Path, classes: Sequence[str], what: str) -> Tuple[List[Path], List[int], List[str]]:
-    """Images of a ``<root>/<wnid>/<file>`` tree, sorted by (folder, name); labels index ``classes``.
+    """Images of a ``<root>/<wnid>/<file>`` tree, sorted by (folder, name); labels index ``classes`` (ImageNet's
+    wnids); a folder that is not one of them is a one-line error (:func:`~.datasets.list_class_folders`)."""
+    from .datasets import list_class_folders
 
-    Returns the files, their labels and the folder names found. A folder not in ``classes`` is a one-line error.
-    """
-    if not root.is_dir():
-        raise DataNotFoundError(f"{what}: no folder {root}")
-    index = {c: i for i, c in enumerate(classes)}
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    unknown = [f for f in folders if f not in index]
-    if unknown:
-        raise ConfigError(f"{what}: {root} has class folders that are not ImageNet class ids (wnids): "
-                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-    files: List[Path] = []
-    labels: List[int] = []
-    for f in folders:
-        members = sorted(p for p in (root / f).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        files += members
-        labels += [index[f]] * len(members)
-    if not files:
-        raise DataNotFoundError(f"{what}: {root} holds no images (expected <wnid>/<image>.JPEG)")
-    return files, labels, folders
+    return list_class_folders(root, classes, what=f"{what}:", kind="ImageNet class ids (wnids)")

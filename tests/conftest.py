@@ -139,3 +139,17 @@ def ic(monkeypatch):
     pkg = os.path.dirname(corruptions.__file__)
     monkeypatch.setattr(corruptions, "resource_filename", lambda _mod, rel: os.path.join(pkg, rel))
     return corruptions
+
+
+def interrupt_at(strategy, at_call: int = 5):
+    """Make ``strategy.adapt`` raise KeyboardInterrupt at its ``at_call``-th call (a run cut mid-stream, to resume)."""
+    original, calls = strategy.adapt, {"n": 0}
+
+    def cut(x):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return original(x)
+
+    strategy.adapt = cut
+    return strategy

@@ -12,7 +12,7 @@ from ctta import strategies
 from ctta.errors import ConfigError, UnsupportedError
 from ctta.streams import Stream, from_batches, tensor_segment
 
-from conftest import make_tiny
+from conftest import interrupt_at, make_tiny
 
 
 def _stream(n_domains: int = 3, n: int = 24, bs: int = 8, probes: bool = True) -> Stream:
@@ -102,17 +102,7 @@ class _Interrupt(Exception):
 def test_resume_continues_after_the_last_finished_segment(tmp_path):
     full = ctta.run(_stream(), strategies.create("cotta", make_tiny(), views=2, seed=1, ap=1.01), device="cpu",
                     out=tmp_path / "full", progress=False)
-    s = strategies.create("cotta", make_tiny(), views=2, seed=1, ap=1.01)
-    calls = {"n": 0}
-    original = s.adapt
-
-    def flaky(x):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside the second domain
-            raise KeyboardInterrupt
-        return original(x)
-
-    s.adapt = flaky
+    s = interrupt_at(strategies.create("cotta", make_tiny(), views=2, seed=1, ap=1.01), 5)  # inside the second domain
     with pytest.raises(KeyboardInterrupt):
         ctta.run(_stream(), s, device="cpu", out=tmp_path / "cut", progress=False)
     assert len(pd.read_csv(tmp_path / "cut" / "segments.csv")) == 2  # clean@start and d0 were kept

@@ -14,6 +14,8 @@ from ctta.errors import ConfigError, DataNotFoundError
 from ctta.streams.files import FileImages
 from ctta.streams.imagenet import imagenet_classes, subset_classes
 
+from conftest import interrupt_at
+
 WNIDS = imagenet_classes()[:3]  # n01440764 (class 0), n01443537 (1), n01484850 (2)
 
 
@@ -97,16 +99,7 @@ def test_chunk_size_and_workers_do_not_change_a_run_and_resume_continues_mid_str
     assert whole.steps["correct"].tolist() == chunked.steps["correct"].tolist()
     assert whole.summary["domain_error"] == chunked.summary["domain_error"]
 
-    s = strategies.create("tent", model())
-    original, calls = s.adapt, {"n": 0}
-
-    def interrupted(x):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside the second domain
-            raise KeyboardInterrupt
-        return original(x)
-
-    s.adapt = interrupted
+    s = interrupt_at(strategies.create("tent", model()), 5)  # inside the second domain
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         ctta.run(stream(), s, device="cpu", progress=False, out=out, chunk_size=4)
@@ -125,7 +118,7 @@ def test_imagenet_c_image_list_pins_the_images_and_bad_roots_say_what_to_do(tree
     with pytest.raises(DataNotFoundError, match="val/<wnid>"):
         ctta.streams.create("imagenet_c", data_root=str(tmp_path / "nothing"))
     (tree / "val" / "not_a_wnid").mkdir()
-    with pytest.raises(ConfigError, match="not ImageNet class ids"):
+    with pytest.raises(ConfigError, match="not among the 1000 ImageNet class ids"):
         ctta.streams.create("imagenet_c", data_root=str(tree), corruptions="contrast")
 
 

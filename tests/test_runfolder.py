@@ -19,7 +19,7 @@ from ctta.cli import main
 from ctta.errors import CttaError, RunFolderError, RunFolderLockedError
 from ctta.streams import Stream, tensor_segment
 
-from conftest import make_tiny
+from conftest import interrupt_at, make_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,16 +40,7 @@ def _run(out, name="tent", **kw):
 
 def _interrupted(out, at_call: int = 5):
     """A tent run that raises KeyboardInterrupt at its ``at_call``-th adapt call (inside d1, the second domain)."""
-    s = strategies.create("tent", make_tiny())
-    original, calls = s.adapt, {"n": 0}
-
-    def flaky(x):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return original(x)
-
-    s.adapt = flaky
+    s = interrupt_at(strategies.create("tent", make_tiny()), at_call)
     with pytest.raises(KeyboardInterrupt):
         ctta.run(_stream(), s, device="cpu", out=out, progress=False)
 
