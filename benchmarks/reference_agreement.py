@@ -16,6 +16,9 @@ merged with its own CIFAR-10-C config:
     tent     Tent              cfgs/cifar10_c/tent.yaml
     cotta    CoTTA             cfgs/cifar10_c/cotta.yaml
     lame     LAME              cfgs/cifar10_c/lame.yaml
+    bn_alpha BNAlpha           cfgs/cifar10_c/norm_alpha.yaml  (its TEST.BATCH_SIZE 1 replaced by ours, as for all)
+    bn_ema   BNEMA             cfgs/cifar10_c/norm_ema.yaml
+    sar      SAR               cfgs/cifar10_c/sar.yaml
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -51,6 +54,14 @@ REFERENCE = {
     "tent": ("tent", "tent.yaml"),
     "cotta": ("cotta", "cotta.yaml"),
     "lame": ("lame", "lame.yaml"),
+    "bn_alpha": ("bnalpha", "norm_alpha.yaml"),
+    "bn_ema": ("bnema", "norm_ema.yaml"),
+    "sar": ("sar", "sar.yaml"),
+}
+
+# methods whose model resets itself: how to read our count of resets
+RESETTING: Dict[str, Callable[[nn.Module], int]] = {
+    "sar": lambda s: int(s.recovery.recoveries),
 }
 
 
@@ -117,7 +128,7 @@ def reference_cfg(conf, ref_root: str, method: str, args):
     return cfg
 
 
-def settings_line(method: str, cfg, ours) -> str:
+def settings_line(method: str, cfg, ours, ref=None) -> str:
     """The hyperparameters each side runs with, for the log."""
     o = cfg.OPTIM
     if method == "tent":
@@ -134,6 +145,18 @@ def settings_line(method: str, cfg, ours) -> str:
         return (f"reference: LAME {dict(cfg.LAME)}, batch {cfg.TEST.BATCH_SIZE}; ours: affinity={ours.affinity} "
                 f"knn={ours.knn} force_symmetry={ours.force_symmetry} lambda={ours.bound_lambda} "
                 f"max_steps={ours.max_steps} tol={ours.tol}")
+    if method == "sar":
+        g = ref.optimizer.param_groups[0]
+        og = ours.optimizer.param_groups[0]
+        return (f"reference: SAM(SGD) lr {g['lr']} momentum {g['momentum']} nesterov {g['nesterov']} rho {g['rho']} "
+                f"E0 {ref.margin_e0:.4f} e_m {ref.reset_constant_em}, {len(ref.params)} tensors, batch "
+                f"{cfg.TEST.BATCH_SIZE}; ours: SGD lr {og['lr']} momentum {og['momentum']} nesterov {og['nesterov']} "
+                f"rho {ours.rho} E0 {ours.threshold:.4f} e_m {ours.recovery.reset_constant}, {len(ours.params)} tensors")
+    if method == "bn_alpha":
+        return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
+    if method == "bn_ema":
+        momenta = sorted({m.momentum for m in ours.layers})
+        return f"reference: the model's BatchNorm momentum, batch {cfg.TEST.BATCH_SIZE}; ours: momentum {momenta}"
     return f"reference: batch {cfg.TEST.BATCH_SIZE}; ours: no hyperparameters"
 
 
@@ -154,8 +177,17 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
     if method == "lame":
         ref_model = ReferenceView(ref_model.eval(), args.pool)
     ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
-    print(f"\n### {method}: {settings_line(method, cfg, ours)}", flush=True)
+    print(f"\n### {method}: {settings_line(method, cfg, ours, ref)}", flush=True)
     ours_form, ref_form = _as_compared(method)
+    ref_resets = [0]
+    if method in RESETTING:  # count the reference's model resets (SAR's recovery, RDumb's periodic reset)
+        ref_reset = ref.reset
+
+        def counted_reset():
+            ref_resets[0] += 1
+            ref_reset()
+
+        ref.reset = counted_reset
     # the reference draws from the global generators, seeded as its conf.py does
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -203,6 +235,8 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
           f"{100 * sum(r['same'] for r in rows) / n:.2f} | {sum(r['identical'] for r in rows)}/"
           f"{sum(r['batches'] for r in rows)} | {max(r['max_diff'] for r in rows):.1e} | "
           f"{sum(r['t_ours'] for r in rows):.0f} / {sum(r['t_ref'] for r in rows):.0f} |", flush=True)
+    if method in RESETTING:
+        print(f"model resets: ours {RESETTING[method](ours)}, reference {ref_resets[0]}", flush=True)
     return rows
 
 

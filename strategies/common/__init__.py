@@ -25,6 +25,7 @@ from .mean_teacher import (
 from .norm import (
     NORM_TYPES,
     batchnorm_layers,
+    mix_source_statistics_,
     norm_affine_parameters,
     norm_layers,
     use_batch_statistics,
@@ -55,6 +56,7 @@ __all__ = [
     "symmetric_cross_entropy",
     "NORM_TYPES",
     "batchnorm_layers",
+    "mix_source_statistics_",
     "norm_affine_parameters",
     "norm_layers",
     "use_batch_statistics",

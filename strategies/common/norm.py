@@ -1,9 +1,11 @@
-"""Normalisation-layer utilities: find norm layers, switch BatchNorm to test-batch statistics, collect affines."""
+"""Normalisation-layer utilities: find norm layers, switch BatchNorm to test-batch statistics (or to a mix of source
+and test statistics), collect affines."""
 from __future__ import annotations
 
 from typing import Iterator, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -83,3 +85,41 @@ class view_grouped_batchnorm:
                 del m.__dict__["groups"]
 
 
+
+
+class _SourcePriorBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d normalising with ``(1 - alpha)`` x its stored (source) statistics + ``alpha`` x the batch's.
+
+    The batch's statistics are the ones torch's BatchNorm would store with momentum 1 (mean and unbiased variance,
+    ``torch.batch_norm_update_stats``); the stored source buffers are read, never written.
+    """
+
+    prior_alpha: float = 0.1
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        a = self.prior_alpha
+        test_mean = torch.zeros_like(self.running_mean)
+        test_var = torch.ones_like(self.running_var)
+        torch.batch_norm_update_stats(x, test_mean, test_var, 1.0)
+        mean = (1 - a) * self.running_mean + a * test_mean
+        var = (1 - a) * self.running_var + a * test_var
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def mix_source_statistics_(model: nn.Module, alpha: float) -> int:
+    """In place: every ``nn.BatchNorm2d`` of ``model`` normalises with ``(1 - alpha) source + alpha test`` statistics
+    (Schneider et al., NeurIPS 2020, the source statistics as a prior); returns how many layers were switched.
+
+    The layers keep their parameters and buffers (the state dict is unchanged); only layers whose type is exactly
+    ``nn.BatchNorm2d`` are switched (a subclass, e.g. a fused norm-activation, has its own forward).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    n = 0
+    for m in model.modules():
+        if type(m) in (nn.BatchNorm2d, _SourcePriorBatchNorm2d):
+            m.__class__ = _SourcePriorBatchNorm2d
+            m.prior_alpha = float(alpha)
+            m.eval()
+            n += 1
+    return n
