@@ -263,3 +263,20 @@ def test_feature_map_clear_error_without_one():
         feature_map(bare, torch.rand(1, 3, 2, 2))
     with pytest.raises(CttaError, match="exposes no feature map"):
         feature_map(make_tiny(), torch.rand(1, 3, 8, 8))
+
+
+def test_fixed_input_timm_models_resize_their_input_and_cnns_take_any_size():
+    """A ViT's pretrained config fixes its input (224 / 384 px); images of another size are resized to it first."""
+    import torch.nn.functional as F
+
+    from ctta.backbones import create
+
+    torch.manual_seed(0)
+    vit = create("vit_tiny_patch16_224", num_classes=10)
+    assert vit.normalize.size == (224, 224)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        up = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        assert torch.allclose(vit(x), vit(up), atol=1e-6)
+    cnn = create("resnet18", num_classes=10)  # timm CNNs: no fixed size, nothing resized
+    assert cnn.normalize.size is None

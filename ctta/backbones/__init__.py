@@ -14,7 +14,7 @@ from . import resnet18_reduced  # noqa: F401  (the reduced ResNet-18 of online c
 from .checkpoint import existing_checkpoint, load_checkpoint
 from .classifier import Classifier, Normalize
 from .spec import BACKBONES, BackboneSpec, register_backbone
-from .timm_backbones import create_timm, is_timm_model, timm_model_names
+from .timm_backbones import create_timm, input_size, is_timm_model, timm_model_names
 
 __all__ = ["BACKBONES", "BackboneSpec", "Classifier", "Normalize", "check", "create", "list_backbones", "load_checkpoint",
            "register_backbone"]
@@ -40,13 +40,14 @@ def create(name: str, num_classes: Optional[int] = None, weights: str | Path | N
         except TypeError as e:
             raise ConfigError(f"invalid option for backbone {name!r}: {e}") from None
         net = spec.factory(num_classes=n_cls, **kwargs)
-        mean, std = spec.mean, spec.std
+        mean, std, size = spec.mean, spec.std, None
     elif is_timm_model(name):
         net, mean, std = create_timm(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
         n_cls = int(getattr(net, "num_classes", num_classes or 0))
+        size = input_size(net)
     else:
         raise UnknownNameError(_unknown_message(name))
-    model = Classifier(net, mean, std, n_cls, name=name)
+    model = Classifier(net, mean, std, n_cls, name=name, input_size=size)
     if weights not in (None, ""):
         load_checkpoint(model.net, weights, backbone=name)
     log.debug("built backbone %s (%d classes, %.2fM parameters)", name, n_cls,

@@ -51,21 +51,29 @@ class LinearHeadNet(nn.Module):
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; mean/std are non-persistent buffers, so they never enter a state dict."""
+    """``(x - mean) / std`` per channel; mean/std are non-persistent buffers, so they never enter a state dict.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    With ``size`` (H, W) (a model that needs a fixed input, such as a ViT at 384 px) images of another size are
+    first resized to it, bilinear with antialiasing as torchvision's ``Resize`` does on tensors.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: Optional[Tuple[int, int]] = None) -> None:
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} differ in length")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.size = tuple(int(v) for v in size) if size is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
+        size = f", size={self.size}" if self.size is not None else ""
         return f"mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, " \
-               f"std={tuple(round(v, 4) for v in self.std.flatten().tolist())}"
+               f"std={tuple(round(v, 4) for v in self.std.flatten().tolist())}{size}"
 
 
 class Classifier(nn.Module):
@@ -89,9 +97,9 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int,
-                 name: str = "") -> None:
+                 name: str = "", input_size: Optional[Tuple[int, int]] = None) -> None:
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, input_size)
         self.net = net
         self.num_classes = int(num_classes)
         self.name = name or type(net).__name__

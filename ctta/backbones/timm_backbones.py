@@ -26,6 +26,15 @@ def timm_model_names() -> List[str]:
     return list(timm.list_models())
 
 
+def input_size(net: nn.Module) -> Optional[Tuple[int, int]]:
+    """(H, W) a timm model must be fed (its pretrained config's ``input_size`` when ``fixed_input_size``: ViTs),
+    or None when any size works (CNNs)."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    if not cfg.get("fixed_input_size") or not cfg.get("input_size"):
+        return None
+    return int(cfg["input_size"][-2]), int(cfg["input_size"][-1])
+
+
 def create_timm(name: str, num_classes: Optional[int] = None, pretrained: bool = False,
                 **kwargs: Any) -> Tuple[nn.Module, Tuple[float, ...], Tuple[float, ...]]:
     """``timm.create_model`` plus the mean/std of its pretrained config (ImageNet's when it names none)."""
