@@ -266,8 +266,8 @@ def ccc(data_root: Optional[str] = None, baseline: Any = "medium", speed: int = 
         calibration_images: int = 200, severity_step: float = 0.25, crop: str = "random",
         workers: Optional[int] = None, model: Optional[torch.nn.Module] = None, device: Any = "cpu",
         shards: Optional[str] = None) -> Stream:
-    """CCC generated from a clean ImageNet-layout folder (``<root>/val/<wnid>/*.JPEG`` or the folder itself), or
-    read from its released webdataset shards (``shards``: the folder of ``serial_*.tar``)."""
+    """CCC: continuously changing corruption pairs generated from a clean ImageNet folder (val/), any length, or
+    read from its released webdataset shards (shards: the folder of serial_*.tar)."""
     from .imagenet import find_val, imagenet_classes
 
     for name, v in (("num_images", num_images), ("batch_size", batch_size)):

@@ -96,8 +96,8 @@ def imagenet_c(data_root: Optional[str] = None, corruptions: Union[str, Sequence
                clean_ratio: float = 0.0, label_shift: Any = None, generate_missing: bool = True,
                image_list: Optional[str] = None, workers: Optional[int] = None,
                jpeg_quality: Optional[int] = 85) -> Stream:
-    """ImageNet-C: released folders where present, generated on the device from ``val/`` otherwise (then saved as
-    JPEG at ``jpeg_quality``, 85 as ``make_imagenet_c.py`` saved the release; ``None``: not compressed)."""
+    """ImageNet-C: released folders where present, else generated on the device from val/ (resize 256, crop 224,
+    corrupt, then JPEG at jpeg_quality: 85 as the release was saved; null: not compressed)."""
     if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
                                      or not 1 <= jpeg_quality <= 100):
         raise ConfigError(f"jpeg_quality must be an integer from 1 to 100 or null, got {jpeg_quality!r}")
