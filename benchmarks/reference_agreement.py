@@ -19,6 +19,9 @@ merged with its own CIFAR-10-C config:
     bn_alpha BNAlpha           cfgs/cifar10_c/norm_alpha.yaml  (its TEST.BATCH_SIZE 1 replaced by ours, as for all)
     bn_ema   BNEMA             cfgs/cifar10_c/norm_ema.yaml
     sar      SAR               cfgs/cifar10_c/sar.yaml
+    eta      EATA              cfgs/cifar10_c/eta.yaml
+    eata     EATA              cfgs/cifar10_c/eata.yaml        (source images: ours, see below)
+    rdumb    EATA              cfgs/cifar10_c/rdumb.yaml
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -29,6 +32,11 @@ global torch generator, seeded with ``--seed`` before each method, as its ``conf
         --stand-ins /tmp/refagree/stand --weights ../shared/models/resnet20-12fca82f.th \\
         --data-root ../shared/data/cifar10 --methods source,bn,tent,cotta,lame \\
         --corruptions gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression --num-samples 2000
+
+EATA's Fisher: the reference's source loader (``get_source_loader``, which wants a torchvision CIFAR folder) is
+replaced by the source images ours drew from ``--source-data`` (default: the ``--data-root`` train set; 2000 seeded
+images in a seeded order), in the same batches. ``--reset-every N`` sets rdumb's reset interval on both sides (its
+1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides.
 
 Prints, per method and corruption: the error of ours and of the reference, the share of identical argmaxes, the
 batches whose outputs are bit-identical (LAME: compared as log Y) and the largest |output difference| (logits; LAME:
@@ -42,7 +50,7 @@ import os
 import random
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -57,11 +65,18 @@ REFERENCE = {
     "bn_alpha": ("bnalpha", "norm_alpha.yaml"),
     "bn_ema": ("bnema", "norm_ema.yaml"),
     "sar": ("sar", "sar.yaml"),
+    "eta": ("eata", "eta.yaml"),
+    "eata": ("eata", "eata.yaml"),
+    "rdumb": ("eata", "rdumb.yaml"),
 }
 
+# methods whose learning rate --lr sets on both sides
+WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb")
+
 # methods whose model resets itself: how to read our count of resets
-RESETTING: Dict[str, Callable[[nn.Module], int]] = {
+RESETTING: Dict[str, Optional[Callable[[nn.Module], int]]] = {
     "sar": lambda s: int(s.recovery.recoveries),
+    "rdumb": None,  # counted by wrapping our reset()
 }
 
 
@@ -125,6 +140,10 @@ def reference_cfg(conf, ref_root: str, method: str, args):
         cfg.MODEL.ARCH = "resnet20"  # split_up_model's ResNet branch: normalize + model.children()[:-1] + flatten
     if args.steps and method in ("tent", "cotta"):
         cfg.OPTIM.STEPS = args.steps
+    if args.reset_every and method == "rdumb":
+        cfg.MODEL.RESET_AFTER_NUM_UPDATES = args.reset_every
+    if args.lr and method in WITH_LR:
+        cfg.OPTIM.LR = args.lr
     return cfg
 
 
@@ -152,6 +171,15 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"E0 {ref.margin_e0:.4f} e_m {ref.reset_constant_em}, {len(ref.params)} tensors, batch "
                 f"{cfg.TEST.BATCH_SIZE}; ours: SGD lr {og['lr']} momentum {og['momentum']} nesterov {og['nesterov']} "
                 f"rho {ours.rho} E0 {ours.threshold:.4f} e_m {ours.recovery.reset_constant}, {len(ours.params)} tensors")
+    if method in ("eta", "eata", "rdumb"):
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        src = (f", Fisher on {cfg.SOURCE.NUM_SAMPLES} source images in batches of {cfg.TEST.BATCH_SIZE}"
+               if ref.fishers is not None else "")
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD}, E0 {ref.e_margin:.4f} d_margin "
+                f"{ref.d_margin} fisher_alpha {ref.fisher_alpha}{src}, reset after {ref.reset_after_num_updates}, "
+                f"batch {cfg.TEST.BATCH_SIZE}; ours: {type(ours.optimizer).__name__} lr {og['lr']} betas "
+                f"{og.get('betas')} wd {og['weight_decay']}, E0 {ours.e0:.4f} d_margin {ours.d_margin} fisher_weight "
+                f"{ours.fisher_weight}, reset_every {ours.reset_every}")
     if method == "bn_alpha":
         return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
     if method == "bn_ema":
@@ -172,14 +200,35 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
 
     cfg = reference_cfg(conf, ref_root, method, args)
     overrides = {"steps": args.steps} if args.steps and method in ("tent", "cotta") else {}
+    if method == "eata":
+        overrides["source_data"] = args.source_data or args.data_root
+    if args.reset_every and method == "rdumb":
+        overrides["reset_every"] = args.reset_every
+    if args.lr and method in WITH_LR:
+        overrides["lr"] = args.lr
     ours = ctta.strategies.create(method, make_model(), seed=args.seed, **overrides)
     ref_model = make_model()
     if method == "lame":
         ref_model = ReferenceView(ref_model.eval(), args.pool)
+    if method == "eata":  # the reference's Fisher loader replaced by ours: the same source images, order and batches
+        from ctta.strategies.common import as_float_images
+
+        images, b = ours.source_images, ours.fisher_batch
+        batches = [(as_float_images(images[i:i + b], "cpu"), None) for i in range(0, images.shape[0], b)]
+        sys.modules["methods.eata"].get_source_loader = lambda **kw: (None, batches)
+        cfg.TEST.BATCH_SIZE = b  # its Fisher batch (what it passes to the loader)
     ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
     print(f"\n### {method}: {settings_line(method, cfg, ours, ref)}", flush=True)
     ours_form, ref_form = _as_compared(method)
-    ref_resets = [0]
+    ref_resets, ours_resets = [0], [0]
+    if method in RESETTING and RESETTING[method] is None:
+        ours_reset = ours.reset
+
+        def counted_ours_reset():
+            ours_resets[0] += 1
+            ours_reset()
+
+        ours.reset = counted_ours_reset
     if method in RESETTING:  # count the reference's model resets (SAR's recovery, RDumb's periodic reset)
         ref_reset = ref.reset
 
@@ -236,7 +285,8 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
           f"{sum(r['batches'] for r in rows)} | {max(r['max_diff'] for r in rows):.1e} | "
           f"{sum(r['t_ours'] for r in rows):.0f} / {sum(r['t_ref'] for r in rows):.0f} |", flush=True)
     if method in RESETTING:
-        print(f"model resets: ours {RESETTING[method](ours)}, reference {ref_resets[0]}", flush=True)
+        count = RESETTING[method]
+        print(f"model resets: ours {count(ours) if count else ours_resets[0]}, reference {ref_resets[0]}", flush=True)
     return rows
 
 
@@ -255,6 +305,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1, help="stream sampling, our strategies' seed, the reference's RNG")
     ap.add_argument("--steps", type=int, default=0, help="steps per batch of tent and cotta, both sides (0: configs)")
+    ap.add_argument("--lr", type=float, default=0.0,
+                    help=f"learning rate of {', '.join(WITH_LR)}, both sides (0: their configs)")
+    ap.add_argument("--reset-every", type=int, default=0,
+                    help="rdumb's steps between resets, both sides (0: its config's 1000)")
+    ap.add_argument("--source-data", default="",
+                    help="eata's source train set (ours reads it; the reference gets the same images); default: "
+                         "--data-root")
     ap.add_argument("--dirichlet", type=float, default=0.0,
                     help="temporally correlated labels (label_shift dirichlet with this delta); 0: i.i.d. order")
     ap.add_argument("--pool", choices=("adaptive", "avg8"), default="adaptive",

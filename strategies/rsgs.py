@@ -42,6 +42,7 @@ from ctta.hparams import Count, Momentum, NonNegative, Positive
 from .base import Strategy, register
 from .common.incremental import SeenClasses, num_outputs
 from .common.norm import norm_affine_parameters, use_batch_statistics
+from .common.recovery import LossEMARecovery
 from .common.sam import gsam_step
 
 
@@ -60,52 +61,26 @@ def entropy_threshold(seen: SeenClasses, e_margin: float) -> Tensor:
     return e_margin * torch.log(c.float())
 
 
-class RSGSUpdate(nn.Module):
+class RSGSUpdate(LossEMARecovery):
     """The RSGS step on some parameters, for any differentiable ``logits_fn(x)`` (shared by ``rsgs`` and
     ``csfa_rsgs``, whose signatures declare the ranges of these hyperparameters).
 
-    Model recovery (SAR, ``sar.py``): an EMA (``0.9 ema + 0.1 loss``, started at the first loss) of the perturbed
-    step's loss over the samples both filters kept (skipped when none is kept); when it falls below
-    ``reset_constant`` (SAR: 0.2) after an update, the parameters return to their values at construction, the
-    optimiser's momentum to its empty start and the EMA is forgotten. ``reset_constant = 0``: no recovery. All on the
-    device (a ``torch.where``, no host sync); ``recoveries`` counts the resets. A module, so the EMA, the initial
-    values and the count move with ``.to()`` and are part of the strategy's checkpoint.
+    Model recovery (SAR, ``sar.py``; ``strategies/common/recovery.py``, shared with ``sar``): an EMA
+    (``0.9 ema + (1 - 0.9) loss``, started at the first loss) of the perturbed step's loss over the samples both
+    filters kept (skipped when none is kept); when it falls below ``reset_constant`` (SAR: 0.2) after an update, the
+    parameters return to their values at construction, the optimiser's momentum to its empty start and the EMA is
+    forgotten. ``reset_constant = 0``: no recovery. All on the device (a ``torch.where``, no host sync);
+    ``recoveries`` counts the resets. A module, so the EMA, the initial values and the count move with ``.to()`` and
+    are part of the strategy's checkpoint.
     """
 
     def __init__(self, params: List[nn.Parameter], lr: float, momentum: float, weight_decay: float, rho: float,
                  alpha: float, e_margin: float, reset_constant: float = 0.2) -> None:
-        super().__init__()
         if not params:
             raise ConfigError("rsgs needs normalisation layers with affine parameters; the backbone has none")
-        self.params = params
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, optimizer, reset_constant, momentum=0.9, clear_momentum=True)
         self.rho, self.alpha, self.e_margin = float(rho), float(alpha), float(e_margin)
-        self.reset_constant = float(reset_constant)
-        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        for i, p in enumerate(params):
-            self.register_buffer(f"initial_{i}", p.detach().clone())
-        self.register_buffer("ema", torch.zeros(()))
-        self.register_buffer("ema_set", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("recoveries", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def recover_if_collapsing(self, loss: Tensor, kept: Tensor) -> Tensor:
-        """SAR's model recovery after an update; ``loss`` is the perturbed loss, ``kept`` how many samples it averaged.
-        Returns the (0-d bool) reset flag."""
-        valid = kept > 0
-        loss = loss.detach().to(self.ema.dtype)
-        new = torch.where(self.ema_set, 0.9 * self.ema + 0.1 * loss, loss)
-        self.ema.copy_(torch.where(valid, new, self.ema))
-        self.ema_set.logical_or_(valid)
-        reset = self.ema_set & (self.ema < self.reset_constant)
-        for i, p in enumerate(self.params):
-            p.copy_(torch.where(reset, getattr(self, f"initial_{i}").to(p.dtype), p))
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:  # a zero buffer is SGD's empty start (dampening 0: the next buffer is the gradient)
-                buf.copy_(torch.where(reset, torch.zeros_like(buf), buf))
-        self.ema_set.logical_and_(~reset)
-        self.ema.copy_(torch.where(reset, torch.zeros_like(self.ema), self.ema))
-        self.recoveries.add_(reset.long())
-        return reset
 
     def step(self, x: Tensor, logits_fn: Callable[[Tensor], Tensor], threshold: Tensor) -> Tuple[Tensor, Tensor]:
         """One RSGS update on ``x``; returns (logits before the update, the first filter's keep mask)."""

@@ -14,7 +14,7 @@ Everything stays on the device (no host syncs); a zero gradient gives a zero per
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,44 @@ def surrogate_gap_direction(grads: Sequence[Tensor], perturbed: Sequence[Tensor]
     return [gp - alpha * (g - coef * gp) for g, gp in zip(grads, perturbed)]
 
 
+def perturbed_gradients(params: Sequence[nn.Parameter], closure: Callable[[bool], Tensor], rho: float,
+                        eps: float = 1e-12) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """SAM's two gradients: ``g`` at ``w`` and ``g_p`` at ``w + rho g / (||g|| + eps)``.
+
+    ``closure(perturbed)`` runs a forward and returns the scalar loss; it is called with ``False`` at ``w`` and with
+    ``True`` at ``w + e``. The parameters are back at ``w`` on return, bit for bit (their values are copied back, as
+    SAM's ``second_step`` does, not ``e`` subtracted). Returns (the detached loss at ``w``, ``g``, ``g_p``).
+    """
+    params = list(params)
+    with torch.enable_grad():
+        loss = closure(False)
+        g = gradients(loss, params)
+    e = sam_perturbation(g, rho, eps)
+    with torch.no_grad():
+        old = [p.detach().clone() for p in params]
+        for p, d in zip(params, e):
+            p.add_(d)
+    try:
+        with torch.enable_grad():
+            g_p = gradients(closure(True), params)
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, old):
+                p.copy_(w)
+    return loss.detach(), g, g_p
+
+
+def sam_step(params: Sequence[nn.Parameter], closure: Callable[[bool], Tensor], rho: float,
+             eps: float = 1e-12) -> Tensor:
+    """Put SAM's direction ``g_p`` in ``p.grad`` of every parameter (the caller then runs its optimizer's ``step``);
+    see :func:`perturbed_gradients`. Returns the (detached) loss at ``w``."""
+    params = list(params)
+    loss, _, g_p = perturbed_gradients(params, closure, rho, eps)
+    for p, d in zip(params, g_p):
+        p.grad = d
+    return loss
+
+
 def gsam_step(params: Sequence[nn.Parameter], closure: Callable[[bool], Tensor], rho: float, alpha: float,
               eps: float = 1e-12) -> Tensor:
     """Put GSAM's direction in ``p.grad`` of every parameter (the caller then runs its optimizer's ``step``).
@@ -59,24 +97,12 @@ def gsam_step(params: Sequence[nn.Parameter], closure: Callable[[bool], Tensor],
     ``True`` at ``w + e``. The parameters are back at ``w`` on return. Returns the (detached) loss at ``w``.
     """
     params = list(params)
-    with torch.enable_grad():
-        loss = closure(False)
-        g = gradients(loss, params)
-    e = sam_perturbation(g, rho, eps)
-    with torch.no_grad():
-        for p, d in zip(params, e):
-            p.add_(d)
-    try:
-        with torch.enable_grad():
-            g_p = gradients(closure(True), params)
-    finally:
-        with torch.no_grad():
-            for p, d in zip(params, e):
-                p.sub_(d)
+    loss, g, g_p = perturbed_gradients(params, closure, rho, eps)
     direction = surrogate_gap_direction(g, g_p, alpha, eps)
     for p, d in zip(params, direction):
         p.grad = d
-    return loss.detach()
+    return loss
 
 
-__all__ = ["global_norm", "gradients", "gsam_step", "inner", "sam_perturbation", "surrogate_gap_direction"]
+__all__ = ["global_norm", "gradients", "gsam_step", "inner", "perturbed_gradients", "sam_perturbation", "sam_step",
+           "surrogate_gap_direction"]
