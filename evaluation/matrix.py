@@ -135,6 +135,17 @@ def backward_transfer(m: AccuracyMatrix) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def forward_transfer(m: AccuracyMatrix, initial: Dict[str, float]) -> float:
+    """Lopez-Paz & Ranzato (2017): FWT = mean over rows i >= 1 of R[i-1, j_i] - b_j (j_i the group learned in row i,
+    b_j the accuracy on it before anything was learned, ``initial``); needs rows that evaluate future groups."""
+    vals = []
+    for i in range(1, len(m.rows)):
+        c = m.diag_col(i)
+        if c is not None and m.columns[c] in initial and not np.isnan(m.R[i - 1, c]):
+            vals.append(m.R[i - 1, c] - initial[m.columns[c]])
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def mean_or_nan(d: Dict[str, float]) -> float:
     return float(np.mean(list(d.values()))) if d else float("nan")
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .calibration import ECE_BINS
 from .health import COLLAPSE_THRESHOLD, MIN_EVIDENCE, health_summary
-from .matrix import accuracy_matrix, average_anytime_accuracy, matrix_metrics
+from .matrix import accuracy_matrix, average_anytime_accuracy, forward_transfer, matrix_metrics
 
 DEFINITIONS: Dict[str, str] = {
     "domain_error": "online error on each domain: wrong predictions / samples, each sample judged when it arrived, "
@@ -46,6 +46,8 @@ DEFINITIONS: Dict[str, str] = {
                       "PyCIL and Mammoth also take the max, Mammoth including row T, i.e. clipping at 0)",
     "backward_transfer": "mean over groups j < T of R[T, j] - R[j, j] (Lopez-Paz & Ranzato 2017; Avalanche's "
                          "StreamBWT = -forgetting_avalanche)",
+    "forward_transfer": "mean over rows i >= 1 of R[i-1, j_i] - b_j: accuracy on the domain learned in row i just "
+                        "before it, minus the source model's (probes@start; Lopez-Paz & Ranzato 2017; probes: all)",
     "adapt_images_per_s": "images through adapt steps per second of wall time (device synchronised per segment)",
     "train_images_per_s": "images through train steps per second of wall time (device synchronised per segment)",
     "eval_images_per_s": "images through eval steps per second of wall time (device synchronised per segment)",
@@ -142,7 +144,13 @@ def run_metrics(segments: pd.DataFrame, groups: Optional[pd.DataFrame] = None,
         for r in groups.itertuples():
             ga.setdefault(str(r.segment), {})[str(r.group)] = _nan_none(float(r.accuracy))
         out["group_accuracy"] = ga
-        out.update(matrix_metrics(accuracy_matrix(groups, segments)))
+        m = accuracy_matrix(groups, segments)
+        out.update(matrix_metrics(m))
+        start = groups[groups["segment"] == "probes@start"]
+        if m is not None and len(start):  # probes of every domain before the first: forward transfer
+            fwt = forward_transfer(m, {str(r.group): float(r.accuracy) for r in start.itertuples()})
+            if not np.isnan(fwt):
+                out["forward_transfer"] = fwt
         aaa = average_anytime_accuracy(groups, segments)
         if not np.isnan(aaa):
             out["average_anytime_accuracy"] = aaa

@@ -105,20 +105,23 @@ class _Source:
 class _Planner:
     """Draws the clean-set indices of every block: seeded, without repeats within a draw while the set lasts."""
 
-    def __init__(self, labels: Tensor, seed: int, n: int, options: StreamOptions):
+    def __init__(self, labels: Tensor, seed: int, n: int, options: StreamOptions, pool: Optional[Tensor] = None):
         self.labels, self.seed, self.n, self.options = labels, seed, n, options
-        self.n_total = int(labels.shape[0])
-        self.classes = torch.unique(labels).tolist()
+        self.pool = pool  # the indices it may draw (None: all); held-out probe images are outside it
+        self.n_total = int(labels.shape[0]) if pool is None else int(pool.shape[0])
+        pooled = labels if pool is None else labels[pool]
+        self.classes = torch.unique(pooled).tolist()
         self.counts: Optional[List[int]] = None
         if options.prior is not None:
-            avail = [int((labels == c).sum()) for c in self.classes]
+            avail = [int((pooled == c).sum()) for c in self.classes]
             self.counts = prior_counts(options.prior, avail, n, stable_seed(seed, "prior"))
 
     def _perms(self, *tag: object) -> Iterator[Tensor]:
         k = 0
         while True:
             parts = tag if k == 0 else (*tag, "more", k)
-            yield torch.randperm(self.n_total, generator=torch.Generator().manual_seed(stable_seed(self.seed, *parts)))
+            perm = torch.randperm(self.n_total, generator=torch.Generator().manual_seed(stable_seed(self.seed, *parts)))
+            yield perm if self.pool is None else self.pool[perm]
             k += 1
 
     def draw(self, steps: int, *tag: object, count: Optional[int] = None, prior: bool = True) -> List[Tensor]:
@@ -136,7 +139,7 @@ class _Planner:
                 continue
             if not self._enough(remaining, counts, want):
                 fresh = next(perms)
-                used = torch.zeros(self.n_total, dtype=torch.bool)
+                used = torch.zeros(int(self.labels.shape[0]), dtype=torch.bool)
                 used[remaining] = True
                 remaining = torch.cat([remaining, fresh[~used[fresh]]])
             if counts is None:
@@ -240,6 +243,45 @@ def _provenance(sources: Dict[Key, _Source], params: str) -> Dict[str, Dict[str,
     return out
 
 
+PROBES = ("none", "clean", "seen", "all")
+
+
+def check_probes(probes: Optional[str], probe_samples: Any, clean_eval: bool, order: str, rounds: int) -> str:
+    """The probe mode: ``none``, ``clean`` (clean@start / clean@end), ``seen`` or ``all`` (after every domain, the
+    held-out images of the clean set and of the domains seen so far / of every domain); one-line errors."""
+    if probes is None:
+        return "clean" if clean_eval else "none"
+    if probes not in PROBES:
+        raise ConfigError(f"probes must be one of {', '.join(PROBES)}, got {probes!r}")
+    if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
+        raise ConfigError(f"probe_samples must be a positive integer, got {probe_samples!r}")
+    if probes in ("seen", "all") and (order == "mixed" or rounds > 1):
+        raise ConfigError(f"probes: {probes} needs one segment per domain and one round; order {order!r} with "
+                          f"{rounds} round(s) mixes or repeats domains (use probes: clean, or interleave_clean)")
+    return probes
+
+
+def _probe_segment(after: str, domains: List[Tuple[str, Key]], held: Tensor, clean: ImageSet,
+                   sources: Dict[Key, _Source], seed: int, batch_size: int, params: str,
+                   jpeg_quality: Optional[int], probes: str) -> Segment:
+    """``probes@<after>``: the held-out images clean and under each domain's corruption, one group each, in whole
+    batches per group; the same images and noise at every probe, so R[i, j] compares like with like."""
+    blocks = [Block(clean.images, held, clean.labels[held], group=0)]
+    for k, (_, key) in enumerate(domains):
+        src = sources[key]
+        rows = held if src.position is None else src.position[held]
+        transform = None
+        if src.generated:
+            def transform(x: Tensor, key: Key = key) -> Tensor:
+                out = corrupt(x, key[0], key[1], seed=stable_seed(seed, "probe", key[0], key[1]), params=params)
+                return out if jpeg_quality is None else jpeg_compression(out, jpeg_quality, None)
+        blocks.append(Block(src.images, rows, src.labels[rows], group=k + 1, transform=transform))
+    name = f"probes@{after}" if after else "probes@start"
+    meta = {"after": after, "probes": probes} if after else {"probes": probes}
+    return gathered_segment(name, "eval", blocks, batch_size, groups=["clean"] + [d for d, _ in domains],
+                            role="probe", meta=meta)
+
+
 def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequence[str]] = "all",
                       severity: int = 5, batch_size: int = 200, num_samples: Optional[int] = None,
                       order: str = "continual", seed: int = 1, clean_eval: bool = True,
@@ -247,7 +289,8 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
                       files: Optional[Callable[[str, int], Optional[ImageSet]]] = None,
                       spec: Optional[dict] = None, rounds: Optional[int] = None, interleave_clean: bool = False,
                       clean_ratio: float = 0.0, label_shift: Any = None, generate_missing: bool = True,
-                      clean_missing: Optional[str] = None, jpeg_quality: Optional[int] = None) -> Stream:
+                      clean_missing: Optional[str] = None, jpeg_quality: Optional[int] = None,
+                      probes: Optional[str] = None, probe_samples: int = 200) -> Stream:
     """Build a corruption stream over ``clean``; ``files(corruption, severity)`` may supply precomputed -C images.
 
     ``order`` (see :mod:`.orders`), ``rounds``, ``interleave_clean`` (a clean adapt domain after every shifted
@@ -258,9 +301,17 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
     there are no clean images) means ``clean`` carries only the labels of the -C files (see
     :func:`.datasets.load_c_labels`): the clean probes are skipped with a warning, and ``interleave_clean``,
     ``clean_ratio`` or a corruption to generate are one-line errors.
+
+    ``probes`` (:data:`PROBES`; ``None``: ``clean`` when ``clean_eval`` else ``none``) adds, for ``seen`` / ``all``,
+    an ``eval`` segment after every corruption domain over ``probe_samples`` held-out images (never adapted on)
+    of the clean set and of every domain seen so far / of the stream, for the accuracy matrix (docs/streams.md).
     """
     opts = check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
                                 label_shift)
+    probes = check_probes(probes, probe_samples, clean_eval, order, opts.rounds)
+    clean_eval = probes != "none"
+    if probes in ("seen", "all") and clean_missing is not None:
+        raise DataNotFoundError(f"probes: {probes} needs the clean test set (its clean probe): {clean_missing}")
     if not isinstance(generate_missing, bool):
         raise ConfigError(f"generate_missing must be true or false, got {generate_missing!r}")
     if clean_missing is not None:
@@ -276,11 +327,22 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
         perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(stable_seed(seed, "order")))
         names = [names[i] for i in perm.tolist()]
     n_total = len(clean)
-    n = min(num_samples or n_total, n_total)
-    plan = _Planner(clean.labels, seed, n, opts)
+    held, pool = None, None
+    if probes in ("seen", "all"):  # held-out probe images, outside everything the strategy adapts on
+        per_probe = max(batch_size, probe_samples // batch_size * batch_size) if probe_samples >= batch_size \
+            else probe_samples  # whole batches, so a probe batch never mixes two domains
+        if per_probe >= n_total:
+            raise ConfigError(f"probe_samples {probe_samples} leaves no images to adapt on ({n_total} in the set)")
+        order_all = torch.randperm(n_total, generator=torch.Generator().manual_seed(stable_seed(seed, "probes")))
+        held, pool = order_all[:per_probe], torch.sort(order_all[per_probe:]).values
+    n_pool = n_total if pool is None else len(pool)
+    n = min(num_samples or n_pool, n_pool)
+    plan = _Planner(clean.labels, seed, n, opts, pool)
     rounds_n = opts.rounds
 
     def pick(tag: str) -> torch.Tensor:
+        if held is not None:
+            return held
         g = torch.Generator().manual_seed(stable_seed(seed, tag))
         return torch.randperm(n_total, generator=g)[:n]
 
@@ -354,6 +416,12 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
             idx = plan.reorder(plan.draw(1, "interleave", k)[0], "interleave", k)
             segs_plan.append((f"clean-after-{seg_name}", [_Part(None, idx, 0, seed)], None, None,
                               {"clean": True, "interleaved": True}))
+    # the corruption domains, each with the source its probe images are seen through
+    domains = [(seg_name, (meta["corruption"], meta["severity"])) for seg_name, _, _, _, meta in segs_plan
+               if "corruption" in meta]
+    if held is not None:
+        for _, key in domains:
+            used.setdefault(key, []).append(held)
     # 3) read the -C files (only the images used) and build the segments
     keys = sorted(k for k in used if k is not None)
     sources = _sources(keys, clean, used, files, generate_missing, clean_missing)
@@ -366,6 +434,9 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
 
     if clean_eval:
         segments.append(probe("clean@start"))
+    if probes == "all":  # the source model on every domain: the baseline of forward transfer
+        segments.append(_probe_segment("", domains, held, clean, sources, seed, batch_size, params, jpeg_quality,
+                                       probes))
     for seg_name, parts, perm, groups, meta in segs_plan:
         kinds = {sources[p.key].generated for p in parts if p.key is not None}
         if kinds:
@@ -374,6 +445,10 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
             meta = {**meta, "label_shift": [d["kind"] for d in opts.label_shift]}
         segments.append(_planned_segment(seg_name, parts, perm, groups, sources, batch_size, params, meta,
                                          jpeg_quality))
+        if held is not None and "corruption" in meta:
+            upto = [d[0] for d in domains].index(seg_name) + 1
+            segments.append(_probe_segment(seg_name, domains[:upto] if probes == "seen" else domains, held, clean, sources,
+                                           seed, batch_size, params, jpeg_quality, probes))
     if clean_eval:
         segments.append(probe("clean@end"))
     full_spec = dict(spec or {})
@@ -387,6 +462,8 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
         full_spec["generate_missing"] = False
     if jpeg_quality is not None:
         full_spec["jpeg_quality"] = jpeg_quality
+    if held is not None:
+        full_spec.update(probes=probes, probe_samples=int(len(held)))
     return Stream(name=name, segments=segments, num_classes=len(clean.classes), setting="tta", spec=full_spec,
                   reset_each_domain=(order == "reset"), provenance=_provenance(sources, params))
 
@@ -400,9 +477,10 @@ def _cifar_c(dataset: str):
               batch_size: int = 200, num_samples: Optional[int] = None, order: str = "continual", seed: int = 1,
               clean_eval: bool = True, download: bool = False, rounds: Optional[int] = None,
               interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None,
-              generate_missing: bool = True) -> Stream:
-        check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
-                             label_shift)
+              generate_missing: bool = True, probes: Optional[str] = None, probe_samples: int = 200) -> Stream:
+        opts = check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
+                                    label_shift)
+        check_probes(probes, probe_samples, clean_eval, order, opts.rounds)
         if not isinstance(generate_missing, bool):
             raise ConfigError(f"generate_missing must be true or false, got {generate_missing!r}")
         names = _corruption_list(corruptions)
@@ -442,7 +520,8 @@ def _cifar_c(dataset: str):
             f"{dataset}c", clean, names, severity, batch_size, num_samples, order, seed, clean_eval,
             params="cifar10", files=lambda c, s: load_corrupted(dataset, root, c, s), spec=spec, rounds=rounds,
             interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift,
-            generate_missing=generate_missing, clean_missing=clean_missing)
+            generate_missing=generate_missing, clean_missing=clean_missing, probes=probes,
+            probe_samples=probe_samples)
 
     build.__doc__ = (f"{dataset.upper()}-C: the {dataset} test set under the 15 corruptions (files or generated; "
                      f"from the {_C_FOLDER[dataset]} files alone when there is no clean set).")
@@ -452,14 +531,18 @@ def _cifar_c(dataset: str):
 def digits_c(corruptions: Union[str, Sequence[str]] = "gaussian_noise,shot_noise,impulse_noise,brightness,contrast",
              severity: int = 5, batch_size: int = 64, num_samples: Optional[int] = None, order: str = "continual",
              seed: int = 1, clean_eval: bool = True, data_root: Optional[str] = None, rounds: Optional[int] = None,
-             interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None) -> Stream:
+             interleave_clean: bool = False, clean_ratio: float = 0.0, label_shift: Any = None,
+             probes: Optional[str] = None, probe_samples: int = 64) -> Stream:
     """Offline default: scikit-learn's digits test split under corruptions (no download needed)."""
     from .digits import load_digits
 
-    check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio, label_shift)
+    opts = check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
+                                label_shift)
+    check_probes(probes, probe_samples, clean_eval, order, opts.rounds)
     return corruption_stream("digits_c", load_digits(train=False), corruptions, severity, batch_size, num_samples,
                              order, seed, clean_eval, params="cifar10", spec={"dataset": "digits"}, rounds=rounds,
-                             interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift)
+                             interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift,
+                             probes=probes, probe_samples=probe_samples)
 
 
 STREAMS.register("cifar10c", _cifar_c("cifar10"))

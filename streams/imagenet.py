@@ -27,7 +27,7 @@ from ctta.errors import ConfigError, DataNotFoundError
 from ctta.seeding import stable_seed
 
 from .base import STREAMS, Stream
-from .corruption_stream import _corruption_list, check_stream_options, corruption_stream
+from .corruption_stream import _corruption_list, check_probes, check_stream_options, corruption_stream
 from .datasets import ImageSet, default_data_root
 from .files import FileImages, class_folder_files
 from .gather import Block, gathered_segment
@@ -95,14 +95,15 @@ def imagenet_c(data_root: Optional[str] = None, corruptions: Union[str, Sequence
                seed: int = 1, clean_eval: bool = False, rounds: Optional[int] = None, interleave_clean: bool = False,
                clean_ratio: float = 0.0, label_shift: Any = None, generate_missing: bool = True,
                image_list: Optional[str] = None, workers: Optional[int] = None,
-               jpeg_quality: Optional[int] = 85) -> Stream:
+               jpeg_quality: Optional[int] = 85, probes: Optional[str] = None, probe_samples: int = 192) -> Stream:
     """ImageNet-C: released folders where present, else generated on the device from val/ (resize 256, crop 224,
     corrupt, then JPEG at jpeg_quality: 85 as the release was saved; null: not compressed)."""
     if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
                                      or not 1 <= jpeg_quality <= 100):
         raise ConfigError(f"jpeg_quality must be an integer from 1 to 100 or null, got {jpeg_quality!r}")
-    check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
-                         label_shift)
+    opts = check_stream_options(severity, batch_size, num_samples, order, rounds, interleave_clean, clean_ratio,
+                                label_shift)
+    check_probes(probes, probe_samples, clean_eval, order, opts.rounds)
     names = _corruption_list(corruptions)
     root = Path(data_root).expanduser() if data_root else default_data_root()
     classes = imagenet_classes()
@@ -156,7 +157,7 @@ def imagenet_c(data_root: Optional[str] = None, corruptions: Union[str, Sequence
                              params="imagenet", files=released, spec=spec, rounds=rounds,
                              interleave_clean=interleave_clean, clean_ratio=clean_ratio, label_shift=label_shift,
                              generate_missing=generate_missing, clean_missing=clean_missing,
-                             jpeg_quality=jpeg_quality)
+                             jpeg_quality=jpeg_quality, probes=probes, probe_samples=probe_samples)
 
 
 def _variant(name: str, folder_names: Tuple[str, ...], subset: bool, digit_folders: bool = False):
