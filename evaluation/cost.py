@@ -76,6 +76,7 @@ class CostMeter:
             if self.images[k]:
                 out[f"{k}_images_per_s"] = self.images[k] / max(self.seconds[k], 1e-12)
                 out[f"{k}_ms_per_step"] = 1000 * self.seconds[k] / max(self.steps[k], 1)
+                out[f"{k}_seconds"] = float(self.seconds[k])
         out["peak_memory_mb"] = self.peak_memory_mb()
         out["trainable_parameters"] = int(sum(p.numel() for p in trainable))
         out["adaptation_steps"] = self.steps["adapt"] + self.steps["train"]
