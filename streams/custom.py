@@ -63,25 +63,60 @@ def _kinds(kind: Union[str, Sequence[str]], n: int, what: str) -> List[str]:
 def from_imagesets(sets: Sequence[Tuple[str, ImageSet]], kind: Union[str, Sequence[str]] = "adapt",
                    batch_size: int = 64, num_classes: Optional[int] = None, name: str = "custom",
                    setting: str = "tta", shuffle: bool = False, seed: int = 0,
-                   spec: Optional[Dict[str, Any]] = None) -> Stream:
-    """One segment per (domain name, :class:`ImageSet`); ``adapt``/``train`` segments are domains, ``eval`` probes."""
+                   spec: Optional[Dict[str, Any]] = None, probes: str = "none", probe_samples: int = 64) -> Stream:
+    """One segment per (domain name, :class:`ImageSet`); ``adapt``/``train`` segments are domains, ``eval`` probes.
+
+    ``probes: seen`` / ``all`` holds ``probe_samples`` images (whole batches) of every adapt domain out of it and,
+    after each adapt domain, predicts on those of the domains seen so far / of all (``all`` also before the first):
+    the accuracy matrix of a test-time run (docs/streams.md, "Forgetting probes").
+    """
     check_int("batch_size", batch_size)
     if setting not in SETTINGS:
         raise ConfigError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if probes not in ("none", "seen", "all"):
+        raise ConfigError(f"probes must be none, seen or all for a custom stream, got {probes!r}")
+    check_int("probe_samples", probe_samples)
     kinds = _kinds(kind, len(sets), name)
-    segments: List[Segment] = []
+    held: Dict[str, Tuple[ImageSet, Tensor]] = {}
+    if probes != "none":
+        per = probe_samples // batch_size * batch_size if probe_samples >= batch_size else probe_samples
+        for (dname, data), k in zip(sets, kinds):
+            if k == "adapt":
+                if per >= len(data):
+                    raise ConfigError(f"domain {dname!r}: probe_samples {probe_samples} leaves none of its "
+                                      f"{len(data)} images to adapt on")
+                held[dname] = (data, torch.randperm(len(data), generator=torch.Generator().manual_seed(
+                    stable_seed(seed, "probes", dname)))[:per])
+    order = list(held)
+
+    def probe(after: str) -> Segment:
+        names = order if probes == "all" else order[:order.index(after) + 1]
+        parts = [Part(held[d][0], held[d][1], group=j) for j, d in enumerate(names)]
+        return parts_segment(f"probes@{after or 'start'}", "eval", parts, batch_size, role="probe", groups=names,
+                             meta={"after": after, "probes": probes} if after else {"probes": probes},
+                             keep_order=True)
+
+    segments: List[Segment] = [probe("")] if probes == "all" else []
     max_label = -1
     for (dname, data), k in zip(sets, kinds):
         if len(data) == 0:
             raise ConfigError(f"domain {dname!r} holds no samples")
         max_label = max(max_label, int(data.labels.max()))
         idx = torch.arange(len(data))
+        if dname in held:
+            keep = torch.ones(len(data), dtype=torch.bool)
+            keep[held[dname][1]] = False
+            idx = idx[keep]
         segments.append(parts_segment(dname, k, [Part(data, idx)], batch_size,
                                       role="probe" if k == "eval" else "domain", meta={"domain": dname},
                                       shuffle_seed=stable_seed(seed, "shuffle", dname) if shuffle else None))
+        if dname in held:
+            segments.append(probe(dname))
     n_cls = num_classes if num_classes is not None else max(max_label + 1, max(len(d.classes) for _, d in sets))
     full: Dict[str, Any] = dict(name=name, kind=kinds, domains=[n for n, _ in sets], batch_size=batch_size,
                                 setting=setting, shuffle=shuffle, seed=seed, custom=True)
+    if probes != "none":
+        full.update(probes=probes, probe_samples=probe_samples)
     full.update(spec or {})  # a caller's spec (e.g. the folders' paths) describes the domains better
     return Stream(name=name, segments=segments, num_classes=n_cls, setting=setting, spec=full)
 
@@ -101,7 +136,8 @@ def _as_imageset(x: Tensor, y: Optional[Tensor], what: str) -> ImageSet:
 
 def from_tensors(images: Any, labels: Any = None, kind: Union[str, Sequence[str]] = "adapt",
                  domains: Optional[Sequence[str]] = None, batch_size: int = 64, num_classes: Optional[int] = None,
-                 name: str = "custom", setting: str = "tta", shuffle: bool = False, seed: int = 0) -> Stream:
+                 name: str = "custom", setting: str = "tta", shuffle: bool = False, seed: int = 0,
+                 probes: str = "none", probe_samples: int = 64) -> Stream:
     """A stream from tensors: ``from_tensors(x, y)`` (one domain), ``from_tensors([x1, x2], [y1, y2],
     domains=["a", "b"])`` or ``from_tensors({"a": (x1, y1), "b": (x2, y2)})``. Images uint8 or float in [0, 1]."""
     if isinstance(images, Mapping):
@@ -117,7 +153,8 @@ def from_tensors(images: Any, labels: Any = None, kind: Union[str, Sequence[str]
     else:
         items = [(str(domains[0]) if domains else name, (images, labels))]
     sets = [(n, _as_imageset(x, y, f"domain {n!r}")) for n, (x, y) in items]
-    return from_imagesets(sets, kind, batch_size, num_classes, name, setting, shuffle, seed)
+    return from_imagesets(sets, kind, batch_size, num_classes, name, setting, shuffle, seed, probes=probes,
+                          probe_samples=probe_samples)
 
 
 def _read_dataset(ds: Any, what: str, batch_size: int = 256) -> ImageSet:
@@ -172,7 +209,8 @@ def _load_path(path: Union[str, Path], classes: Optional[Sequence[str]], image_s
 def from_folders(folders: Any, kind: Union[str, Sequence[str]] = "adapt", domains: Optional[Sequence[str]] = None,
                  batch_size: int = 64, image_size: Optional[int] = None, classes: Optional[Sequence[str]] = None,
                  max_per_class: Optional[int] = None, num_classes: Optional[int] = None, name: str = "folders",
-                 setting: str = "tta", shuffle: bool = True, seed: int = 0) -> Stream:
+                 setting: str = "tta", shuffle: bool = True, seed: int = 0, probes: str = "none",
+                 probe_samples: int = 64) -> Stream:
     """A stream from ImageFolder trees (``<path>/<class>/<image>``) or .npz files, one per domain.
 
     All domains share one label space: ``classes`` if given, else the sorted union of the class folder names.
@@ -200,12 +238,14 @@ def from_folders(folders: Any, kind: Union[str, Sequence[str]] = "adapt", domain
     spec = {"domains": [{"name": n, "path": str(p), "kind": k} for (n, p), k in zip(items, kinds)],
             "image_size": image_size, "classes": names or None, "max_per_class": max_per_class}
     n_cls = num_classes if num_classes is not None else (len(names) if names else None)
-    return from_imagesets(sets, kinds, batch_size, n_cls, name, setting, shuffle, seed, spec=spec)
+    return from_imagesets(sets, kinds, batch_size, n_cls, name, setting, shuffle, seed, spec=spec, probes=probes,
+                          probe_samples=probe_samples)
 
 
 def folders(domains: List[Dict[str, Any]], batch_size: int = 64, image_size: Optional[int] = None,
             classes: Optional[List[str]] = None, max_per_class: Optional[int] = None,
-            num_classes: Optional[int] = None, setting: str = "tta", shuffle: bool = True, seed: int = 0) -> Stream:
+            num_classes: Optional[int] = None, setting: str = "tta", shuffle: bool = True, seed: int = 0,
+            probes: str = "none", probe_samples: int = 64) -> Stream:
     """Image folders or .npz files per domain from a spec: ``domains: [{name, path, kind}]`` (kind: adapt default)."""
     if not isinstance(domains, list) or not domains:
         raise ConfigError("stream 'folders' needs domains: a list of {name, path, kind} entries")
@@ -222,7 +262,7 @@ def folders(domains: List[Dict[str, Any]], batch_size: int = 64, image_size: Opt
         paths.append(d["path"])
         kinds.append(d.get("kind", "adapt"))
     return from_folders(paths, kinds, names, batch_size, image_size, classes, max_per_class, num_classes,
-                        "folders", setting, shuffle, seed)
+                        "folders", setting, shuffle, seed, probes=probes, probe_samples=probe_samples)
 
 
 STREAMS.register("folders", folders)

@@ -55,16 +55,17 @@ def generator(*parts: object) -> torch.Generator:
 
 def parts_segment(name: str, kind: str, parts: Sequence[Part], batch_size: int, role: str = "session",
                   meta: Optional[Dict[str, Any]] = None, groups: Optional[List[str]] = None,
-                  shuffle_seed: Optional[int] = None, epochs: int = 1) -> Segment:
+                  shuffle_seed: Optional[int] = None, epochs: int = 1, keep_order: bool = False) -> Segment:
     """A segment over indexed parts of in-memory sets; shuffled (a new order per epoch) when ``shuffle_seed`` is set.
 
     Each part's transform runs on the device once per image of a chunk (a whole small segment is one chunk, so once
     before repetition over epochs). ``eval`` segments are
     always shuffled (seeded by their name when no seed is given): class-sorted test batches would penalise every
-    method that normalises with batch statistics.
+    method that normalises with batch statistics; ``keep_order`` keeps the parts in sequence (probes whose parts
+    are already shuffled, one domain per batch).
     """
     check_int("epochs", epochs)
-    if shuffle_seed is None and kind == "eval":
+    if shuffle_seed is None and kind == "eval" and not keep_order:
         shuffle_seed = stable_seed("eval-order", name)
     n = sum(len(p) for p in parts)
     if n == 0:

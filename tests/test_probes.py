@@ -153,3 +153,17 @@ def test_a_probe_predicts_without_changing_any_state(name):
     before = _state(s)
     s.predict(torch.rand(16, 3, 16, 16))
     assert _equal(before, _state(s)), f"{name}.predict changed its state"
+
+
+def test_folder_streams_take_probes_too(tmp_path):
+    x = torch.rand(3, 100, 3, 8, 8)
+    y = torch.arange(100) % 4
+    s = ctta.streams.from_tensors({"day": (x[0], y), "dusk": (x[1], y), "night": (x[2], y)}, batch_size=10,
+                                  probes="seen", probe_samples=20)
+    assert [seg.name for seg in s] == ["day", "probes@day", "dusk", "probes@dusk", "night", "probes@night"]
+    assert s.segments[-1].groups == ["day", "dusk", "night"] and s.segments[-1].meta["after"] == "night"
+    assert s.segments[0].num_samples == 80
+    res = ctta.run(s, strategies.create("bn", make_tiny()), device="cpu", progress=False)
+    assert res.summary["accuracy_matrix"]["rows"] == ["day", "dusk", "night"]
+    every = ctta.streams.from_tensors({"a": (x[0], y), "b": (x[1], y)}, batch_size=10, probes="all", probe_samples=20)
+    assert [seg.name for seg in every] == ["probes@start", "a", "probes@a", "b", "probes@b"]
