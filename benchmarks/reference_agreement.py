@@ -36,7 +36,7 @@ global torch generator, seeded with ``--seed`` before each method, as its ``conf
 EATA's Fisher: the reference's source loader (``get_source_loader``, which wants a torchvision CIFAR folder) is
 replaced by the source images ours drew from ``--source-data`` (default: the ``--data-root`` train set; 2000 seeded
 images in a seeded order), in the same batches. ``--reset-every N`` sets rdumb's reset interval on both sides (its
-1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides.
+1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides, ``--fisher-weight`` EATA's Fisher weight.
 
 Prints, per method and corruption: the error of ours and of the reference, the share of identical argmaxes, the
 batches whose outputs are bit-identical (LAME: compared as log Y) and the largest |output difference| (logits; LAME:
@@ -144,6 +144,8 @@ def reference_cfg(conf, ref_root: str, method: str, args):
         cfg.MODEL.RESET_AFTER_NUM_UPDATES = args.reset_every
     if args.lr and method in WITH_LR:
         cfg.OPTIM.LR = args.lr
+    if args.fisher_weight is not None and method == "eata":
+        cfg.EATA.FISHER_ALPHA = args.fisher_weight
     return cfg
 
 
@@ -206,6 +208,8 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         overrides["reset_every"] = args.reset_every
     if args.lr and method in WITH_LR:
         overrides["lr"] = args.lr
+    if args.fisher_weight is not None and method == "eata":
+        overrides["fisher_weight"] = args.fisher_weight
     ours = ctta.strategies.create(method, make_model(), seed=args.seed, **overrides)
     ref_model = make_model()
     if method == "lame":
@@ -216,6 +220,7 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         images, b = ours.source_images, ours.fisher_batch
         batches = [(as_float_images(images[i:i + b], "cpu"), None) for i in range(0, images.shape[0], b)]
         sys.modules["methods.eata"].get_source_loader = lambda **kw: (None, batches)
+        ref_model.model_preprocess = None  # read (and passed to the replaced loader) by the reference
         cfg.TEST.BATCH_SIZE = b  # its Fisher batch (what it passes to the loader)
     ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
     print(f"\n### {method}: {settings_line(method, cfg, ours, ref)}", flush=True)
@@ -284,6 +289,12 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
           f"{100 * sum(r['same'] for r in rows) / n:.2f} | {sum(r['identical'] for r in rows)}/"
           f"{sum(r['batches'] for r in rows)} | {max(r['max_diff'] for r in rows):.1e} | "
           f"{sum(r['t_ours'] for r in rows):.0f} / {sum(r['t_ref'] for r in rows):.0f} |", flush=True)
+    if method == "eata" and ours.fisher is not None and ref.fishers is not None:
+        diff = max(float((ours.fisher[k] - ref.fishers[k][0]).abs().max()) for k in ours.fisher)
+        top = max(float(v.abs().max()) for v in ours.fisher.values())
+        same = all(torch.equal(ours.fisher[k], ref.fishers[k][0]) for k in ours.fisher)
+        print(f"Fisher: {len(ours.fisher)} / {len(ref.fishers)} tensors, bit-identical {same}, max |difference| "
+              f"{diff:.1e} (largest value {top:.1e})", flush=True)
     if method in RESETTING:
         count = RESETTING[method]
         print(f"model resets: ours {count(ours) if count else ours_resets[0]}, reference {ref_resets[0]}", flush=True)
@@ -307,6 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="steps per batch of tent and cotta, both sides (0: configs)")
     ap.add_argument("--lr", type=float, default=0.0,
                     help=f"learning rate of {', '.join(WITH_LR)}, both sides (0: their configs)")
+    ap.add_argument("--fisher-weight", type=float, default=None,
+                    help="eata's Fisher weight (EATA.FISHER_ALPHA), both sides (default: its config's 1.0)")
     ap.add_argument("--reset-every", type=int, default=0,
                     help="rdumb's steps between resets, both sides (0: its config's 1000)")
     ap.add_argument("--source-data", default="",
