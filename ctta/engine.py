@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctta import runfolder
+from ctta.provenance import fingerprint
 from ctta.errors import ConfigError, DivergedError, NonFiniteInputError, UnsupportedError
 from ctta.evaluation import (CostMeter, Recorder, RunEstimate, SegmentAccumulator, definitions_for, error_table,
                              display_table, plot_accuracy, run_metrics)
@@ -246,6 +247,8 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
     summary: Dict[str, Any] = {"stream": stream.name, "strategy": strategy.name, "device": str(dev),
                                "stream_spec": stream.spec}
     summary["data_sources"] = getattr(stream, "provenance", None) or None  # per domain: -C file or generated
+    summary["fingerprint"] = fingerprint(config if config is not None else runfolder.api_config(stream, strategy, dev),
+                                         summary["data_sources"] or {}, dev)  # versions, data, weights, settings
     groups = recorder.groups()
     summary.update(run_metrics(segments, groups, recorder.details, collapse_threshold=collapse_threshold))
     if stopped:

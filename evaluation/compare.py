@@ -3,6 +3,7 @@ overlaid accuracy curves; written as CSV, Markdown and an HTML page. Runs on dif
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -17,6 +18,7 @@ from .html import comparison_report
 from .report import accuracy_figure, domain_error_figure, error_table, save_figure
 
 SEED_KEYS = ("seed",)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,6 +209,17 @@ def _mean_curve(runs: Sequence[RunData]) -> tuple[pd.DataFrame, Optional[pd.Data
     return mean, band
 
 
+def fingerprint_notes(runs: Sequence[RunData]) -> List[str]:
+    """Warnings for fingerprint fields (versions, data, weights, settings) in which the compared runs differ."""
+    from ctta.provenance import fingerprint_differences
+
+    lines = fingerprint_differences([(str(r.path or r.summary.get("strategy")), r.summary.get("fingerprint"))
+                                     for r in runs])
+    for line in lines:
+        log.warning("comparison: %s", line)
+    return [f"Warning: {line}" for line in lines]
+
+
 def write_comparison_report(runs: Sequence[RunData], out: Path, force: bool = False,
                             title: Optional[str] = None) -> Dict[str, Path]:
     """comparison.csv / .md / .html, accuracy_over_time.png and domain_errors.png in ``out``."""
@@ -226,7 +239,7 @@ def write_comparison_report(runs: Sequence[RunData], out: Path, force: bool = Fa
     csv_table.to_csv(out / "comparison.csv", index_label="strategy")
     text = mark_unhealthy(mean_std_text(mean, std, counts), status)
     marked = "mean" in text and text["mean"].astype(str).str.endswith(MARK).any()
-    warnings = ([FOOTNOTE] if marked else []) + health_notes(groups)
+    warnings = ([FOOTNOTE] if marked else []) + health_notes(groups) + fingerprint_notes(runs)
     stream = runs[0].summary.get("stream", "?")
     unit = "online error (%) per domain, mean, forgetting (%), img/s"
     (out / "comparison.md").write_text(f"{unit} on {stream}; mean ± std over seeds\n\n" + to_markdown(text)
