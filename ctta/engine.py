@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ctta import runfolder
 from ctta.provenance import fingerprint
+from ctta.realtime import RealtimeClock, check_realtime
 from ctta.errors import ConfigError, DivergedError, NonFiniteInputError, UnsupportedError
 from ctta.evaluation import (CostMeter, Recorder, RunEstimate, SegmentAccumulator, definitions_for, error_table,
                              display_table, plot_accuracy, run_metrics)
@@ -118,7 +119,7 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
         out: Optional[str | Path] = None, resume: bool = False, progress: bool = True,
         config: Optional[Mapping[str, Any]] = None, force: bool = False,
         collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop",
-        chunk_size: Optional[int] = None) -> RunResult:
+        chunk_size: Optional[int] = None, realtime: Optional[Mapping[str, Any]] = None) -> RunResult:
     """Run ``strategy`` over ``stream`` on ``device``; write the run folder ``out`` as it goes when given.
 
     This process holds ``out`` while it writes it (a second writer is refused, naming this one; see
@@ -130,21 +131,26 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     collapsed (``collapse_threshold``); non-finite logits stop the run with :class:`DivergedError` after that
     segment's rows and the summary are written (``on_diverge="stop"``), or mark it and go on (``"mark"``).
     ``chunk_size`` (images; ``None``: automatic, see :meth:`Segment.chunk_length`) bounds the memory a large segment
-    takes on the device; results do not depend on it.
+    takes on the device; results do not depend on it. ``realtime`` (``{"relative_cost": k}`` fixed, ``{"rate":
+    images/s}`` or ``{}`` measured against a forward pass) runs the realtime protocol (:mod:`ctta.realtime`).
     """
     check_health_options(collapse_threshold, on_diverge)
     check_chunk_size(chunk_size)
+    if realtime is not None:
+        check_realtime("realtime", realtime.get("relative_cost"), realtime.get("rate"))
     with runfolder.lock(out):
         return _run(stream, strategy, device, out, resume, progress, config, force,
-                    collapse_threshold=collapse_threshold, on_diverge=on_diverge, chunk_size=chunk_size)
+                    collapse_threshold=collapse_threshold, on_diverge=on_diverge, chunk_size=chunk_size,
+                    realtime=realtime)
 
 
 def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, out: Optional[str | Path],
          resume: bool, progress: bool, config: Optional[Mapping[str, Any]], force: bool,
          collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop",
-         chunk_size: Optional[int] = None) -> RunResult:
+         chunk_size: Optional[int] = None, realtime: Optional[Mapping[str, Any]] = None) -> RunResult:
     check_compatible(stream, strategy)
     dev = resolve_device(device)
+    clock = RealtimeClock(dev, realtime.get("relative_cost"), realtime.get("rate")) if realtime is not None else None
     strategy.to(dev)
     out_path = Path(out) if out is not None else None
     recorder = Recorder(out_path, num_classes=stream.num_classes, collapse_threshold=collapse_threshold)
@@ -172,6 +178,8 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
         strategy.load_checkpoint_state(ckpt["strategy_state"])
         first = int(ckpt["next_segment"])
         cost_state = ckpt.get("cost")
+        if clock is not None and ckpt.get("realtime"):
+            clock.load_state_dict(ckpt["realtime"])
         recorder.restore(first)
         log.info("resuming %s after segment %d of %d", out_path, first, len(stream))
     elif out_path is not None:
@@ -192,6 +200,8 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
     estimate = RunEstimate(meter, f"{strategy.name} on {stream.name}", stream.segments[first:], log)
     calls = {"adapt": lambda x, y: strategy.adapt(x), "train": strategy.learn,
              "eval": lambda x, y: strategy.predict(x)}
+    if clock is not None:  # the stream does not wait: busy batches are predicted, not adapted on
+        calls["adapt"] = lambda x, y: clock.step(strategy.adapt, strategy.predict, x)
     seen_domain = any(s.role == "domain" for s in stream.segments[:first])
     stopped: Optional[tuple] = None  # (segment, message) of a divergence that stopped the run
     try:
@@ -237,7 +247,8 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
             if out_path is not None:
                 _save_checkpoint(out_path, {"next_segment": index + 1, "strategy": strategy.name,
                                             "stream_spec": stream.spec, "cost": meter.state_dict(),
-                                            "strategy_state": strategy.checkpoint_state()})
+                                            "strategy_state": strategy.checkpoint_state(),
+                                            "realtime": clock.state_dict() if clock is not None else None})
     except KeyboardInterrupt:
         if out_path is not None:
             log.warning("interrupted: finished segments are in %s; continue with resume (--resume)", out_path)
@@ -246,6 +257,9 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
     segments = recorder.segments()
     summary: Dict[str, Any] = {"stream": stream.name, "strategy": strategy.name, "device": str(dev),
                                "stream_spec": stream.spec}
+    summary["protocol"] = "realtime" if clock is not None else "offline"
+    if clock is not None:
+        summary["realtime"] = clock.summary()
     summary["data_sources"] = getattr(stream, "provenance", None) or None  # per domain: -C file or generated
     summary["fingerprint"] = fingerprint(config if config is not None else runfolder.api_config(stream, strategy, dev),
                                          summary["data_sources"] or {}, dev)  # versions, data, weights, settings

@@ -115,6 +115,7 @@ def _run_folder(out_root: Path, name: str, seed: int, names: List[str], seeds: L
 def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
     from ctta import backbones, runfolder, strategies
     from ctta.engine import check_chunk_size, check_health_options, resolve_device, run
+    from ctta.realtime import check_realtime
     from ctta.evaluation.health import COLLAPSE_THRESHOLD
 
     names = strategy_names(cfg)
@@ -128,6 +129,10 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
     check_health_options(**health)
     chunk_size = run_cfg.get("chunk_size")
     check_chunk_size(chunk_size)
+    protocol = run_cfg.get("protocol", "offline")
+    check_realtime(protocol, run_cfg.get("relative_cost"), run_cfg.get("stream_rate"))
+    variants = ["offline", "realtime"] if protocol == "both" else [protocol]
+    realtime = {"relative_cost": run_cfg.get("relative_cost"), "rate": run_cfg.get("stream_rate")}
     out_root = Path(run_cfg.get("out") or Path("runs") / f"{cfg['stream']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     show = run_cfg.get("progress", True) if progress is None else progress
     results: Dict[str, Any] = {}
@@ -136,14 +141,17 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
     # cheap checks first: every hyperparameter (type, range) and the backbone, before a stream is read
     checked = {n: strategies.check_hparams(n, _hparams_for(n, hp_all, len(names) > 1)) for n in names}
     backbones.check(**cfg.get("backbone", {}))
-    many = len(names) > 1 or len(seeds) > 1
-    check_folders(cfg, out_root, [_run_folder(out_root, n, s, names, seeds) for s in seeds for n in names], many)
+    runs = [(n, v, f"{n}@realtime" if protocol == "both" and v == "realtime" else n) for n in names for v in variants]
+    labels = [lab for _, _, lab in runs]
+    many = len(labels) > 1 or len(seeds) > 1
+    check_folders(cfg, out_root, [_run_folder(out_root, lab, s, labels, seeds) for s in seeds for lab in labels],
+                  many)
     for seed in seeds:
         seed_cfg = {**cfg, "run": {**run_cfg, "seed": seed}}
         if len(seeds) > 1 and "seed" in cfg.get("stream", {}):
             seed_cfg["stream"] = {**cfg["stream"], "seed": seed}
         stream = build_stream(seed_cfg, device)
-        for name in names:
+        for name, variant, base in runs:
             torch.manual_seed(seed)
             model = build_model(cfg, stream.num_classes, stream.output_classes)
             defaults = strategies.strategy_defaults(name)
@@ -151,16 +159,18 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
             if len(seeds) > 1 or "seed" not in _hparams_for(name, hp_all, len(names) > 1):
                 hp["seed"] = seed
             strategy = strategies.create(name, model, **hp)
-            out = _run_folder(out_root, name, seed, names, seeds)
-            label = f"{name}/seed-{seed}" if len(seeds) > 1 else name
+            out = _run_folder(out_root, base, seed, labels, seeds)
+            label = f"{base}/seed-{seed}" if len(seeds) > 1 else base
             one_cfg = {**seed_cfg, "strategy": {"name": name, **defaults, **hp}}
+            if protocol == "both":
+                one_cfg["run"] = {**seed_cfg["run"], "protocol": variant}
             log.info("running %s (seed %d) on %s (%s) -> %s", name, seed, stream.name, device, out)
             # with several runs, those not started yet when the run was interrupted start fresh
             resume = bool(run_cfg.get("resume")) and (not many or runfolder.folder_state(out) != "empty")
             try:
                 results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
                                      config=one_cfg, force=bool(run_cfg.get("force")), chunk_size=chunk_size,
-                                     **health)
+                                     realtime=realtime if variant == "realtime" else None, **health)
             except DivergedError as e:
                 if not many or e.result is None:
                     raise

@@ -96,10 +96,11 @@ def group_runs(runs: Sequence[RunData]) -> Dict[str, List[RunData]]:
     keyed: Dict[str, List[RunData]] = {}
     for r in runs:
         cfg = _without_seed(r.strategy_cfg) or {"name": r.summary.get("strategy")}
-        key = json.dumps({"strategy": r.summary.get("strategy"), "cfg": cfg, "stream": stream_key(r)},
-                         sort_keys=True, default=str)
+        key = json.dumps({"strategy": r.summary.get("strategy"), "cfg": cfg, "stream": stream_key(r),
+                          "protocol": r.summary.get("protocol", "offline")}, sort_keys=True, default=str)
         keyed.setdefault(key, []).append(r)
-    names = [g[0].summary.get("strategy", "?") for g in keyed.values()]
+    names = [g[0].summary.get("strategy", "?") + ("@realtime" if g[0].summary.get("protocol") == "realtime" else "")
+             for g in keyed.values()]
     out: Dict[str, List[RunData]] = {}
     for (key, g), name in zip(keyed.items(), names):
         label = str(name)

@@ -21,6 +21,10 @@ def error_table(summaries: Mapping[str, Mapping]) -> pd.DataFrame:
                            ("last_accuracy", "last acc"), ("forgetting_avalanche", "forgetting (avalanche)")):
             if s.get(key) is not None:
                 row[label] = 100 * s[key]
+        realtime = s.get("realtime") or {}
+        if realtime.get("relative_cost") is not None:  # realtime protocol: the method's cost and what it adapted on
+            row["rel. cost"] = float(realtime["relative_cost"])
+            row["adapted %"] = 100 * float(realtime.get("adapted_share") or 0)
         if s.get("adapt_images_per_s") is not None:
             row["img/s"] = s["adapt_images_per_s"]
         elif s.get("train_images_per_s") is not None:
