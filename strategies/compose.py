@@ -105,7 +105,8 @@ def _accepted(fn: Callable[..., Any], skip: Tuple[str, ...] = ("self", "model"))
 
 
 def split_hparams(plugin: str, host: str, host_cls: type, hparams: Dict[str, Any]) -> Tuple[dict, dict]:
-    """Nested ``{plugin: {...}, host: {...}}`` plus flat keys routed to the one part that takes them."""
+    """Nested ``{plugin: {...}, host: {...}}`` plus flat keys routed to the one part that takes them (``seed`` and
+    ``source_data`` to both when both take them)."""
     plug_keys = _accepted(PLUGINS[plugin].__init__)
     host_keys = _accepted(host_cls.__init__)
     parts: Dict[str, dict] = {plugin: {}, host: {}}
@@ -116,7 +117,8 @@ def split_hparams(plugin: str, host: str, host_cls: type, hparams: Dict[str, Any
         else:
             flat[k] = v
     for k, v in flat.items():
-        if k == "seed":
+        if k == "seed" or (k == "source_data" and k in plug_keys and k in host_keys):
+            # one seed, and the one source data set (common/source_data.py) both parts read (e.g. lsa+eata)
             parts[plugin][k] = parts[host][k] = v
             continue
         where = [p for p, keys in ((plugin, plug_keys), (host, host_keys)) if k in keys]
