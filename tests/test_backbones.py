@@ -280,3 +280,7 @@ def test_fixed_input_timm_models_resize_their_input_and_cnns_take_any_size():
         assert torch.allclose(vit(x), vit(up), atol=1e-6)
     cnn = create("resnet18", num_classes=10)  # timm CNNs: no fixed size, nothing resized
     assert cnn.normalize.size is None
+    small = create("vit_tiny_patch16_224", num_classes=10, img_size=32)  # built for 32 px: fed 32 px as it is
+    assert small.normalize.size == (32, 32)
+    with torch.no_grad():
+        assert small(torch.rand(2, 3, 32, 32)).shape == (2, 10)

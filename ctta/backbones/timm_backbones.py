@@ -27,12 +27,15 @@ def timm_model_names() -> List[str]:
 
 
 def input_size(net: nn.Module) -> Optional[Tuple[int, int]]:
-    """(H, W) a timm model must be fed (its pretrained config's ``input_size`` when ``fixed_input_size``: ViTs),
-    or None when any size works (CNNs)."""
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    if not cfg.get("fixed_input_size") or not cfg.get("input_size"):
+    """(H, W) a timm model must be fed, or None when any size works (CNNs, dynamic-size ViTs): the image size its
+    patch embedding was built for when that embedding is strict (a ViT at 224 or 384 px, or built with
+    ``img_size=32``), as the model itself would refuse any other."""
+    embed = getattr(net, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if embed is None or size is None or not getattr(embed, "strict_img_size", False) \
+            or getattr(embed, "dynamic_img_pad", False) or getattr(net, "dynamic_img_size", False):
         return None
-    return int(cfg["input_size"][-2]), int(cfg["input_size"][-1])
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
 def create_timm(name: str, num_classes: Optional[int] = None, pretrained: bool = False,
