@@ -162,8 +162,12 @@ def imagenet_c(data_root: Optional[str] = None, corruptions: Union[str, Sequence
 
 def _variant(name: str, folder_names: Tuple[str, ...], subset: bool, digit_folders: bool = False):
     def build(data_root: Optional[str] = None, batch_size: int = 64, num_samples: Optional[int] = None,
-              seed: int = 1, workers: Optional[int] = None) -> Stream:
+              seed: int = 1, workers: Optional[int] = None, probes: str = "none", probe_samples: int = 192) -> Stream:
         check_stream_options(5, batch_size, num_samples, "continual")
+        if probes not in ("none", "seen", "all"):
+            raise ConfigError(f"probes must be none, seen or all for {name} (one domain, no clean set), got "
+                              f"{probes!r}")
+        check_probes(probes, probe_samples, False, "continual", 1)
         root = Path(data_root).expanduser() if data_root else default_data_root()
         folder = next((root / n for n in folder_names if (root / n).is_dir()), None)
         if folder is None and root.is_dir() and any(d.is_dir() for d in root.iterdir()):
@@ -179,14 +183,30 @@ def _variant(name: str, folder_names: Tuple[str, ...], subset: bool, digit_folde
             classes = subset_classes(name) if subset else full
             files, labels, _ = class_folder_files(folder, classes, name)
         n = len(files)
-        take = min(num_samples or n, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, name)))[:take]
-        block = Block(FileImages(files, crop=224, resize=256, workers=workers), order,
-                      torch.tensor(labels, dtype=torch.long)[order])
-        seg = gathered_segment(name, "adapt", [block], batch_size, meta={"dataset": name})
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, name)))
+        held = None
+        if probes != "none":  # held-out images of the domain, predicted after it (and before, with all)
+            per = probe_samples // batch_size * batch_size if probe_samples >= batch_size else probe_samples
+            if per >= n:
+                raise ConfigError(f"{name}: probe_samples {probe_samples} leaves none of its {n} images")
+            held, perm = perm[:per], perm[per:]
+        take = min(num_samples or len(perm), len(perm))
+        order = perm[:take]
+        images = FileImages(files, crop=224, resize=256, workers=workers)
+        y = torch.tensor(labels, dtype=torch.long)
+        segments = [gathered_segment(name, "adapt", [Block(images, order, y[order])], batch_size,
+                                     meta={"dataset": name})]
+        if held is not None:
+            def probe(after: str):
+                return gathered_segment(f"probes@{after or 'start'}", "eval", [Block(images, held, y[held])],
+                                        batch_size, groups=[name], role="probe",
+                                        meta={"after": after, "probes": probes} if after else {"probes": probes})
+            segments = ([probe("")] if probes == "all" else []) + segments + [probe(name)]
         spec = {"name": name, "data_root": str(data_root) if data_root else None, "batch_size": batch_size,
                 "num_samples": take, "seed": seed}
-        stream = Stream(name=name, segments=[seg], num_classes=len(classes) if subset else 1000, setting="tta",
+        if held is not None:
+            spec.update(probes=probes, probe_samples=int(len(held)))
+        stream = Stream(name=name, segments=segments, num_classes=len(classes) if subset else 1000, setting="tta",
                         spec=spec, provenance={name: {"source": "files", "path": str(folder)}})
         if subset:
             stream.output_classes = [full.index(w) for w in classes]

@@ -155,3 +155,14 @@ def test_imagenet_r_masks_the_1000_way_model_to_its_200_classes(tmp_path):
                               full_model(x)[:, s.output_classes], atol=1e-6)
     res = ctta.run(s, strategies.create("tent", masked), device="cpu", progress=False)
     assert res.summary["domain_error"]
+
+
+def test_imagenet_variants_take_held_out_probes(tmp_path):
+    for k, w in enumerate(imagenet_classes()[:2]):
+        for i in range(6):
+            _jpeg(tmp_path / "sketch" / w / f"s_{i}.JPEG", (260, 240), 30 * k + i)
+    s = ctta.streams.create("imagenet_sketch", data_root=str(tmp_path), batch_size=2, probes="seen", probe_samples=4)
+    assert [seg.name for seg in s] == ["imagenet_sketch", "probes@imagenet_sketch"]
+    assert s.segments[0].num_samples == 8 and s.segments[1].num_samples == 4
+    with pytest.raises(ConfigError, match="probes"):
+        ctta.streams.create("imagenet_sketch", data_root=str(tmp_path), probes="clean")
