@@ -11,6 +11,7 @@ from .incremental import class_incremental_stream, domain_incremental_stream, fe
 from .sfda import sfda_stream  # registers sfda
 from .imagenet import imagenet_c  # noqa: F401  (registers imagenet_c, imagenet_r, imagenet_a, imagenet_sketch, imagenet_v2)
 from . import ccc  # noqa: F401  (the module; registers the ccc stream)
+from . import unitta  # noqa: F401  (the module; registers the unitta stream: UniTTA's 36 scenarios)
 
 
 def to_avalanche(stream: Stream, device: str = "cpu") -> Any:
