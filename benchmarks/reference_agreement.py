@@ -22,6 +22,7 @@ merged with its own CIFAR-10-C config:
     eta      EATA              cfgs/cifar10_c/eta.yaml
     eata     EATA              cfgs/cifar10_c/eata.yaml        (source images: ours, see below)
     rdumb    EATA              cfgs/cifar10_c/rdumb.yaml
+    rpl      RPL               cfgs/cifar10_c/rpl.yaml
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -68,10 +69,11 @@ REFERENCE = {
     "eta": ("eata", "eta.yaml"),
     "eata": ("eata", "eata.yaml"),
     "rdumb": ("eata", "rdumb.yaml"),
+    "rpl": ("rpl", "rpl.yaml"),
 }
 
 # methods whose learning rate --lr sets on both sides
-WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb")
+WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl")
 
 # methods whose model resets itself: how to read our count of resets
 RESETTING: Dict[str, Optional[Callable[[nn.Module], int]]] = {
@@ -182,6 +184,12 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"batch {cfg.TEST.BATCH_SIZE}; ours: {type(ours.optimizer).__name__} lr {og['lr']} betas "
                 f"{og.get('betas')} wd {og['weight_decay']}, E0 {ours.e0:.4f} d_margin {ours.d_margin} fisher_weight "
                 f"{ours.fisher_weight}, reset_every {ours.reset_every}")
+    if method == "rpl":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, q {ref.gce.q}, "
+                f"{len(ref.params)} tensors, batch {cfg.TEST.BATCH_SIZE}; ours: {type(ours.optimizer).__name__} lr "
+                f"{og['lr']} betas {og.get('betas')} wd {og['weight_decay']} steps {ours.steps}, q {ours.q}, "
+                f"{len(ours.params)} tensors")
     if method == "bn_alpha":
         return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
     if method == "bn_ema":

@@ -13,7 +13,7 @@ from .fisher import (
     source_fisher,
     top_fraction_masks,
 )
-from .losses import soft_cross_entropy, softmax_entropy, symmetric_cross_entropy
+from .losses import generalized_cross_entropy, soft_cross_entropy, softmax_entropy, symmetric_cross_entropy
 from .mean_teacher import (
     augmented_prediction,
     auto_views_per_chunk,
@@ -51,6 +51,7 @@ __all__ = [
     "teacher_pseudo_label",
     "top_fraction_masks",
     "frozen_copy",
+    "generalized_cross_entropy",
     "soft_cross_entropy",
     "softmax_entropy",
     "symmetric_cross_entropy",

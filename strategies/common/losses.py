@@ -27,3 +27,11 @@ def symmetric_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, alph
     """
     return (-(1.0 - alpha) * (teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1)
             - alpha * (student_logits.softmax(dim=1) * teacher_logits.log_softmax(dim=1)).sum(dim=1))
+
+
+def generalized_cross_entropy(logits: Tensor, targets: Tensor, q: float = 0.8) -> Tensor:
+    """Per-sample generalised cross-entropy (Zhang & Sabuncu, "Generalized Cross Entropy Loss for Training Deep Neural
+    Networks with Noisy Labels", NeurIPS 2018, arXiv 1805.07836), shape N: ``(1 - p_y ** q) / q`` with p = softmax(logits)
+    and y = ``targets``; q -> 0 gives the cross-entropy, q = 1 the mean absolute error (RPL's robust loss)."""
+    p_y = logits.softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+    return (1.0 - p_y ** q) / q
