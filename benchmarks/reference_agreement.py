@@ -23,6 +23,7 @@ merged with its own CIFAR-10-C config:
     eata     EATA              cfgs/cifar10_c/eata.yaml        (source images: ours, see below)
     rdumb    EATA              cfgs/cifar10_c/rdumb.yaml
     rpl      RPL               cfgs/cifar10_c/rpl.yaml
+    roid     ROID              cfgs/cifar10_c/roid.yaml        (random augmentations: not bit-identical)
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -37,7 +38,8 @@ global torch generator, seeded with ``--seed`` before each method, as its ``conf
 EATA's Fisher: the reference's source loader (``get_source_loader``, which wants a torchvision CIFAR folder) is
 replaced by the source images ours drew from ``--source-data`` (default: the ``--data-root`` train set; 2000 seeded
 images in a seeded order), in the same batches. ``--reset-every N`` sets rdumb's reset interval on both sides (its
-1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides, ``--fisher-weight`` EATA's Fisher weight.
+1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides, ``--fisher-weight`` EATA's Fisher weight, ``--no-consistency``
+ROID without its (randomly augmented) consistency term.
 
 Prints, per method and corruption: the error of ours and of the reference, the share of identical argmaxes, the
 batches whose outputs are bit-identical (LAME: compared as log Y) and the largest |output difference| (logits; LAME:
@@ -70,10 +72,11 @@ REFERENCE = {
     "eata": ("eata", "eata.yaml"),
     "rdumb": ("eata", "rdumb.yaml"),
     "rpl": ("rpl", "rpl.yaml"),
+    "roid": ("roid", "roid.yaml"),
 }
 
 # methods whose learning rate --lr sets on both sides
-WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl")
+WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl", "roid")
 
 # methods whose model resets itself: how to read our count of resets
 RESETTING: Dict[str, Optional[Callable[[nn.Module], int]]] = {
@@ -148,6 +151,8 @@ def reference_cfg(conf, ref_root: str, method: str, args):
         cfg.OPTIM.LR = args.lr
     if args.fisher_weight is not None and method == "eata":
         cfg.EATA.FISHER_ALPHA = args.fisher_weight
+    if args.no_consistency and method == "roid":
+        cfg.ROID.USE_CONSISTENCY = False
     return cfg
 
 
@@ -190,6 +195,14 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"{len(ref.params)} tensors, batch {cfg.TEST.BATCH_SIZE}; ours: {type(ours.optimizer).__name__} lr "
                 f"{og['lr']} betas {og.get('betas')} wd {og['weight_decay']} steps {ours.steps}, q {ours.q}, "
                 f"{len(ours.params)} tensors")
+    if method == "roid":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.ROID)}, "
+                f"{len(ref.params)} tensors, batch {cfg.TEST.BATCH_SIZE}; ours: {type(ours.optimizer).__name__} lr "
+                f"{og['lr']} betas {og.get('betas')} wd {og['weight_decay']} steps {ours.steps}, weighting "
+                f"{ours.use_weighting} prior correction {ours.use_prior_correction} consistency {ours.use_consistency} "
+                f"momentum_src {ours.momentum_src} probs_momentum {ours.probs_momentum} temperature "
+                f"{ours.temperature}, {len(ours.params)} tensors, augmentation {ours.augment.cfg}")
     if method == "bn_alpha":
         return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
     if method == "bn_ema":
@@ -218,6 +231,8 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         overrides["lr"] = args.lr
     if args.fisher_weight is not None and method == "eata":
         overrides["fisher_weight"] = args.fisher_weight
+    if args.no_consistency and method == "roid":
+        overrides["use_consistency"] = False
     ours = ctta.strategies.create(method, make_model(), seed=args.seed, **overrides)
     ref_model = make_model()
     if method == "lame":
@@ -328,6 +343,8 @@ def main(argv=None) -> int:
                     help=f"learning rate of {', '.join(WITH_LR)}, both sides (0: their configs)")
     ap.add_argument("--fisher-weight", type=float, default=None,
                     help="eata's Fisher weight (EATA.FISHER_ALPHA), both sides (default: its config's 1.0)")
+    ap.add_argument("--no-consistency", action="store_true",
+                    help="roid without its consistency loss (the only random part), both sides")
     ap.add_argument("--reset-every", type=int, default=0,
                     help="rdumb's steps between resets, both sides (0: its config's 1000)")
     ap.add_argument("--source-data", default="",

@@ -13,7 +13,13 @@ from .fisher import (
     source_fisher,
     top_fraction_masks,
 )
-from .losses import generalized_cross_entropy, soft_cross_entropy, softmax_entropy, symmetric_cross_entropy
+from .losses import (
+    generalized_cross_entropy,
+    soft_cross_entropy,
+    soft_likelihood_ratio,
+    softmax_entropy,
+    symmetric_cross_entropy,
+)
 from .mean_teacher import (
     augmented_prediction,
     auto_views_per_chunk,
@@ -53,6 +59,7 @@ __all__ = [
     "frozen_copy",
     "generalized_cross_entropy",
     "soft_cross_entropy",
+    "soft_likelihood_ratio",
     "softmax_entropy",
     "symmetric_cross_entropy",
     "NORM_TYPES",

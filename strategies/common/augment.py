@@ -38,6 +38,10 @@ class AugmentConfig:
     blur_kernel: int = 5
     hflip_p: float = 0.5
     noise_std: float = 0.005
+    #: the border the affine sees: "edge" (CoTTA's edge padding) or "reflect" (ROID's ``padding_mode="reflect"``,
+    #: half the image on each side, zeros beyond it as torchvision's ``fill=0``)
+    padding: str = "edge"
+    blur: bool = True  #: False: no Gaussian blur (ROID's ``cotta_augs=False``, which also has no noise: noise_std 0)
 
     @classmethod
     def soft(cls) -> "AugmentConfig":
@@ -149,7 +153,7 @@ class TTAAugment:
         m, c, h, w = x.shape
         dev, dt = x.device, x.dtype
         k = cfg.blur_kernel
-        r = k // 2
+        r = k // 2 if cfg.blur else 0
         lerp = lambda col, rg: u[:, col] * (rg[1] - rg[0]) + rg[0]  # noqa: E731
         angle = lerp(0, cfg.degrees) * (math.pi / 180.0)
         scale = lerp(1, cfg.scale)
@@ -166,8 +170,17 @@ class TTAAugment:
         # inverse map: rotate by -angle and divide by scale, then to grid_sample's [-1, 1] (align_corners=False)
         ix = cos.view(-1, 1, 1) * dx + sin.view(-1, 1, 1) * dy + (w - 1) / 2
         iy = -sin.view(-1, 1, 1) * dx + cos.view(-1, 1, 1) * dy + (h - 1) / 2
-        grid = torch.stack(((2 * ix + 1) / w - 1, (2 * iy + 1) / h - 1), dim=-1).repeat_interleave(n, dim=0)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        sh, sw, border = h, w, "border"  # the sampled image's size and border
+        if cfg.padding == "reflect":  # sample the reflect-padded image, zeros outside it
+            ph, pw = h // 2, w // 2
+            x = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+            ix, iy, sh, sw, border = ix + pw, iy + ph, h + 2 * ph, w + 2 * pw, "zeros"
+        elif cfg.padding != "edge":
+            raise ValueError(f"padding must be 'edge' or 'reflect', not {cfg.padding!r}")
+        grid = torch.stack(((2 * ix + 1) / sw - 1, (2 * iy + 1) / sh - 1), dim=-1).repeat_interleave(n, dim=0)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode=border, align_corners=False)
+        if not cfg.blur:
+            return out
 
         sigma = lerp(4, cfg.blur_sigma).repeat_interleave(n)
         t = torch.arange(k, device=dev, dtype=dt) - r

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import copy
+from typing import List
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -23,3 +24,11 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student do not have the same parameters")
     torch._foreach_lerp_(t_params, [s.detach() for s in s_params], 1.0 - momentum)
+
+
+@torch.no_grad()
+def ensemble_with_source_(params: List[nn.Parameter], source: List[Tensor], momentum: float) -> None:
+    """In place: p <- momentum * p + (1 - momentum) * p_source, per tensor (ROID's weight ensembling, written as the
+    reference benchmark's ``ema_update_model``: two products and a sum, not a lerp, which rounds differently)."""
+    for p, s in zip(params, source):
+        p.copy_(momentum * p + (1 - momentum) * s)

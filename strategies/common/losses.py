@@ -35,3 +35,11 @@ def generalized_cross_entropy(logits: Tensor, targets: Tensor, q: float = 0.8) -
     and y = ``targets``; q -> 0 gives the cross-entropy, q = 1 the mean absolute error (RPL's robust loss)."""
     p_y = logits.softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
     return (1.0 - p_y ** q) / q
+
+
+def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5) -> Tensor:
+    """Per-sample soft likelihood ratio loss of ROID (Marsden, Döbler, Yang, WACV 2024), shape N:
+    ``-sum_c p_c log(p_c / (1 - p_c) + eps)`` with p = softmax(logits) clipped to [0, ``clip``] (the clip keeps the
+    ratio finite; a clipped class gives no gradient). As the reference benchmark's ``SoftLikelihoodRatio``."""
+    p = logits.softmax(dim=1).clamp(min=0.0, max=clip)
+    return -(p * (p / (1.0 - p) + eps).log()).sum(dim=1)
