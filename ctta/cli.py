@@ -287,6 +287,12 @@ def cmd_sweep(argv: List[str]) -> int:
     result = sweep.sweep(a.grid, out=a.out, overrides=a.set, backend="local" if a.local else "auto",
                          address=a.address, resources=resources, progress=not a.no_progress)
     print(sweep.format_result(result))
+    from ctta.evaluation.scenario_grid import grid_report
+
+    files = grid_report(sweep.load_grid(a.grid), result)  # a scenario grid (UniTTA): strategies x scenarios
+    if files:
+        print(files["markdown"].read_text())
+        print(f"(heat map: {files['heatmap']})")
     return 1 if result.failed else 0
 
 

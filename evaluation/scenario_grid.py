@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -60,14 +60,13 @@ def _order(values: Iterable[str], preferred: Sequence[str]) -> List[str]:
     return sorted(vals, key=lambda v: (rank.get(v, len(rank)), vals.index(v)))
 
 
-def scenario_table(runs: pd.DataFrame, strategies: Optional[Sequence[str]] = None):
-    """Mean and std over seeds of the error: two DataFrames, strategies (rows) x scenarios (columns, in the
-    presets' order when they are presets)."""
-    from ctta.streams.unitta import PRESETS
-
+def scenario_table(runs: pd.DataFrame, strategies: Optional[Sequence[str]] = None,
+                   scenarios: Optional[Sequence[str]] = None):
+    """Mean and std over seeds of the error: two DataFrames, strategies (rows) x scenarios (columns, in the order
+    of ``scenarios``, e.g. the grid's, else as found)."""
     g = runs.groupby(["strategy", "scenario"])["error"]
     mean, std = g.mean().unstack("scenario"), g.std(ddof=0).unstack("scenario")
-    cols = _order(runs["scenario"], PRESETS)
+    cols = _order(runs["scenario"], list(scenarios or []))
     rows = _order(runs["strategy"], list(strategies or []))
     return mean.reindex(index=rows, columns=cols), std.reindex(index=rows, columns=cols)
 
@@ -128,7 +127,8 @@ def markdown_table(mean: pd.DataFrame, std: pd.DataFrame, codes: Dict[str, str],
 
 
 def write_scenario_grid(root: str | Path, out: Optional[str | Path] = None,
-                        strategies: Optional[Sequence[str]] = None, title: str = "") -> Dict[str, Path]:
+                        strategies: Optional[Sequence[str]] = None, title: str = "",
+                        scenarios: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     """Write ``scenario_grid.csv`` (every run), ``.md`` (the table) and ``.png`` (the heat map) for the sweep
     folder ``root`` (into ``out``, default ``root``); returns the paths by kind."""
     from .report import save_figure
@@ -136,7 +136,7 @@ def write_scenario_grid(root: str | Path, out: Optional[str | Path] = None,
     runs = collect_runs(root)
     folder = Path(out or root)
     folder.mkdir(parents=True, exist_ok=True)
-    mean, std = scenario_table(runs, strategies)
+    mean, std = scenario_table(runs, strategies, scenarios)
     codes = {r.scenario: r.code for r in runs.itertuples() if isinstance(r.code, str)}
     seeds = int(runs.groupby(["strategy", "scenario"])["seed"].nunique().max())
     csv = folder / FILES[0]
@@ -161,10 +161,22 @@ def scenario_sweep(grid: Any, out: Optional[str | Path] = None, overrides: Itera
 
     g = sw.load_grid(grid)
     result = sw.sweep(g, out=out, overrides=overrides, backend=backend, progress=progress, report=report)
-    names = [s if isinstance(s, str) else s.get("label") or s.get("name") for s in g.get("strategies") or []]
-    files = write_scenario_grid(result.out, strategies=names, title="Scenario grid") \
-        if any(r.status != "failed" for r in result.runs) else {}
-    return result, files
+    return result, grid_report(g, result)
+
+
+def scenario_names(grid: Mapping[str, Any]) -> List[str]:
+    """The scenarios of a grid's streams in grid order (entries with a ``scenario``); empty when it has none."""
+    return [str(s.get("label") or s["scenario"]) for s in grid.get("streams") or []
+            if isinstance(s, Mapping) and s.get("scenario")]
+
+
+def grid_report(grid: Mapping[str, Any], result: Any) -> Dict[str, Path]:
+    """The strategies x scenarios report of a finished sweep over a scenario grid ({} when it is not one)."""
+    scenarios = scenario_names(grid)
+    if not scenarios or not any(r.status != "failed" for r in result.runs):
+        return {}
+    names = [s if isinstance(s, str) else s.get("label") or s.get("name") for s in grid.get("strategies") or []]
+    return write_scenario_grid(result.out, strategies=names, title="Scenario grid", scenarios=scenarios)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
