@@ -128,7 +128,8 @@ def fingerprint(config: Mapping[str, Any], provenance: Mapping[str, Mapping[str,
     return out
 
 
-IGNORED = ("config_sha256", "git.dirty")  # the config hash holds the strategy; a dirty flag alone is noise
+#: the config hash holds the strategy; a dirty flag alone is noise; offline vs realtime rows are compared on purpose
+IGNORED = ("config_sha256", "git.dirty", "setup.run.protocol")
 
 
 def fingerprint_differences(fingerprints: Sequence[Tuple[str, Optional[Mapping[str, Any]]]]) -> List[str]:

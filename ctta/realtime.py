@@ -6,15 +6,17 @@ batch, measured in the same run) or ``batch / rate`` for an explicit ``rate`` in
 C = its adapt time / the reference time adapts on a batch and, while busy, the next ceil(C) - 1 batches pass: they
 are predicted with ``predict`` (the current state, no adaptation). C is measured on every adapted batch (so a
 faster implementation is rewarded), or fixed with ``relative_cost`` (deterministic: exactly every ceil(C)-th batch
-is adapted on, for tests and for comparing machines). The busy count carries across domain boundaries, as the
-stream is one stream; ``train`` and ``eval`` steps are not affected.
+is adapted on, for tests and for comparing machines). The reference is the median of the recent forward timings
+(three at the start, then every predicted batch's), so it follows the machine's load; a cost within 5 % above
+an integer counts as that integer (timer noise). The busy count carries across domain boundaries, as the stream
+is one stream; ``train`` and ``eval`` steps are not affected.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,12 +40,16 @@ def check_realtime(protocol: str, relative_cost: Any, rate: Any) -> None:
 class RealtimeClock:
     """Decides per adapt batch whether the method is free to adapt on it; counts what it did (:meth:`summary`)."""
 
+    WINDOW = 64  # forward timings the reference is the median of
+    TOLERANCE = 0.05  # a cost within 5 % above an integer counts as that integer (timer noise)
+
     def __init__(self, device: torch.device, relative_cost: Optional[float] = None,
                  rate: Optional[float] = None) -> None:
         self.device, self.fixed, self.rate = device, relative_cost, rate
         self.busy = 0  # batches still to pass while the method works
         self.adapted = self.predicted = 0
         self.reference_s: Optional[float] = None
+        self.forwards: list = []  # recent forward (predict) timings, seconds
         self.costs: list = []
 
     def _sync(self) -> None:
@@ -53,18 +59,26 @@ class RealtimeClock:
     def _reference(self, predict: Callable[[Tensor], Tensor], x: Tensor) -> float:
         if self.rate is not None:
             return x.shape[0] / self.rate
-        if self.reference_s is None:  # one warm-up, then the median of three forwards
+        if not self.forwards:  # one warm-up, then three forwards; every predicted batch adds its own timing
             with torch.no_grad():
                 predict(x)
-                times = []
                 for _ in range(3):
-                    self._sync()
-                    t = time.perf_counter()
-                    predict(x)
-                    self._sync()
-                    times.append(time.perf_counter() - t)
-            self.reference_s = statistics.median(times)
+                    self._timed(predict, x, record=True)
+        self.reference_s = statistics.median(self.forwards[-self.WINDOW:])
         return self.reference_s
+
+    def _timed(self, fn: Callable[[Tensor], Tensor], x: Tensor, record: bool = False) -> Tuple[Tensor, float]:
+        self._sync()
+        t = time.perf_counter()
+        out = fn(x)
+        self._sync()
+        dt = time.perf_counter() - t
+        if record:
+            self.forwards.append(dt)
+        return out, dt
+
+    def _busy_for(self, cost: float) -> int:
+        return max(1, math.ceil(cost - self.TOLERANCE)) - 1
 
     def step(self, adapt: Callable[[Tensor], Tensor], predict: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """The logits of batch ``x``: adapted on when the method is free, else predicted with the current state."""
@@ -72,28 +86,28 @@ class RealtimeClock:
             self.busy -= 1
             self.predicted += 1
             with torch.no_grad():
-                return predict(x)
+                if self.fixed is not None or self.rate is not None:
+                    return predict(x)
+                return self._timed(predict, x, record=True)[0]  # the reference follows the machine's load
         self.adapted += 1
         if self.fixed is not None:
             self.busy = max(1, math.ceil(self.fixed - 1e-9)) - 1
             return adapt(x)
         ref = self._reference(predict, x)
-        self._sync()
-        t = time.perf_counter()
-        out = adapt(x)
-        self._sync()
-        cost = (time.perf_counter() - t) / max(ref, 1e-12)
+        out, dt = self._timed(adapt, x)
+        cost = dt / max(ref, 1e-12)
         self.costs.append(cost)
-        self.busy = max(1, math.ceil(cost - 1e-9)) - 1
+        self.busy = self._busy_for(cost)
         return out
 
     def state_dict(self) -> Dict[str, Any]:
         return {"busy": self.busy, "adapted": self.adapted, "predicted": self.predicted,
-                "reference_s": self.reference_s, "costs": list(self.costs)}
+                "reference_s": self.reference_s, "costs": list(self.costs), "forwards": self.forwards[-self.WINDOW:]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.busy, self.adapted, self.predicted = int(state["busy"]), int(state["adapted"]), int(state["predicted"])
         self.reference_s, self.costs = state.get("reference_s"), list(state.get("costs", []))
+        self.forwards = list(state.get("forwards", []))
 
     def summary(self) -> Dict[str, Any]:
         """``relative_cost`` (given, or the mean measured), the adapted / predicted batch counts and the reference."""
