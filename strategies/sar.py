@@ -26,7 +26,7 @@ decay, not passed), rho 0.05 (SAM's default), E0 = 0.4 ln C (``EATA.MARGIN_E0``)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,27 +35,10 @@ from ctta.errors import ConfigError
 from ctta.hparams import Count, Momentum, NonNegative, Positive, Unit
 
 from .base import Strategy, register
-from .common import norm_affine_parameters, softmax_entropy, use_batch_statistics
+from .common import is_top_layer, sar_parameters, softmax_entropy, use_batch_statistics
 from .common.incremental import num_outputs
 from .common.recovery import LossEMARecovery
 from .common.sam import sam_step
-
-
-def is_top_layer(name: str) -> bool:
-    """The norm layers SAR does not adapt: inside a ResNet's ``layer4``, a ViT-B's ``blocks.9``-``blocks.11``, or the
-    ViT's final ``norm`` (a ``norm`` module outside the blocks). ``name``: the module's qualified name."""
-    parts = name.split(".")
-    if "layer4" in parts:
-        return True
-    if any(a == "blocks" and b in ("9", "10", "11") for a, b in zip(parts, parts[1:])):
-        return True
-    return parts[-1] == "norm" and "blocks" not in parts
-
-
-def sar_parameters(model: nn.Module, freeze_top: bool = True) -> List[Tuple[str, nn.Parameter]]:
-    """(name, parameter) of the norm affines SAR adapts, in module order."""
-    return [(n, p) for n, p in norm_affine_parameters(model)
-            if not (freeze_top and is_top_layer(n.rsplit(".", 1)[0] if "." in n else ""))]
 
 
 @register

@@ -31,9 +31,11 @@ from .mean_teacher import (
 from .norm import (
     NORM_TYPES,
     batchnorm_layers,
+    is_top_layer,
     mix_source_statistics_,
     norm_affine_parameters,
     norm_layers,
+    sar_parameters,
     use_batch_statistics,
     view_grouped_batchnorm,
 )
@@ -64,9 +66,11 @@ __all__ = [
     "symmetric_cross_entropy",
     "NORM_TYPES",
     "batchnorm_layers",
+    "is_top_layer",
     "mix_source_statistics_",
     "norm_affine_parameters",
     "norm_layers",
+    "sar_parameters",
     "use_batch_statistics",
     "view_grouped_batchnorm",
     "stochastic_restore_",

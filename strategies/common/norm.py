@@ -31,6 +31,23 @@ def norm_affine_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return out
 
 
+def is_top_layer(name: str) -> bool:
+    """The norm layers SAR does not adapt: inside a ResNet's ``layer4``, a ViT-B's ``blocks.9``-``blocks.11``, or the
+    ViT's final ``norm`` (a ``norm`` module outside the blocks). ``name``: the module's qualified name."""
+    parts = name.split(".")
+    if "layer4" in parts:
+        return True
+    if any(a == "blocks" and b in ("9", "10", "11") for a, b in zip(parts, parts[1:])):
+        return True
+    return parts[-1] == "norm" and "blocks" not in parts
+
+
+def sar_parameters(model: nn.Module, freeze_top: bool = True) -> List[Tuple[str, nn.Parameter]]:
+    """(name, parameter) of the norm affines SAR (and DeYO, which keeps its choice) adapts, in module order."""
+    return [(n, p) for n, p in norm_affine_parameters(model)
+            if not (freeze_top and is_top_layer(n.rsplit(".", 1)[0] if "." in n else ""))]
+
+
 def use_batch_statistics(model: nn.Module) -> None:
     """Make every BatchNorm normalise with the current batch's statistics, leaving its running buffers untouched.
 
