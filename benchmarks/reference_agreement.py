@@ -24,6 +24,7 @@ merged with its own CIFAR-10-C config:
     rdumb    EATA              cfgs/cifar10_c/rdumb.yaml
     rpl      RPL               cfgs/cifar10_c/rpl.yaml
     roid     ROID              cfgs/cifar10_c/roid.yaml        (random augmentations: not bit-identical)
+    deyo     DeYO              cfgs/cifar10_c/deyo.yaml        (tile shuffle drawn from a generator seeded alike)
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -73,10 +74,11 @@ REFERENCE = {
     "rdumb": ("eata", "rdumb.yaml"),
     "rpl": ("rpl", "rpl.yaml"),
     "roid": ("roid", "roid.yaml"),
+    "deyo": ("deyo", "deyo.yaml"),
 }
 
 # methods whose learning rate --lr sets on both sides
-WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl", "roid")
+WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl", "roid", "deyo")
 
 # methods whose model resets itself: how to read our count of resets
 RESETTING: Dict[str, Optional[Callable[[nn.Module], int]]] = {
@@ -203,6 +205,14 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"{ours.use_weighting} prior correction {ours.use_prior_correction} consistency {ours.use_consistency} "
                 f"momentum_src {ours.momentum_src} probs_momentum {ours.probs_momentum} temperature "
                 f"{ours.temperature}, {len(ours.params)} tensors, augmentation {ours.augment.cfg}")
+    if method == "deyo":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.DEYO)}, margin "
+                f"{ref.deyo_margin:.4f} E0 {ref.margin_e0:.4f}, {len(ref.params)} tensors, batch {cfg.TEST.BATCH_SIZE}"
+                f"; ours: {type(ours.optimizer).__name__} lr {og['lr']} betas {og.get('betas')} wd "
+                f"{og['weight_decay']} steps {ours.steps}, PLPD {ours.plpd_threshold} margin {ours.margin:.4f} E0 "
+                f"{ours.e0:.4f} aug {ours.aug} patch_len {ours.patch_len} reweight ent {ours.reweight_ent} plpd "
+                f"{ours.reweight_plpd}, {len(ours.params)} tensors")
     if method == "bn_alpha":
         return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
     if method == "bn_ema":
