@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,15 @@ class Strategy(nn.Module):
     def adapt(self, x: Tensor) -> Tensor:
         """Predict on an unlabelled batch, then adapt on it; the default adapts nothing."""
         return self.predict(x)
+
+    def stepped(self, x: Tensor, step: Callable[[Tensor], Tensor], steps: int) -> Tensor:
+        """``steps`` calls of ``step(x)`` (one update each) with gradients on; returns the last call's output, the
+        prediction it made before its update (as the official TENT-family code returns it)."""
+        prediction = x.new_empty(0)
+        with torch.enable_grad():
+            for _ in range(steps):
+                prediction = step(x)
+        return prediction
 
     def learn(self, x: Tensor, y: Tensor) -> Tensor:
         """Learn from a labelled batch; strategies that support ``train`` steps override this."""

@@ -159,11 +159,7 @@ class DeYO(Strategy):
         return occlude(x, *self.occlusion)
 
     def adapt(self, x: Tensor) -> Tensor:
-        prediction = x.new_empty(0)
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                prediction = self._step(x)
-        return prediction
+        return self.stepped(x, self._step, self.steps)
 
     def _step(self, x: Tensor) -> Tensor:
         logits = self.model(x)

@@ -125,12 +125,14 @@ class EATA(Strategy):
         return self.model(x)
 
     def adapt(self, x: Tensor) -> Tensor:
-        prediction = x.new_empty(0)
-        for _ in range(self.steps):
-            prediction = self._step(x)
-            self.updates.add_(1)
-            if self.reset_every > 0 and int(self.updates) % self.reset_every == 0:
-                self.reset()
+        return self.stepped(x, self._counted_step, self.steps)
+
+    def _counted_step(self, x: Tensor) -> Tensor:
+        """One step, counted; RDumb's full reset every ``reset_every`` steps."""
+        prediction = self._step(x)
+        self.updates.add_(1)
+        if self.reset_every > 0 and int(self.updates) % self.reset_every == 0:
+            self.reset()
         return prediction
 
     def _step(self, x: Tensor) -> Tensor:

@@ -120,11 +120,7 @@ class ROID(Strategy):
         return prior_corrected(logits) if self.use_prior_correction else logits
 
     def adapt(self, x: Tensor) -> Tensor:
-        prediction = x.new_empty(0)
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                prediction = self._step(x)
-        return prediction
+        return self.stepped(x, self._step, self.steps)
 
     def _step(self, x: Tensor) -> Tensor:
         logits = self.model(x)

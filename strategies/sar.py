@@ -74,10 +74,7 @@ class SAR(Strategy):
         return self.model(x)
 
     def adapt(self, x: Tensor) -> Tensor:
-        prediction = x.new_empty(0)
-        for _ in range(self.steps):
-            prediction = self._step(x)
-        return prediction
+        return self.stepped(x, self._step, self.steps)
 
     def _step(self, x: Tensor) -> Tensor:
         state: dict = {}
