@@ -153,3 +153,17 @@ def interrupt_at(strategy, at_call: int = 5):
 
     strategy.adapt = cut
     return strategy
+
+
+class WithLayer4(nn.Module):
+    """Conv-BN, a ``layer4`` block (the top layers SAR / DeYO keep frozen), linear: for freeze tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.layer4 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.layer4(torch.relu(self.bn1(self.conv1(x))))).mean(dim=(2, 3)))

@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from conftest import make_tiny
+from conftest import WithLayer4, make_tiny
 from ctta import strategies
 from ctta.errors import ConfigError
 from ctta.strategies.deyo import _resize, deyo_weights, occlude, patch_shuffle, pixel_shuffle, plpd
@@ -159,17 +159,6 @@ def test_deyo_adapts_only_the_norm_affines_below_the_top_layers(images):
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"}
     assert isinstance(s.optimizer, torch.optim.Adam) and not s.model.training
-
-    class WithLayer4(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-            self.layer4 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.layer4(torch.relu(self.bn1(self.conv1(x))))).mean(dim=(2, 3)))
 
     s = strategies.create("deyo", WithLayer4().eval(), lr=0.05, margin=10.0, plpd_threshold=-1.0)
     top = {k: v.clone() for k, v in s.model.layer4.state_dict().items()}

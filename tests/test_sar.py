@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny
+from conftest import WithLayer4, make_tiny
 from ctta import strategies
 from ctta.strategies.sar import is_top_layer
 
@@ -33,25 +33,16 @@ def test_sar_adapts_only_the_norm_affines_and_returns_the_prediction_before_the_
     assert isinstance(s.optimizer, torch.optim.SGD)
 
 
-class _WithLayer4(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.layer4 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
-        self.fc = nn.Linear(4, 3)
 
-    def forward(self, x):
-        return self.fc(torch.relu(self.layer4(torch.relu(self.bn1(self.conv1(x))))).mean(dim=(2, 3)))
 
 
 def test_sar_leaves_the_top_layers_frozen(images):
-    s = strategies.create("sar", _WithLayer4().eval(), lr=0.05, e_margin=10.0)
+    s = strategies.create("sar", WithLayer4().eval(), lr=0.05, e_margin=10.0)
     top = {k: v.clone() for k, v in s.model.layer4.state_dict().items()}
     s.adapt(images)
     assert all(torch.equal(v, top[k]) for k, v in s.model.layer4.state_dict().items())
     assert len(s.params) == 2
-    assert len(strategies.create("sar", _WithLayer4().eval(), freeze_top=False).params) == 4
+    assert len(strategies.create("sar", WithLayer4().eval(), freeze_top=False).params) == 4
     assert is_top_layer("net.layer4.0.bn1") and is_top_layer("blocks.10.norm1") and is_top_layer("net.norm")
     assert not is_top_layer("net.layer3.2.bn2") and not is_top_layer("blocks.8.norm1") and not is_top_layer("bn1")
     assert not is_top_layer("stages.0.blocks.1.norm")
