@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import WithLayer4, make_tiny
 from ctta import strategies
