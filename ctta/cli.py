@@ -80,6 +80,8 @@ def run_parser() -> argparse.ArgumentParser:
                    "is); the rest of the command may be left out: its saved config.yaml is used")
     p.add_argument("--force", action="store_true", default=None,
                    help="overwrite the finished or unfinished run that --out holds")
+    p.add_argument("--logger", help="mirror the run into trackers: tensorboard, wandb (offline), mlflow "
+                   "(comma-separated; each needs its package)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
     return p
@@ -95,7 +97,7 @@ def _cli_config(a: argparse.Namespace) -> Dict[str, Any]:
         "backbone": {"name": a.backbone, "weights": a.weights, "pretrained": a.pretrained,
                      "num_classes": a.num_classes},
         "run": {"device": a.device, "seed": seed, "out": a.out, "resume": a.resume, "force": a.force,
-                "progress": False if a.no_progress else None},
+                "progress": False if a.no_progress else None, "loggers": a.logger},
     }
 
 

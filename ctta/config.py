@@ -19,7 +19,8 @@ SECTIONS = ("stream", "strategy", "backbone", "run")
 
 RUN_DEFAULTS: Dict[str, Any] = {"device": "auto", "seed": 1, "out": None, "resume": False, "force": False,
                                 "progress": True, "collapse_threshold": 0.5, "on_diverge": "stop",
-                                "chunk_size": None, "protocol": "offline", "relative_cost": None, "stream_rate": None}
+                                "chunk_size": None, "protocol": "offline", "relative_cost": None, "stream_rate": None,
+                                "loggers": None}
 
 
 class YamlLoader(yaml.SafeLoader):

@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ctta import runfolder
 from ctta.provenance import fingerprint
+from ctta.loggers import check_loggers, create_loggers
 from ctta.realtime import RealtimeClock, check_realtime
 from ctta.errors import ConfigError, DivergedError, NonFiniteInputError, UnsupportedError
 from ctta.evaluation import (CostMeter, Recorder, RunEstimate, SegmentAccumulator, definitions_for, error_table,
@@ -119,7 +120,8 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
         out: Optional[str | Path] = None, resume: bool = False, progress: bool = True,
         config: Optional[Mapping[str, Any]] = None, force: bool = False,
         collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop",
-        chunk_size: Optional[int] = None, realtime: Optional[Mapping[str, Any]] = None) -> RunResult:
+        chunk_size: Optional[int] = None, realtime: Optional[Mapping[str, Any]] = None,
+        loggers: Optional[Sequence[str]] = None) -> RunResult:
     """Run ``strategy`` over ``stream`` on ``device``; write the run folder ``out`` as it goes when given.
 
     This process holds ``out`` while it writes it (a second writer is refused, naming this one; see
@@ -133,21 +135,24 @@ def run(stream: Stream, strategy: Strategy, device: str | torch.device | None = 
     ``chunk_size`` (images; ``None``: automatic, see :meth:`Segment.chunk_length`) bounds the memory a large segment
     takes on the device; results do not depend on it. ``realtime`` (``{"relative_cost": k}`` fixed, ``{"rate":
     images/s}`` or ``{}`` measured against a forward pass) runs the realtime protocol (:mod:`ctta.realtime`).
+    ``loggers`` (``tensorboard``, ``wandb``, ``mlflow``) mirror the run folder's rows into those trackers.
     """
     check_health_options(collapse_threshold, on_diverge)
     check_chunk_size(chunk_size)
     if realtime is not None:
         check_realtime("realtime", realtime.get("relative_cost"), realtime.get("rate"))
+    check_loggers(loggers)
     with runfolder.lock(out):
         return _run(stream, strategy, device, out, resume, progress, config, force,
                     collapse_threshold=collapse_threshold, on_diverge=on_diverge, chunk_size=chunk_size,
-                    realtime=realtime)
+                    realtime=realtime, loggers=loggers)
 
 
 def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, out: Optional[str | Path],
          resume: bool, progress: bool, config: Optional[Mapping[str, Any]], force: bool,
          collapse_threshold: float = COLLAPSE_THRESHOLD, on_diverge: str = "stop",
-         chunk_size: Optional[int] = None, realtime: Optional[Mapping[str, Any]] = None) -> RunResult:
+         chunk_size: Optional[int] = None, realtime: Optional[Mapping[str, Any]] = None,
+         loggers: Optional[Sequence[str]] = None) -> RunResult:
     check_compatible(stream, strategy)
     dev = resolve_device(device)
     clock = RealtimeClock(dev, realtime.get("relative_cost"), realtime.get("rate")) if realtime is not None else None
@@ -194,6 +199,8 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
         else:
             runfolder.write_config(out_path, runfolder.api_config(stream, strategy, dev), header=runfolder.API_HEADER)
 
+    trackers = create_loggers(loggers, out_path, config if config is not None else
+                              runfolder.api_config(stream, strategy, dev))  # mirrors of the rows written below
     meter = CostMeter(dev)
     if cost_state:
         meter.load_state_dict(cost_state)  # time, images, steps and peak memory accumulate across the interruption
@@ -233,6 +240,10 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
             seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)
             rec = acc.finish()
             recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds, meta=seg.meta, groups=seg.groups)
+            if trackers:
+                steps_now, rows_now = recorder.steps(), recorder.segments()
+                for t in trackers:
+                    t.segment(steps_now[steps_now["segment_index"] == index], rows_now.iloc[-1].to_dict())
             log.info("%-24s %-5s accuracy %.2f%%  (%.1f img/s)", seg.name, seg.kind, 100 * rec.accuracy,
                      rec.n / max(seconds, 1e-12))
             if rec.nonfinite:  # the segment's rows are written; its checkpoint is not (it would hold a NaN model)
@@ -278,6 +289,8 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
     if out_path is not None:
         recorder.write_summary(summary)
         result.files = write_run_report(result, True)
+    for t in trackers:
+        t.finish(summary)
     if stopped:
         raise DivergedError(stopped[1], result)
     return result

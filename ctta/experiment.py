@@ -115,6 +115,7 @@ def _run_folder(out_root: Path, name: str, seed: int, names: List[str], seeds: L
 def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dict[str, Any]:
     from ctta import backbones, runfolder, strategies
     from ctta.engine import check_chunk_size, check_health_options, resolve_device, run
+    from ctta.loggers import check_loggers
     from ctta.realtime import check_realtime
     from ctta.evaluation.health import COLLAPSE_THRESHOLD
 
@@ -133,6 +134,7 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
     check_realtime(protocol, run_cfg.get("relative_cost"), run_cfg.get("stream_rate"))
     variants = ["offline", "realtime"] if protocol == "both" else [protocol]
     realtime = {"relative_cost": run_cfg.get("relative_cost"), "rate": run_cfg.get("stream_rate")}
+    check_loggers(run_cfg.get("loggers"))
     out_root = Path(run_cfg.get("out") or Path("runs") / f"{cfg['stream']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     show = run_cfg.get("progress", True) if progress is None else progress
     results: Dict[str, Any] = {}
@@ -170,7 +172,8 @@ def _run_experiment(cfg: Dict[str, Any], progress: Optional[bool] = None) -> Dic
             try:
                 results[label] = run(stream, strategy, device=device, out=out, resume=resume, progress=show,
                                      config=one_cfg, force=bool(run_cfg.get("force")), chunk_size=chunk_size,
-                                     realtime=realtime if variant == "realtime" else None, **health)
+                                     realtime=realtime if variant == "realtime" else None,
+                                     loggers=run_cfg.get("loggers"), **health)
             except DivergedError as e:
                 if not many or e.result is None:
                     raise

@@ -20,7 +20,7 @@ PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "numpy", "pandas"
 HEAD_BYTES = 1 << 20  # data files are identified by size and a hash of their first MiB
 #: config keys that say how to run, not what is computed (never in the setup a comparison checks)
 VOLATILE = ("run.out", "run.resume", "run.force", "run.progress", "run.device", "run.chunk_size", "run.seed",
-            "stream.workers", "stream.seed")
+            "stream.workers", "stream.seed", "run.loggers")
 
 
 def package_versions() -> Dict[str, Optional[str]]:

@@ -44,7 +44,7 @@ OUTPUTS = ("steps.csv", "segments.csv", "groups.csv", "segment_details.jsonl", "
            CHECKPOINT + ".tmp")
 #: dotted keys of the config that may differ on resume: how to run, not what is computed
 RESUME_IGNORED = ("run.resume", "run.force", "run.progress", "run.out", "run.device", "run.chunk_size",
-                  "stream.workers")
+                  "stream.workers", "run.loggers")
 
 _HELD: Dict[str, List[Any]] = {}  # real path of a lock file -> [RunLock, depth, thread] held by this process
 _HELD_GUARD = threading.Lock()

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 GRID_KEYS = ("streams", "strategies", "backbones", "seeds", "overrides", "out", "resources")
 DEFAULT_RESOURCES: Dict[str, float] = {"num_gpus": 1, "num_cpus": 1}
 # keys of the run section that do not change what a run computes (ignored when matching a finished run)
-VOLATILE_RUN_KEYS = ("out", "resume", "force", "progress", "chunk_size")
+VOLATILE_RUN_KEYS = ("out", "resume", "force", "progress", "chunk_size", "loggers")
 SWEEP_FILE = "sweep.json"
 
 
