@@ -4,7 +4,7 @@ The run folder stays the one source of truth; a logger receives, after each fini
 recorder has just written (per step and per segment) and, at the end, the summary, and mirrors them where
 researchers already look. Each library is imported only when its logger is asked for (install the extra:
 ``pip install 'ctta-bench[loggers]'``); W&B runs offline (``mode="offline"``) so no network is needed, MLflow writes
-a local file store. Enabled by ``--logger tensorboard,wandb`` or ``run.loggers``.
+a local SQLite store. Enabled by ``--logger tensorboard,wandb`` or ``run.loggers``.
 """
 from __future__ import annotations
 
@@ -99,13 +99,15 @@ class WandbLogger(RunLogger):
 
 
 class MlflowLogger(RunLogger):
-    """An MLflow run in the local file store ``<out>/mlruns``: the config as parameters, steps and summary."""
+    """An MLflow run in a local SQLite store ``<out>/mlflow.db`` (MLflow 3 retires the plain file store; no server
+    needed: ``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``): config as parameters, steps, summary."""
 
     def __init__(self, out: Path, config: Mapping[str, Any]) -> None:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+        out.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
         mlflow.start_run(run_name=str((config.get("strategy") or {}).get("name", "run")))
         mlflow.log_params({k: str(v)[:500] for k, v in _flat(dict(config)).items()})
 
@@ -114,7 +116,7 @@ class MlflowLogger(RunLogger):
             self.mlflow.log_metric("online_accuracy", float(r.accuracy), step=int(r.step))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        self.mlflow.log_metrics({k.replace("@", "_"): v for k, v in _scalars(summary).items()})
+        self.mlflow.log_metrics({f"summary.{k}".replace("@", "_"): v for k, v in _scalars(summary).items()})
         self.mlflow.end_run()
 
 

@@ -43,7 +43,12 @@ def test_wandb_runs_offline_with_the_summary(tmp_path, monkeypatch):
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
-def test_mlflow_writes_a_local_file_store(tmp_path):
-    pytest.importorskip("mlflow")
+def test_mlflow_writes_a_local_store_with_every_step(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
     res = _run(tmp_path / "run", ["mlflow"])
-    assert (tmp_path / "run" / "mlruns").is_dir() and res.summary["mean_error"] >= 0
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    history = client.get_metric_history(run.info.run_id, "online_accuracy")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == res.steps["step"].tolist()
+    assert run.data.metrics["summary.mean_error"] == pytest.approx(res.summary["mean_error"])
+    assert run.data.params["strategy.name"] == "bn"
