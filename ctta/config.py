@@ -186,3 +186,13 @@ def check_options(fn: Any, options: Mapping[str, Any], what: str, noun: str, ski
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(f"{what} has no {noun} {', '.join(map(repr, unknown))}; it takes: {', '.join(accepted)}")
+
+
+def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """A nested mapping as ``{"section.key": value}`` (leaves only), e.g. for trackers' parameters and fingerprints."""
+    if isinstance(d, Mapping):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}

@@ -14,24 +14,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
+from .config import flatten
 from .errors import ConfigError, CttaError
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(d, Mapping):
-        out: Dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def _scalars(summary: Mapping[str, Any]) -> Dict[str, float]:
     """The summary's numbers (nested ones flattened), for a tracker's run summary."""
-    return {k: float(v) for k, v in _flat(summary).items()
+    return {k: float(v) for k, v in flatten(summary).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
 
 
@@ -86,7 +78,7 @@ class WandbLogger(RunLogger):
         import wandb
 
         strategy = (config.get("strategy") or {}).get("name", "run")
-        self.run = wandb.init(mode="offline", dir=str(out), config=_flat(dict(config)), name=str(strategy),
+        self.run = wandb.init(mode="offline", dir=str(out), config=flatten(dict(config)), name=str(strategy),
                               reinit=True)
 
     def segment(self, steps: pd.DataFrame, row: Mapping[str, Any]) -> None:
@@ -109,7 +101,7 @@ class MlflowLogger(RunLogger):
         out.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
         mlflow.start_run(run_name=str((config.get("strategy") or {}).get("name", "run")))
-        mlflow.log_params({k: str(v)[:500] for k, v in _flat(dict(config)).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(dict(config)).items()})
 
     def segment(self, steps: pd.DataFrame, row: Mapping[str, Any]) -> None:
         for r in steps.itertuples():

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .config import flatten
+
 PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "numpy", "pandas", "avalanche-lib")
 HEAD_BYTES = 1 << 20  # data files are identified by size and a hash of their first MiB
 #: config keys that say how to run, not what is computed (never in the setup a comparison checks)
@@ -83,24 +85,15 @@ def corruption_engine() -> str:
     return h.hexdigest()[:16]
 
 
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(d, Mapping):
-        out: Dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def setup(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The resolved config without the strategy and the how-to-run keys: what runs being compared must share."""
-    flat = _flat({k: v for k, v in config.items() if k != "strategy"})
+    flat = flatten({k: v for k, v in config.items() if k != "strategy"})
     return {k: v for k, v in sorted(flat.items()) if not any(k == x or k.startswith(x + ".") for x in VOLATILE)}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """SHA-256 of the whole resolved config (strategy included), how-to-run keys aside."""
-    flat = {k: v for k, v in _flat(config).items() if not any(k == x or k.startswith(x + ".") for x in VOLATILE)}
+    flat = {k: v for k, v in flatten(config).items() if not any(k == x or k.startswith(x + ".") for x in VOLATILE)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -134,7 +127,7 @@ IGNORED = ("config_sha256", "git.dirty", "setup.run.protocol")
 
 def fingerprint_differences(fingerprints: Sequence[Tuple[str, Optional[Mapping[str, Any]]]]) -> List[str]:
     """One line per fingerprint field in which the runs differ (strategy and seed aside), naming two values."""
-    known = [(name, _flat(fp)) for name, fp in fingerprints if fp]
+    known = [(name, flatten(fp)) for name, fp in fingerprints if fp]
     if len(known) < 2:
         return []
     lines = []
