@@ -26,6 +26,7 @@ from .base import STREAMS, Segment, Stream
 from .corruptions import CORRUPTION_ORDER, CORRUPTIONS, corrupt, generated_corruptions
 from .corruptions.digital import jpeg_compression
 from .gather import Block, gathered_segment
+from .probes import PROBES, check_probes, probe_count  # noqa: F401  (PROBES: the modes, re-exported)
 from .datasets import (_C_FOLDER, ImageSet, c_release_folder, corrupted_file, default_data_root, load_c_labels,
                        load_corrupted, load_cifar)
 from .label_shift import check_label_shift, dirichlet_order, prior_counts, select_counts
@@ -171,17 +172,22 @@ def _planned_segment(name: str, parts: List[_Part], perm: Optional[Tensor], grou
                      jpeg_quality: Optional[int] = None) -> Segment:
     """A segment that gathers its parts from the sources chunk by chunk (corrupting generated ones on the device,
     then saving them as JPEG at ``jpeg_quality`` when given, as the released ImageNet-C files were saved)."""
-    gathered = []
-    for p in parts:
-        src = sources[p.key]
-        rows = p.index if src.position is None else src.position[p.index]
-        transform = None
-        if src.generated:
-            def transform(x: Tensor, key: Key = p.key, noise: int = p.noise_seed) -> Tensor:
-                out = corrupt(x, key[0], key[1], seed=noise, params=params)
-                return out if jpeg_quality is None else jpeg_compression(out, jpeg_quality, None)
-        gathered.append(Block(src.images, rows, src.labels[rows], p.group, transform))
+    gathered = [_source_block(sources[p.key], p.index, p.key, p.noise_seed, p.group, params, jpeg_quality)
+                for p in parts]
     return gathered_segment(name, "adapt", gathered, batch_size, order=perm, groups=groups, meta=meta)
+
+
+def _source_block(src: _Source, index: Tensor, key: Key, noise_seed: int, group: int, params: str,
+                  jpeg_quality: Optional[int]) -> Block:
+    """Clean-set indices ``index`` seen through ``src``: the rows of its -C file, or the clean rows corrupted on the
+    device with ``noise_seed`` (then JPEG at ``jpeg_quality`` when given)."""
+    rows = index if src.position is None else src.position[index]
+    transform = None
+    if src.generated:
+        def transform(x: Tensor) -> Tensor:
+            out = corrupt(x, key[0], key[1], seed=noise_seed, params=params)
+            return out if jpeg_quality is None else jpeg_compression(out, jpeg_quality, None)
+    return Block(src.images, rows, src.labels[rows], group, transform)
 
 
 def _sources(keys: List[Key], clean: ImageSet, used: Dict[Key, List[Tensor]],
@@ -243,39 +249,14 @@ def _provenance(sources: Dict[Key, _Source], params: str) -> Dict[str, Dict[str,
     return out
 
 
-PROBES = ("none", "clean", "seen", "all")
-
-
-def check_probes(probes: Optional[str], probe_samples: Any, clean_eval: bool, order: str, rounds: int) -> str:
-    """The probe mode: ``none``, ``clean`` (clean@start / clean@end), ``seen`` or ``all`` (after every domain, the
-    held-out images of the clean set and of the domains seen so far / of every domain); one-line errors."""
-    if probes is None:
-        return "clean" if clean_eval else "none"
-    if probes not in PROBES:
-        raise ConfigError(f"probes must be one of {', '.join(PROBES)}, got {probes!r}")
-    if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
-        raise ConfigError(f"probe_samples must be a positive integer, got {probe_samples!r}")
-    if probes in ("seen", "all") and (order == "mixed" or rounds > 1):
-        raise ConfigError(f"probes: {probes} needs one segment per domain and one round; order {order!r} with "
-                          f"{rounds} round(s) mixes or repeats domains (use probes: clean, or interleave_clean)")
-    return probes
-
-
 def _probe_segment(after: str, domains: List[Tuple[str, Key]], held: Tensor, clean: ImageSet,
                    sources: Dict[Key, _Source], seed: int, batch_size: int, params: str,
                    jpeg_quality: Optional[int], probes: str) -> Segment:
     """``probes@<after>``: the held-out images clean and under each domain's corruption, one group each, in whole
     batches per group; the same images and noise at every probe, so R[i, j] compares like with like."""
     blocks = [Block(clean.images, held, clean.labels[held], group=0)]
-    for k, (_, key) in enumerate(domains):
-        src = sources[key]
-        rows = held if src.position is None else src.position[held]
-        transform = None
-        if src.generated:
-            def transform(x: Tensor, key: Key = key) -> Tensor:
-                out = corrupt(x, key[0], key[1], seed=stable_seed(seed, "probe", key[0], key[1]), params=params)
-                return out if jpeg_quality is None else jpeg_compression(out, jpeg_quality, None)
-        blocks.append(Block(src.images, rows, src.labels[rows], group=k + 1, transform=transform))
+    blocks += [_source_block(sources[key], held, key, stable_seed(seed, "probe", key[0], key[1]), k + 1, params,
+                             jpeg_quality) for k, (_, key) in enumerate(domains)]
     name = f"probes@{after}" if after else "probes@start"
     meta = {"after": after, "probes": probes} if after else {"probes": probes}
     return gathered_segment(name, "eval", blocks, batch_size, groups=["clean"] + [d for d, _ in domains],
@@ -329,8 +310,7 @@ def corruption_stream(name: str, clean: ImageSet, corruptions: Union[str, Sequen
     n_total = len(clean)
     held, pool = None, None
     if probes in ("seen", "all"):  # held-out probe images, outside everything the strategy adapts on
-        per_probe = max(batch_size, probe_samples // batch_size * batch_size) if probe_samples >= batch_size \
-            else probe_samples  # whole batches, so a probe batch never mixes two domains
+        per_probe = probe_count(probe_samples, batch_size)
         if per_probe >= n_total:
             raise ConfigError(f"probe_samples {probe_samples} leaves no images to adapt on ({n_total} in the set)")
         order_all = torch.randperm(n_total, generator=torch.Generator().manual_seed(stable_seed(seed, "probes")))

@@ -20,6 +20,7 @@ from ctta.seeding import stable_seed
 from .base import KINDS, STREAMS, Segment, Stream
 from .datasets import ImageSet, load_image_folder
 from .incremental import Part, check_int, parts_segment
+from .probes import check_probes, probe_count
 
 SETTINGS = ("tta", "class_incremental", "few_shot_class_incremental", "online_class_incremental",
             "domain_incremental", "gilcd", "sfda")
@@ -73,13 +74,11 @@ def from_imagesets(sets: Sequence[Tuple[str, ImageSet]], kind: Union[str, Sequen
     check_int("batch_size", batch_size)
     if setting not in SETTINGS:
         raise ConfigError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
-    if probes not in ("none", "seen", "all"):
-        raise ConfigError(f"probes must be none, seen or all for a custom stream, got {probes!r}")
-    check_int("probe_samples", probe_samples)
+    check_probes(probes, probe_samples, allowed=("none", "seen", "all"), what="a custom stream")
     kinds = _kinds(kind, len(sets), name)
     held: Dict[str, Tuple[ImageSet, Tensor]] = {}
     if probes != "none":
-        per = probe_samples // batch_size * batch_size if probe_samples >= batch_size else probe_samples
+        per = probe_count(probe_samples, batch_size)
         for (dname, data), k in zip(sets, kinds):
             if k == "adapt":
                 if per >= len(data):

@@ -27,10 +27,11 @@ from ctta.errors import ConfigError, DataNotFoundError
 from ctta.seeding import stable_seed
 
 from .base import STREAMS, Stream
-from .corruption_stream import _corruption_list, check_probes, check_stream_options, corruption_stream
+from .corruption_stream import _corruption_list, check_stream_options, corruption_stream
 from .datasets import ImageSet, default_data_root
 from .files import FileImages, class_folder_files
 from .gather import Block, gathered_segment
+from .probes import check_probes, probe_count
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,7 @@ def _variant(name: str, folder_names: Tuple[str, ...], subset: bool, digit_folde
     def build(data_root: Optional[str] = None, batch_size: int = 64, num_samples: Optional[int] = None,
               seed: int = 1, workers: Optional[int] = None, probes: str = "none", probe_samples: int = 192) -> Stream:
         check_stream_options(5, batch_size, num_samples, "continual")
-        if probes not in ("none", "seen", "all"):
-            raise ConfigError(f"probes must be none, seen or all for {name} (one domain, no clean set), got "
-                              f"{probes!r}")
-        check_probes(probes, probe_samples, False, "continual", 1)
+        check_probes(probes, probe_samples, allowed=("none", "seen", "all"), what=f"{name} (one domain, no clean set)")
         root = Path(data_root).expanduser() if data_root else default_data_root()
         folder = next((root / n for n in folder_names if (root / n).is_dir()), None)
         if folder is None and root.is_dir() and any(d.is_dir() for d in root.iterdir()):
@@ -186,7 +184,7 @@ def _variant(name: str, folder_names: Tuple[str, ...], subset: bool, digit_folde
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, name)))
         held = None
         if probes != "none":  # held-out images of the domain, predicted after it (and before, with all)
-            per = probe_samples // batch_size * batch_size if probe_samples >= batch_size else probe_samples
+            per = probe_count(probe_samples, batch_size)
             if per >= n:
                 raise ConfigError(f"{name}: probe_samples {probe_samples} leaves none of its {n} images")
             held, perm = perm[:per], perm[per:]
