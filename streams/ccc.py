@@ -312,11 +312,14 @@ def ccc(data_root: Optional[str] = None, baseline: Any = "medium", speed: int = 
                         random_crop_seed=stable_seed(seed, "ccc-crop") if crop == "random" else None)
     noises = noises_for(base)
     segments, total, point = [], 0, 0
+    walks: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}  # a pair's walk, computed once (pairs recur)
     for walk_index, (n1, n2) in enumerate(pair_sequence(noises, seed)):
         if total >= num_images:
             break
+        if (n1, n2) not in walks:
+            walks[(n1, n2)] = find_walk(calib(n1, n2), base)
         blocks = []
-        for i, j in find_walk(calib(n1, n2), base):
+        for i, j in walks[(n1, n2)]:
             if total >= num_images:
                 break
             take = min(speed, num_images - total)
@@ -330,7 +333,7 @@ def ccc(data_root: Optional[str] = None, baseline: Any = "medium", speed: int = 
             blocks.append(Block(source, rows, labels_t[idx], transform=transform))
             total += take
             point += 1
-        walk = [(grid[i], grid[j]) for i, j in find_walk(calib(n1, n2), base)][:len(blocks)]
+        walk = [(grid[i], grid[j]) for i, j in walks[(n1, n2)][:len(blocks)]]
         segments.append(gathered_segment(f"{n1}>{n2}#{walk_index + 1}", "adapt", blocks, batch_size,
                                          meta={"n1": n1, "n2": n2, "walk": walk, "speed": speed}))
     spec = {"name": "ccc", "data_root": str(data_root) if data_root else None, "baseline": base, "speed": speed,
