@@ -241,9 +241,9 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
             rec = acc.finish()
             recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds, meta=seg.meta, groups=seg.groups)
             if trackers:
-                steps_now, rows_now = recorder.steps(), recorder.segments()
+                seg_steps, seg_row = recorder.last_segment()
                 for t in trackers:
-                    t.segment(steps_now[steps_now["segment_index"] == index], rows_now.iloc[-1].to_dict())
+                    t.segment(seg_steps, seg_row)
             log.info("%-24s %-5s accuracy %.2f%%  (%.1f img/s)", seg.name, seg.kind, 100 * rec.accuracy,
                      rec.n / max(seconds, 1e-12))
             if rec.nonfinite:  # the segment's rows are written; its checkpoint is not (it would hold a NaN model)

@@ -43,6 +43,7 @@ class Recorder:
         self.num_classes = num_classes
         self.collapse_threshold = collapse_threshold
         self.step_rows: List[Dict[str, Any]] = []
+        self.last: Optional[tuple] = None  # (steps, row) of the segment added last
         self.segment_rows: List[Dict[str, Any]] = []
         self.group_rows: List[Dict[str, Any]] = []
         self.details: List[Dict[str, Any]] = []
@@ -120,6 +121,7 @@ class Recorder:
                   "confusion": confusion.tolist() if confusion is not None else []}
         self.step_rows.extend(steps)
         self.segment_rows.append(seg)
+        self.last = (steps, seg)
         self.group_rows.extend(grows)
         self.details.append(detail)
         if self.out is not None:
@@ -132,6 +134,12 @@ class Recorder:
 
     def steps(self) -> pd.DataFrame:
         return pd.DataFrame(self.step_rows, columns=STEP_COLUMNS)
+
+    def last_segment(self) -> tuple:
+        """The steps (a DataFrame) and the row of the segment added last: what trackers mirror, without rebuilding
+        the whole tables after every segment."""
+        steps, seg = self.last
+        return pd.DataFrame(steps, columns=STEP_COLUMNS), dict(seg)
 
     def segments(self) -> pd.DataFrame:
         return pd.DataFrame(self.segment_rows, columns=SEGMENT_COLUMNS)
