@@ -4,7 +4,7 @@ tests can count its lines); ``save_figure`` writes it and closes it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -150,18 +150,26 @@ def matrix_figure(values: Sequence[Sequence[Optional[float]]], rows: Sequence[st
     im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
-    if R.size <= 400:
-        for i in range(R.shape[0]):
-            for j in range(R.shape[1]):
-                if not np.isnan(R[i, j]):
-                    ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if R[i, j] < 60 else "black")
+    annotate_cells(ax, R, white=lambda v: v < 60, fontsize=7, max_cells=400)
     ax.set_xlabel("evaluated on (session / domain)")
     ax.set_ylabel("after learning")
     ax.set_title(title or "accuracy matrix R[i, j] (%)")
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     return fig
+
+
+def annotate_cells(ax: Any, values: np.ndarray, white: Callable[[float], bool], fontsize: int,
+                   max_cells: int) -> None:
+    """Write each finite cell's value (no decimals) on a heat map, in white where ``white(value)``; skipped for
+    grids of more than ``max_cells`` cells (unreadable)."""
+    if values.size > max_cells:
+        return
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=fontsize,
+                        color="white" if white(values[i, j]) else "black")
 
 
 def domain_error_figure(mean: pd.DataFrame, std: Optional[pd.DataFrame] = None, title: str = ""):

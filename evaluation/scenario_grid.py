@@ -73,7 +73,7 @@ def scenario_table(runs: pd.DataFrame, strategies: Optional[Sequence[str]] = Non
 
 def heatmap_figure(mean: pd.DataFrame, codes: Optional[Dict[str, str]] = None, title: str = ""):
     """The strategies x scenarios error (%) as an annotated heat map (darker = lower error)."""
-    from .report import _plt
+    from .report import _plt, annotate_cells
 
     plt = _plt()
     e = mean.to_numpy(dtype=float)
@@ -84,13 +84,8 @@ def heatmap_figure(mean: pd.DataFrame, codes: Optional[Dict[str, str]] = None, t
     im = ax.imshow(e, cmap="viridis_r", aspect="auto", vmin=lo, vmax=hi if hi > lo else lo + 1)
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
     ax.set_yticks(range(len(mean.index)), [str(r) for r in mean.index], fontsize=8)
-    if e.size <= 600:
-        mid = (lo + hi) / 2
-        for i in range(e.shape[0]):
-            for j in range(e.shape[1]):
-                if np.isfinite(e[i, j]):
-                    ax.text(j, i, f"{e[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                            color="white" if e[i, j] > mid else "black")
+    mid = (lo + hi) / 2
+    annotate_cells(ax, e, white=lambda v: v > mid, fontsize=6, max_cells=600)
     ax.set_xlabel("scenario")
     ax.set_ylabel("strategy")
     ax.set_title(title or "error (%) per strategy and scenario")
