@@ -167,3 +167,18 @@ class WithLayer4(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.layer4(torch.relu(self.bn1(self.conv1(x))))).mean(dim=(2, 3)))
+
+
+def adapt_once(name: str, images: torch.Tensor, **hp):
+    """``name`` on a fresh tiny model, one adapt step on ``images``: (strategy, its output, the model's output just
+    before, the state-dict keys the step changed) for the "adapts only X, returns the pre-update prediction" tests."""
+    from ctta import strategies
+
+    model = make_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = strategies.create(name, model, **hp)
+    with torch.no_grad():
+        expected = s.model(images)
+    out = s.adapt(images)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    return s, out, expected, changed

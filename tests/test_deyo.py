@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from conftest import WithLayer4, make_tiny
+from conftest import WithLayer4, adapt_once, make_tiny
 from ctta import strategies
 from ctta.errors import ConfigError
 from ctta.strategies.deyo import _resize, deyo_weights, occlude, patch_shuffle, pixel_shuffle, plpd
@@ -148,15 +148,10 @@ def test_no_step_when_a_filter_keeps_nothing():
 
 
 def test_deyo_adapts_only_the_norm_affines_below_the_top_layers(images):
-    model = make_tiny()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    s = strategies.create("deyo", model, lr=0.05, margin=10.0, plpd_threshold=-1.0)  # every sample kept
-    with torch.no_grad():
-        expected = s.model(images)
-    out = s.adapt(images)
+    s, out, expected, changed = adapt_once("deyo", images, lr=0.05, margin=10.0,
+                                           plpd_threshold=-1.0)  # every sample kept
     assert torch.equal(out, expected), "the prediction is the one before the update"
     assert s.last_kept == (16, 16)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"}
     assert isinstance(s.optimizer, torch.optim.Adam) and not s.model.training
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import adapt_once, make_tiny
 from ctta import strategies
 from ctta.errors import ConfigError
 from ctta.strategies.common import generalized_cross_entropy
@@ -25,14 +25,8 @@ def test_gce_hand_computed_and_its_limits():
 
 
 def test_rpl_adapts_only_the_norm_affines_and_returns_the_prediction_before_the_update(images):
-    model = make_tiny()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    s = strategies.create("rpl", model, lr=0.05)
-    with torch.no_grad():
-        expected = s.model(images)
-    out = s.adapt(images)
+    s, out, expected, changed = adapt_once("rpl", images, lr=0.05)
     assert torch.equal(out, expected)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"}
     assert isinstance(s.optimizer, torch.optim.Adam) and s.optimizer.defaults["lr"] == 0.05
     assert not s.model.training, "eval mode (no dropout), BatchNorm on batch statistics"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import WithLayer4, make_tiny
+from conftest import WithLayer4, adapt_once, make_tiny
 from ctta import strategies
 from ctta.strategies.sar import is_top_layer
 
@@ -20,14 +20,8 @@ def _affines(m):
 
 
 def test_sar_adapts_only_the_norm_affines_and_returns_the_prediction_before_the_update(images):
-    model = make_tiny()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    s = strategies.create("sar", model, lr=0.05, e_margin=10.0)  # every sample reliable
-    with torch.no_grad():
-        expected = s.model(images)
-    out = s.adapt(images)
+    s, out, expected, changed = adapt_once("sar", images, lr=0.05, e_margin=10.0)  # every sample reliable
     assert torch.equal(out, expected)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"}
     assert isinstance(s.optimizer, torch.optim.SGD)
 
