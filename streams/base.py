@@ -9,6 +9,7 @@ memory is bounded by the chunk size and never by the segment's or the stream's l
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
@@ -88,7 +89,7 @@ class Segment:
         if chunk_size is None:
             if self.image_shape is None:
                 return n
-            per_image = 4 * int(torch.tensor(self.image_shape).prod())
+            per_image = 4 * math.prod(self.image_shape)
             if n * per_image <= CHUNK_BYTES:
                 return n
             chunk_size = CHUNK_BYTES // per_image
