@@ -1,0 +1,131 @@
+"""Agreement of our T3A with the official code (matsuolab/T3A): same model, images, batches, order and filter size.
+
+The reference is not part of this repository: give ``--reference`` the file ``domainbed/adapt_algorithms.py`` of a
+checkout of matsuolab/T3A (e.g. ``git --git-dir=<mirror> show ff8cde5:domainbed/adapt_algorithms.py > /tmp/t3a.py``).
+It is imported from that path; the only module it needs from DomainBed, ``domainbed.algorithms.Algorithm`` (an
+``nn.Module`` holding ``hparams``), is a stand-in defined here. This script contains none of its code.
+
+Both sides see the shared ResNet-20 (each its own fresh copy), one continual CIFAR-10-C stream generated once by our
+engine, the same batches in the same order and no reset between domains (the continual protocol; the official
+script resets per test environment). The reference's ``T3A(..., algorithm)`` gets ``featurizer`` = our backbone's
+penultimate features and ``classifier`` = its linear head, ``hparams = {"filter_K": K, "cached_loader": False}``, and
+is called as ``t3a(x, adapt=True)`` per batch; ours is ``ctta.strategies.create("t3a", model, filter_k=K)``.
+
+    python benchmarks/t3a_reference.py --reference /tmp/t3a_ref.py --weights ../shared/models/resnet20-12fca82f.th \\
+        --data-root ../shared/data/cifar10 --num-samples 1000 --filter-k 100,20,1
+
+Prints per domain the error of both, the share of identical argmaxes and the largest |output difference|.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+
+def import_reference(path: str):
+    """The reference module from ``path``, with the stand-in ``domainbed.algorithms.Algorithm`` it subclasses."""
+
+    class Algorithm(nn.Module):
+        def __init__(self, input_shape, num_classes, num_domains, hparams) -> None:
+            super().__init__()
+            self.hparams = hparams
+
+    pkg = types.ModuleType("domainbed")
+    pkg.__path__ = []
+    algorithms = types.ModuleType("domainbed.algorithms")
+    algorithms.Algorithm = Algorithm
+    sys.modules.setdefault("domainbed", pkg)
+    sys.modules["domainbed.algorithms"] = algorithms
+    spec = importlib.util.spec_from_file_location("t3a_reference_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Trained(nn.Module):
+    """What the reference's ``T3A`` reads from a trained DomainBed algorithm: ``featurizer`` and ``classifier``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from ctta.backbones.classifier import last_linear
+
+        self.model = model
+        self.classifier = last_linear(model)
+
+    def featurizer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reference", required=True, help="path of matsuolab/T3A's domainbed/adapt_algorithms.py")
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--backbone", default="resnet20_cifar")
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--corruptions", default="gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression")
+    ap.add_argument("--severity", type=int, default=5)
+    ap.add_argument("--num-samples", type=int, default=1000, help="images per corruption")
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--filter-k", default="100", help="comma-separated filter sizes, one comparison each")
+    ap.add_argument("--dirichlet", type=float, default=0.0, help="temporally correlated labels (delta); 0: i.i.d.")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import ctta
+
+    ref = import_reference(args.reference)
+    t0 = time.time()
+    stream = ctta.streams.corruption("cifar10", root=args.data_root, severity=args.severity,
+                                     corruptions=args.corruptions, num_samples=args.num_samples,
+                                     batch_size=args.batch_size, seed=args.seed, clean_eval=False,
+                                     label_shift={"kind": "dirichlet", "delta": args.dirichlet} if args.dirichlet
+                                     else None)
+    domains = [(s.name, *s.load(torch.device("cpu"))) for s in stream.segments if s.role == "domain"]
+    print(f"stream: {len(domains)} domains x {args.num_samples} images, severity {args.severity}, batch "
+          f"{args.batch_size}, seed {args.seed} ({time.time() - t0:.0f} s to generate)", flush=True)
+
+    def make_model() -> nn.Module:
+        return ctta.backbones.create(args.backbone, weights=args.weights).eval()
+
+    b = args.batch_size
+    source = make_model()
+    print("| filter_k | domain | source | T3A ours | T3A official | identical argmax % | max |diff| |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for k in [int(v) for v in args.filter_k.split(",")]:
+        ours = ctta.strategies.create("t3a", make_model(), filter_k=k)
+        trained = Trained(make_model().requires_grad_(False))
+        theirs = ref.T3A((3, 32, 32), 10, 1, {"filter_K": k, "cached_loader": False}, trained)
+        totals = [0, 0, 0, 0, 0]
+        for name, x_all, y_all in domains:
+            err_src = err_o = err_r = same = 0
+            diff = 0.0
+            with torch.no_grad():
+                for i in range(0, len(y_all), b):
+                    x, y = x_all[i:i + b], y_all[i:i + b]
+                    o, r = ours.adapt(x), theirs(x, adapt=True)
+                    err_src += int((source(x).argmax(1) != y).sum())
+                    err_o += int((o.argmax(1) != y).sum())
+                    err_r += int((r.argmax(1) != y).sum())
+                    same += int((o.argmax(1) == r.argmax(1)).sum())
+                    diff = max(diff, float((o - r).abs().max()))
+            n = len(y_all)
+            for j, v in enumerate((err_src, err_o, err_r, same, n)):
+                totals[j] += v
+            print(f"| {k} | {name} | {100 * err_src / n:.2f} | {100 * err_o / n:.2f} | {100 * err_r / n:.2f} | "
+                  f"{100 * same / n:.2f} | {diff:.1e} |", flush=True)
+        s, o, r, same, n = totals
+        print(f"| {k} | **mean** | {100 * s / n:.2f} | {100 * o / n:.2f} | {100 * r / n:.2f} | "
+              f"{100 * same / n:.2f} | |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
