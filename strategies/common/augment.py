@@ -5,6 +5,12 @@ Follows ``get_tta_transforms`` of the official CoTTA code (qinenergy/cotta, ``ci
 Gaussian blur (kernel 5), centre crop, horizontal flip, additive Gaussian noise, clipping. As there, one draw of
 the random parameters is shared by all images of a view (torchvision applies one draw to a whole batch tensor);
 here every view gets its own draw and all views are produced by vectorised tensor ops instead of a Python loop.
+
+``draw_order="torchvision"`` draws each view's numbers one at a time with the torch calls the reference benchmark's
+torchvision pipeline (``augmentations/transforms_cotta.py`` ``get_tta_transforms``) makes on torch's global generator,
+in its order (randperm of the 5 colour ops, their factors in that order, angle, dx, dy, scale, blur sigma, flip,
+then the pixel noise on the host), but from this object's seeded generator: a reference run that draws nothing else,
+seeded alike, gets the same numbers (RoTTA's strong view).
 """
 from __future__ import annotations
 
@@ -63,6 +69,12 @@ class ViewParams:
     colour: List[List[float]]
     orders: List[List[int]]
     geometry: Tensor
+    #: views x 5 drawn values (angle in degrees, scale, dx, dy in pixels, blur sigma) used instead of the uniforms of
+    #: ``geometry`` columns 0-4 (torchvision draw order); None: taken from the uniforms
+    values: Optional[Tensor] = None
+    #: per view, standard normal noise of the batch's shape drawn on the host (torchvision draw order); None: drawn
+    #: on the images' device at ``apply``
+    noise: Optional[List[Tensor]] = None
 
 
 class TTAAugment:
@@ -72,9 +84,12 @@ class TTAAugment:
     device synchronisation); per-pixel noise is drawn on the images' device from a generator seeded alike.
     """
 
-    def __init__(self, config: AugmentConfig = AugmentConfig(), seed: int = 0) -> None:
+    def __init__(self, config: AugmentConfig = AugmentConfig(), seed: int = 0, draw_order: str = "views") -> None:
+        if draw_order not in ("views", "torchvision"):
+            raise ValueError(f"draw_order must be 'views' or 'torchvision', not {draw_order!r}")
         self.cfg = config
         self.seed = seed
+        self.draw_order = draw_order
         self.host_gen = torch.Generator().manual_seed(seed)
         self._dev_gen: Optional[torch.Generator] = None
 
@@ -96,16 +111,47 @@ class TTAAugment:
         else:  # the saved state predates the device generator: start it afresh, as it was then
             self._dev_gen = None
 
-    def sample(self, views: int) -> "ViewParams":
-        """Draw the random parameters of ``views`` views (host side, a few numbers per view)."""
+    def sample(self, views: int, shape: Optional[Tuple[int, ...]] = None) -> "ViewParams":
+        """Draw the random parameters of ``views`` views (host side, a few numbers per view); ``shape``, the batch's,
+        is needed by ``draw_order="torchvision"``, which draws the noise with the parameters."""
+        if self.draw_order == "torchvision":
+            return self._sample_torchvision_order(views, shape)
         cfg, hg = self.cfg, self.host_gen
         ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, cfg.gamma)
         colour = torch.stack([_uniform(views, r, hg, torch.device("cpu")) for r in ranges], dim=1).tolist()
         orders = torch.rand(views, 5, generator=hg).argsort(dim=1).tolist()
         return ViewParams(colour, orders, torch.rand(views, 7, generator=hg))
 
+    def _sample_torchvision_order(self, views: int, shape: Optional[Tuple[int, ...]]) -> "ViewParams":
+        """Each view's numbers drawn as torchvision's transforms draw them (``torch.randperm``, ``uniform_`` on a
+        one-element tensor, ``torch.rand(1)``, ``torch.randn(shape)``), in the pipeline's order."""
+        cfg, hg = self.cfg, self.host_gen
+        if cfg.noise_std > 0 and shape is None:
+            raise ValueError("draw_order='torchvision' draws the noise with the parameters: pass the batch's shape")
+        draw = lambda lo, hi: torch.empty(1).uniform_(float(lo), float(hi), generator=hg).item()  # noqa: E731
+        ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, cfg.gamma)
+        colour, orders, noise = [], [], []
+        geometry, values = torch.zeros(views, 7), torch.zeros(views, 5, dtype=torch.float64)
+        for v in range(views):
+            orders.append(torch.randperm(5, generator=hg).tolist())  # ColorJitterPro
+            factors = [0.0] * 5
+            for op in orders[-1]:
+                factors[op] = draw(*ranges[op])
+            colour.append(factors)
+            angle = draw(*cfg.degrees)  # RandomAffine.get_params on the edge-padded (2x) image
+            h, w = (shape[-2], shape[-1]) if shape is not None else (0, 0)
+            max_dx, max_dy = cfg.translate * 2 * w, cfg.translate * 2 * h
+            dx, dy = round(draw(-max_dx, max_dx)), round(draw(-max_dy, max_dy))
+            scale = draw(*cfg.scale)
+            sigma = draw(*cfg.blur_sigma) if cfg.blur else 0.0  # GaussianBlur.get_params
+            values[v] = torch.tensor([angle, scale, dx, dy, sigma], dtype=torch.float64)
+            geometry[v, 6] = torch.rand(1, generator=hg)  # RandomHorizontalFlip
+            if cfg.noise_std > 0:
+                noise.append(torch.randn(tuple(shape), generator=hg))  # GaussianNoise
+        return ViewParams(colour, orders, geometry, values, noise if cfg.noise_std > 0 else None)
+
     def __call__(self, x: Tensor, views: int) -> Tensor:
-        return self.apply(x, self.sample(views), 0, views)
+        return self.apply(x, self.sample(views, tuple(x.shape)), 0, views)
 
     def apply(self, x: Tensor, params: "ViewParams", start: int, stop: int) -> Tensor:
         """Views ``start``..``stop`` of ``params`` applied to x: the same output whatever the chunking of views."""
@@ -119,13 +165,17 @@ class TTAAugment:
                 part = self._colour(op, part, params.colour[v][op])
             xv[j * n:(j + 1) * n] = part
         geo = params.geometry[start:stop].to(x.device, non_blocking=True)
-        xv = self._affine_blur(xv, views, n, geo)
+        values = params.values[start:stop].to(device=x.device, dtype=x.dtype) if params.values is not None else None
+        xv = self._affine_blur(xv, views, n, geo, values)
         flip = (geo[:, 6] < self.cfg.hflip_p).repeat_interleave(n).view(-1, 1, 1, 1)
         xv = torch.where(flip, xv.flip(-1), xv)
         if self.cfg.noise_std > 0:
-            g = self._device_generator(x.device)
-            noise = torch.cat([torch.randn(x.shape, device=x.device, generator=g, dtype=xv.dtype)
-                               for _ in range(views)])
+            if params.noise is not None:  # drawn on the host with the parameters (torchvision draw order)
+                noise = torch.cat(params.noise[start:stop]).to(device=x.device, dtype=xv.dtype)
+            else:
+                g = self._device_generator(x.device)
+                noise = torch.cat([torch.randn(x.shape, device=x.device, generator=g, dtype=xv.dtype)
+                                   for _ in range(views)])
             xv = xv + noise * self.cfg.noise_std
         return xv.clamp(0.0, 1.0)
 
@@ -142,10 +192,11 @@ class TTAAugment:
             return shift_hue(x, f)
         return x.clamp(1e-8, 1.0).pow(f).clamp(0.0, 1.0)  # gamma
 
-    def _affine_blur(self, x: Tensor, views: int, n: int, u: Tensor) -> Tensor:
+    def _affine_blur(self, x: Tensor, views: int, n: int, u: Tensor, values: Optional[Tensor] = None) -> Tensor:
         """Random rotation/translation/scale about the centre (edge-replicated border), then a Gaussian blur.
 
-        ``u`` holds uniform draws per view (angle, scale, dx, dy, blur sigma in columns 0-4). The affine output is
+        ``u`` holds uniform draws per view (angle, scale, dx, dy, blur sigma in columns 0-4), or ``values`` the drawn
+        values themselves (angle in degrees, scale, dx, dy in pixels, sigma). The affine output is
         sampled with a margin of ``kernel // 2`` pixels so the 'valid' blur sees the same neighbours it would see
         on CoTTA's edge-padded image before the centre crop.
         """
@@ -155,11 +206,14 @@ class TTAAugment:
         k = cfg.blur_kernel
         r = k // 2 if cfg.blur else 0
         lerp = lambda col, rg: u[:, col] * (rg[1] - rg[0]) + rg[0]  # noqa: E731
-        angle = lerp(0, cfg.degrees) * (math.pi / 180.0)
-        scale = lerp(1, cfg.scale)
-        max_dx, max_dy = cfg.translate * 2 * w, cfg.translate * 2 * h
-        tx = torch.round(lerp(2, (-max_dx, max_dx)))
-        ty = torch.round(lerp(3, (-max_dy, max_dy)))
+        if values is None:
+            angle = lerp(0, cfg.degrees) * (math.pi / 180.0)
+            scale = lerp(1, cfg.scale)
+            max_dx, max_dy = cfg.translate * 2 * w, cfg.translate * 2 * h
+            tx = torch.round(lerp(2, (-max_dx, max_dx)))
+            ty = torch.round(lerp(3, (-max_dy, max_dy)))
+        else:
+            angle, scale, tx, ty = values[:, 0] * (math.pi / 180.0), values[:, 1], values[:, 2], values[:, 3]
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         # output pixel offsets from the centre, with the blur margin
         oy = torch.arange(-r, h + r, device=dev, dtype=dt) - (h - 1) / 2
@@ -182,7 +236,7 @@ class TTAAugment:
         if not cfg.blur:
             return out
 
-        sigma = lerp(4, cfg.blur_sigma).repeat_interleave(n)
+        sigma = (lerp(4, cfg.blur_sigma) if values is None else values[:, 4]).repeat_interleave(n)
         t = torch.arange(k, device=dev, dtype=dt) - r
         kern = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
         kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (m*c) x k
