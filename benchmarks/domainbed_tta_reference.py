@@ -1,4 +1,5 @@
-"""Agreement of our T3A with the official code (matsuolab/T3A): same model, images, batches, order and filter size.
+"""Agreement of our T3A and online SHOT / SHOT-IM with the official code of T3A (matsuolab/T3A), which carries all
+three as DomainBed test-time algorithms: same model, images, batches, order and hyperparameters.
 
 The reference is not part of this repository: give ``--reference`` the file ``domainbed/adapt_algorithms.py`` of a
 checkout of matsuolab/T3A (e.g. ``git --git-dir=<mirror> show ff8cde5:domainbed/adapt_algorithms.py > /tmp/t3a.py``).
@@ -10,9 +11,14 @@ engine, the same batches in the same order and no reset between domains (the con
 script resets per test environment). The reference's ``T3A(..., algorithm)`` gets ``featurizer`` = our backbone's
 penultimate features and ``classifier`` = its linear head, ``hparams = {"filter_K": K, "cached_loader": False}``, and
 is called as ``t3a(x, adapt=True)`` per batch; ours is ``ctta.strategies.create("t3a", model, filter_k=K)``.
+``SHOT`` / ``SHOTIM`` get the same ``algorithm`` with DomainBed's ``hparams`` ``{"lr": LR, "weight_decay": 0}`` and
+``{"alpha": 1, "gamma": 1, "beta": 0.9, "theta": 0.1}`` (its script's grid for beta / theta; alpha scales lr); ours
+is ``create("shot", model, bn="source", optimizer="adam", lr=LR, cls_par=0.1 or 0, threshold=0.9)`` (the
+reference's featurizer is in eval mode during its adaptation forward: BatchNorm on the source statistics).
 
-    python benchmarks/t3a_reference.py --reference /tmp/t3a_ref.py --weights ../shared/models/resnet20-12fca82f.th \\
-        --data-root ../shared/data/cifar10 --num-samples 1000 --filter-k 100,20,1
+    python benchmarks/domainbed_tta_reference.py --reference /tmp/ref_t3a/adapt_algorithms.py \\
+        --weights ../shared/models/resnet20-12fca82f.th --data-root ../shared/data/cifar10 --num-samples 1000 \\
+        --methods t3a,shot,shotim --filter-k 100,20,1 --lr 1e-4
 
 Prints per domain the error of both, the share of identical argmaxes and the largest |output difference|.
 """
@@ -55,10 +61,25 @@ class Trained(nn.Module):
         super().__init__()
         from ctta.backbones.classifier import last_linear
 
-        self.model = model
         self.classifier = last_linear(model)
+        self.classifier.requires_grad_(False)
+        self.hparams = {}
 
-    def featurizer(self, x: torch.Tensor) -> torch.Tensor:
+        self.featurizer = Featurizer(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.featurizer(x))
+
+
+class Featurizer(nn.Module):
+    """The penultimate features of ``model``; its parameters are the model's, the head frozen (DomainBed's
+    featurizer holds no head: the reference's optimiser must not move it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
 
 
@@ -73,7 +94,10 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=1000, help="images per corruption")
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--filter-k", default="100", help="comma-separated filter sizes, one comparison each")
+    ap.add_argument("--methods", default="t3a,shot,shotim", help="comma-separated: t3a, shot, shotim")
+    ap.add_argument("--filter-k", default="100", help="t3a: comma-separated filter sizes, one comparison each")
+    ap.add_argument("--lr", type=float, default=1e-4, help="shot / shotim: Adam's learning rate, both sides")
+    ap.add_argument("--theta", type=float, default=0.1, help="shot: the pseudo-label weight, both sides")
     ap.add_argument("--dirichlet", type=float, default=0.0, help="temporally correlated labels (delta); 0: i.i.d.")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -95,34 +119,52 @@ def main(argv=None) -> int:
     def make_model() -> nn.Module:
         return ctta.backbones.create(args.backbone, weights=args.weights).eval()
 
+    runs = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if method == "t3a":
+            for k in [int(v) for v in args.filter_k.split(",")]:
+                ours = ctta.strategies.create("t3a", make_model(), filter_k=k)
+                theirs = ref.T3A((3, 32, 32), 10, 1, {"filter_K": k, "cached_loader": False},
+                                 Trained(make_model().requires_grad_(False)))
+                runs.append((f"t3a filter_k {k}", ours, theirs))
+        elif method in ("shot", "shotim"):
+            theta = args.theta if method == "shot" else 0.0
+            ours = ctta.strategies.create("shot", make_model(), bn="source", optimizer="adam", lr=args.lr,
+                                          cls_par=theta, threshold=0.9, seed=args.seed)
+            trained = Trained(make_model())
+            trained.hparams = {"lr": args.lr, "weight_decay": 0.0}
+            cls = ref.SHOT if method == "shot" else ref.SHOTIM
+            theirs = cls((3, 32, 32), 10, 1, {"alpha": 1.0, "gamma": 1, "beta": 0.9, "theta": theta,
+                                              "cached_loader": False}, trained)
+            runs.append((f"{method} lr {args.lr:g}" + (f" theta {theta:g}" if theta else ""), ours, theirs))
+        else:
+            ap.error(f"unknown method {method!r}: t3a, shot, shotim")
+
     b = args.batch_size
     source = make_model()
-    print("| filter_k | domain | source | T3A ours | T3A official | identical argmax % | max |diff| |")
+    print("| method | domain | source | ours | official | identical argmax % | max |diff| |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for k in [int(v) for v in args.filter_k.split(",")]:
-        ours = ctta.strategies.create("t3a", make_model(), filter_k=k)
-        trained = Trained(make_model().requires_grad_(False))
-        theirs = ref.T3A((3, 32, 32), 10, 1, {"filter_K": k, "cached_loader": False}, trained)
+    for label, ours, theirs in runs:
         totals = [0, 0, 0, 0, 0]
         for name, x_all, y_all in domains:
             err_src = err_o = err_r = same = 0
             diff = 0.0
-            with torch.no_grad():
-                for i in range(0, len(y_all), b):
-                    x, y = x_all[i:i + b], y_all[i:i + b]
-                    o, r = ours.adapt(x), theirs(x, adapt=True)
+            for i in range(0, len(y_all), b):
+                x, y = x_all[i:i + b], y_all[i:i + b]
+                o, r = ours.adapt(x).detach(), theirs(x, adapt=True).detach()
+                with torch.no_grad():
                     err_src += int((source(x).argmax(1) != y).sum())
-                    err_o += int((o.argmax(1) != y).sum())
-                    err_r += int((r.argmax(1) != y).sum())
-                    same += int((o.argmax(1) == r.argmax(1)).sum())
-                    diff = max(diff, float((o - r).abs().max()))
+                err_o += int((o.argmax(1) != y).sum())
+                err_r += int((r.argmax(1) != y).sum())
+                same += int((o.argmax(1) == r.argmax(1)).sum())
+                diff = max(diff, float((o - r).abs().max()))
             n = len(y_all)
             for j, v in enumerate((err_src, err_o, err_r, same, n)):
                 totals[j] += v
-            print(f"| {k} | {name} | {100 * err_src / n:.2f} | {100 * err_o / n:.2f} | {100 * err_r / n:.2f} | "
+            print(f"| {label} | {name} | {100 * err_src / n:.2f} | {100 * err_o / n:.2f} | {100 * err_r / n:.2f} | "
                   f"{100 * same / n:.2f} | {diff:.1e} |", flush=True)
         s, o, r, same, n = totals
-        print(f"| {k} | **mean** | {100 * s / n:.2f} | {100 * o / n:.2f} | {100 * r / n:.2f} | "
+        print(f"| {label} | **mean** | {100 * s / n:.2f} | {100 * o / n:.2f} | {100 * r / n:.2f} | "
               f"{100 * same / n:.2f} | |", flush=True)
     return 0
 
