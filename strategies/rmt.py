@@ -4,8 +4,8 @@ Adaptation", CVPR 2023, arXiv 2211.13081).
 Followed: the reference benchmark's ``RMT`` (mariodoebler/test-time-adaptation@8b2ed63,
 ``classification/methods/rmt.py`` with ``utils/losses.py`` ``SymmetricCrossEntropy``, ``utils/misc.py``
 ``ema_update_model``, ``augmentations/transforms_cotta.py`` ``get_tta_transforms``, ``conf.py`` ``_C.RMT`` /
-``_C.CONTRAST`` / ``_C.M_TEACHER``, ``cfgs/{cifar10_c,cifar100_c,imagenet_c}/rmt.yaml``). All weights and biases of the student and
-the projector are adapted; BatchNorm normalises with each batch's statistics (student and teacher).
+``_C.CONTRAST`` / ``_C.M_TEACHER``, ``cfgs/{cifar10_c,cifar100_c,imagenet_c}/rmt.yaml``). All weights and biases
+of the student and the projector are adapted; BatchNorm normalises with each batch's statistics (student, teacher).
 
 Once, before the first test batch (lazily, on the device the strategy runs on), at the source weights:
   0. source prototypes: p_c = mean of the student's penultimate features of the source images of class c
