@@ -9,7 +9,8 @@
   (before, 0), and how many recoveries happened.
 * ``coso``: CoSO on Split CIFAR-10 (5 sessions of 2 classes, ``--train-per-class``, ``--epochs``) on the small ViT of
   benchmarks/pretrain_vit.py (``--vit``), official behaviour (now) against the replaced one (before: half cosine per
-  batch, textbook frequent directions, energy rule ``reach``), plus each fix alone.
+  batch, textbook frequent directions, energy rule ``reach``, the checkpoint's head, H re-orthonormalised), plus each
+  replaced behaviour alone (also the first fix's ``cos(99 pi e / (200 (K - 1)))``, one epoch early).
 
 Usage: ``python benchmarks/fidelity_effects.py aad|rsgs|coso [--json OUT]`` (prints a markdown table).
 """
@@ -103,24 +104,43 @@ def _old_schedule(st: Any) -> None:
     st.segment_start, st._set_lr = segment_start, set_lr
 
 
+def _unshifted_schedule(st: Any) -> None:
+    """The first issue-15 schedule: ``cos(99 pi e / (200 (K - 1)))`` in epoch e (the official scheduler's first step,
+    which repeats epoch 0's rate, missed)."""
+    def set_lr() -> None:
+        e, k = st.epoch(), st._epochs
+        factor = 1.0 if k <= 1 else math.cos(99 * math.pi * e / (200 * (k - 1)))
+        for group, base in zip(st.optimizer.param_groups, st.base_lrs):
+            group["lr"] = base * factor
+
+    st._set_lr = set_lr
+
+
 def coso(args: argparse.Namespace) -> List[Dict[str, Any]]:
     stream = make_stream("cifar10_ci", data_root=DATA, train_per_class=args.train_per_class,
                          test_per_class=args.test_per_class, epochs=args.epochs, seed=1)
-    variants = {"official (now)": {}, "before (all three replaced)": {"old": True, "energy_rule": "reach",
-                                                                      "sketch_shrink_block": False},
+    variants = {"official (now)": {},
+                "before (all replaced)": {"old": True, "energy_rule": "reach", "sketch_shrink_block": False,
+                                          "head_init": "keep", "orthonormal_history": True},
                 "official, energy rule reach": {"energy_rule": "reach"},
                 "official, textbook sketch": {"sketch_shrink_block": False},
-                "official, per-batch half cosine": {"old": True}}
+                "official, per-batch half cosine": {"old": True},
+                "official, cosine one epoch early": {"unshifted": True},
+                "official, checkpoint's head (head_init keep)": {"head_init": "keep"},
+                "official, H re-orthonormalised (orthonormal_history)": {"orthonormal_history": True}}
     rows = []
     for label in args.variants.split(",") if args.variants else variants:
         kw = dict(variants[label])
         old = kw.pop("old", False)
+        unshifted = kw.pop("unshifted", False)
         torch.manual_seed(0)
         model = backbone("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=4, embed_dim=128,
                          num_heads=4, weights=args.vit or None)
         st = create("coso", model, **kw)
         if old:
             _old_schedule(st)
+        if unshifted:
+            _unshifted_schedule(st)
         t = time.perf_counter()
         r = ctta.run(stream, st, device="cpu", progress=False, on_diverge="mark")
         s = r.summary
@@ -129,6 +149,7 @@ def coso(args: argparse.Namespace) -> List[Dict[str, Any]]:
         rows.append({"variant": label, **{k: s.get(k) for k in ("average_incremental_accuracy", "last_accuracy",
                                                                 "forgetting")},
                      "historical_dims": dims, "seconds": time.perf_counter() - t})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -9,15 +9,26 @@ sketch collects per task and keeps at its end (energy threshold 0.98; ``energy_r
 count ``sum(cumsum(share) < threshold)``, or ``reach``, the fewest directions reaching the share, one more). The
 sketch is the official ``DoubleSVD`` (each gradient shrunk by its own (r+1)-th singular value before merging;
 ``sketch_shrink_block: false`` gives the textbook frequent-directions sketch). The loss is cross-entropy over the
-current session's classes of the logits divided by a temperature (3); the official per-task heads become one head
-whose old rows get no gradient (the head's Adam state restarts each session, so they do not move).
+current session's classes of the logits divided by a temperature (3). The official per-task heads (``CoSOVitNet``'s
+``classifier_pool``, fresh ``nn.Linear`` layers) become the rows of one head: ``head_init: fresh`` (default) re-draws
+the head as ``nn.Linear``'s default init (U(+-1/sqrt(width)), weight and bias, from the strategy's seed), so a
+checkpoint's head trained upstream on the same classes is not used (``keep``: use it); in training the logits are the
+session's rows only (``F.linear`` of the features with those rows, in the stream's class order, as the official
+task head computes them), old rows get no gradient and keep still (the head's Adam state restarts each session).
 
-Learning-rate schedule (``cosine``): the official ``utils/scheduler.py`` ``CosineSchedule`` with K = epochs, stepped
-once per epoch: in epoch e (0 .. K-1) of a session every rate is ``base * cos(99 pi e / (200 (K - 1)))``, a quarter
-cosine from the base rate down to cos(0.495 pi) = 1.6 % of it in the last epoch, constant within an epoch. The
-epochs come from the engine's ``segment_start`` (the train segment's ``meta["epochs"]``; its ``num_samples`` counts
-every pass), the epoch of a batch from the samples learned before it. With one epoch (where the official formula
-divides by zero) or outside the engine the rates stay at their base values.
+Learning-rate schedule (``cosine``): the official ``utils/scheduler.py`` ``CosineSchedule`` with K = epochs, as
+``models/coso.py`` drives it: built at the start of each task (its constructor sets the epoch-0 rate and then resets
+``last_epoch`` to -1) and stepped after each epoch, so the first step sets epoch 0's rate again. In epoch e
+(0 .. K-1) every rate is ``base * cos(99 pi max(e - 1, 0) / (200 (K - 1)))``: the base rate in the first two epochs,
+then a quarter cosine, ``cos(99 pi (K - 2) / (200 (K - 1)))`` of it in the last epoch (9.7 % at K = 20; the 1.6 % of
+``e / (K - 1)`` is never reached), constant within an epoch. The epochs come from the engine's ``segment_start``
+(the train segment's ``meta["epochs"]``; its ``num_samples`` counts every pass), the epoch of a batch from the
+samples learned before it. With one epoch (where the official formula divides by zero) or outside the engine the
+rates stay at their base values.
+
+The projected AdamW follows ``coso/adamw.py`` operation for operation (H the sketch directions concatenated as they
+are; ``orthonormal_history: true`` re-orthonormalises H by QR and projects updates off it again, not the official
+code). benchmarks/coso_reference.py runs the official learner side by side.
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ from torch import Tensor, nn
 from ctta.backbones.peft import freeze, head_parameter_names
 from ctta.errors import ConfigError
 from ctta.hparams import Count, NonNegative, Positive, Range, Unit
+from ctta.seeding import stable_seed
 
 from .base import register
 from .common.incremental import IncrementalStrategy, mask_logits
@@ -42,10 +54,21 @@ log = logging.getLogger(__name__)
 
 
 def epoch_cosine(epoch: int, epochs: int) -> float:
-    """The official CoSO rate factor of epoch ``epoch`` of ``epochs``: ``cos(99 pi e / (200 (K - 1)))``; 1 when K <= 1."""
+    """The official CoSO rate factor in epoch ``epoch`` (0-based) of ``epochs``: ``cos(99 pi (e - 1) / (200 (K - 1)))``,
+    1 in epochs 0 and 1 (its scheduler's first step repeats epoch 0's rate); 1 when K <= 1."""
     if epochs <= 1:
         return 1.0
-    return math.cos(99.0 * math.pi * min(max(epoch, 0), epochs - 1) / (200.0 * (epochs - 1)))
+    return math.cos(99 * math.pi * (min(max(epoch, 1), epochs - 1) - 1) / (200 * (epochs - 1)))
+
+
+@torch.no_grad()
+def fresh_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
+    """Re-draw ``layer`` as ``nn.Linear``'s default init: weight and bias uniform in +-1/sqrt(in_features)
+    (kaiming-uniform with a = sqrt(5)), from ``generator``."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    for p in (layer.weight, layer.bias):
+        if p is not None:
+            p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(p))
 
 
 @register
@@ -63,7 +86,8 @@ class CoSO(IncrementalStrategy):
                  sketch_rank: Count = 100, sketch_decay: Unit = 1.0, update_gap: Count = 1,
                  threshold: Annotated[float, Range(gt=0, le=1)] = 0.98,
                  energy_rule: Literal["reach", "below"] = "below", temperature: Positive = 3.0, cosine: bool = True,
-                 sketch_shrink_block: bool = True, seed: int = 0) -> None:
+                 sketch_shrink_block: bool = True, head_init: Literal["fresh", "keep"] = "fresh",
+                 orthonormal_history: bool = False, seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
         patterns = [targets] if isinstance(targets, str) else list(targets)
         named = dict(self.model.named_parameters())
@@ -74,6 +98,17 @@ class CoSO(IncrementalStrategy):
         if bad:
             raise ConfigError(f"coso: targets must be 2-D weights, got {bad[:3]}")
         self.head_names = head_parameter_names(self.model)
+        head = self.model.get_submodule(self.head_names[0].rpartition(".")[0])
+        self.head_layer = head if isinstance(head, nn.Linear) else None
+        self.head_init = str(head_init)
+        if self.head_init == "fresh":
+            if self.head_layer is None:
+                raise ConfigError(f"coso: head_init 'fresh' needs an nn.Linear head, got {type(head).__name__}; "
+                                  f"use head_init: keep")
+            fresh_linear_(self.head_layer, torch.Generator().manual_seed(stable_seed(seed, "coso-head")))
+        # the session's rows of the head, as the official task head, need the features (else: masked full logits)
+        self._rows = self.head_layer is not None and all(
+            hasattr(self.model, a) for a in ("forward_features", "forward_head"))
         freeze(self.model, except_=self.target_names + self.head_names)
         self.model.eval()
         self.targets = [named[n] for n in self.target_names]
@@ -83,13 +118,14 @@ class CoSO(IncrementalStrategy):
             [{"params": self.head, "lr": fc_lr},
              {"params": self.targets, "lr": lr, "subspace": True}],
             weight_decay=weight_decay, proj_rank=proj_rank, sketch_rank=sketch_rank, sketch_decay=sketch_decay,
-            update_gap=update_gap, shrink_block=sketch_shrink_block)
+            update_gap=update_gap, shrink_block=sketch_shrink_block, orthonormalize=orthonormal_history)
         self.threshold = float(threshold)
         self.energy_rule = str(energy_rule)
         self.temperature = float(temperature)
         self.cosine = bool(cosine)
         self._session_classes: Optional[Tensor] = None
         self._segment_classes: Optional[List[int]] = None
+        self._session_index: Optional[Tensor] = None  # the session's classes in the stream's order (its head rows)
         self._epochs = 0  # epochs of the current session (0: unknown)
         self._epoch_samples = 0  # samples per epoch
         self._done = 0  # samples learned in the current session
@@ -110,8 +146,10 @@ class CoSO(IncrementalStrategy):
     def begin_session(self, session: int) -> None:
         dev = self.head[0].device
         self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
+        self._session_index = None
         if self._segment_classes is not None:
-            self._session_classes[torch.tensor(self._segment_classes, device=dev)] = True
+            self._session_index = torch.tensor(self._segment_classes, dtype=torch.long, device=dev)
+            self._session_classes[self._session_index] = True
         self.optimizer.reset_group_state([0])  # the head restarts (official: a new head per task)
         self._done = 0
         self._set_lr()
@@ -120,6 +158,7 @@ class CoSO(IncrementalStrategy):
         dims = self.optimizer.end_task(self.threshold, self.energy_rule)
         log.info("coso: historical subspace dimensions after session %d: %s", session, dims)
         self._segment_classes = None
+        self._session_index = None
         self._epochs = self._epoch_samples = 0
 
     def epoch(self) -> int:
@@ -136,11 +175,24 @@ class CoSO(IncrementalStrategy):
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         assert self._session_classes is not None
         self._session_classes.index_fill_(0, y, True)
+        idx = self._session_index if self._rows else None
+        if idx is not None and self._done == 0 and not bool((y[:, None] == idx[None]).any(1).all()):
+            log.warning("coso: labels outside the train segment's classes %s; training on the masked full head",
+                        self._segment_classes)  # checked once per session (a host sync)
+            idx = self._session_index = None
         self.model.eval()
         self._set_lr()
         with torch.enable_grad():
-            logits = self.model(x)
-            loss = F.cross_entropy(mask_logits(logits, self._session_classes) / self.temperature, y)
+            if idx is not None:  # the session's own head: its rows, in the stream's class order
+                feats = self.model.forward_features(x)
+                w, b = self.head_layer.weight, self.head_layer.bias
+                rows = F.linear(feats, w[idx], None if b is None else b[idx])
+                loss = F.cross_entropy(rows / self.temperature, (y[:, None] == idx[None]).long().argmax(1))
+                with torch.no_grad():
+                    logits = self.model.forward_head(feats)
+            else:
+                logits = self.model(x)
+                loss = F.cross_entropy(mask_logits(logits, self._session_classes) / self.temperature, y)
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -153,6 +205,7 @@ class CoSO(IncrementalStrategy):
     def extra(self) -> Any:
         return {"session_classes": None if self._session_classes is None else self._session_classes.cpu(),
                 "segment_classes": self._segment_classes, "epochs": self._epochs,
+                "session_index": None if self._session_index is None else self._session_index.tolist(),
                 "epoch_samples": self._epoch_samples, "done": self._done}
 
     def load_extra(self, state: Any) -> None:
@@ -160,6 +213,8 @@ class CoSO(IncrementalStrategy):
         sc = state.get("session_classes")
         self._session_classes = None if sc is None else sc.to(self.head[0].device)
         self._segment_classes = state.get("segment_classes")
+        si = state.get("session_index")
+        self._session_index = None if si is None else torch.tensor(si, dtype=torch.long, device=self.head[0].device)
         self._epochs = int(state.get("epochs", 0))
         self._epoch_samples = int(state.get("epoch_samples", 0))
         self._done = int(state.get("done", 0))

@@ -56,11 +56,12 @@ def test_energy_threshold_counts_the_directions_below_the_cumulative_share():
     assert strategies.create("coso", _vit()).energy_rule == "below"
 
 
-def test_updates_after_a_task_have_no_component_in_the_historical_subspace():
+@pytest.mark.parametrize("orthonormalize, weight_decay", [(False, 0.0), (True, 0.01)])
+def test_updates_after_a_task_have_no_component_in_the_historical_subspace(orthonormalize, weight_decay):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(12, 8))
     opt = SubspaceAdamW([{"params": [w], "subspace": True}], lr=0.05, proj_rank=3, sketch_rank=6,
-                        weight_decay=0.01)
+                        weight_decay=weight_decay, orthonormalize=orthonormalize)
     x1 = torch.randn(64, 8)
     t1 = torch.randn(64, 12) @ torch.diag(torch.linspace(2, 0.0, 12))  # task 1 uses mostly the first outputs
     for _ in range(10):
@@ -85,13 +86,14 @@ def test_updates_after_a_task_have_no_component_in_the_historical_subspace():
     h2 = opt.historical_basis(w)
     assert h2.shape[1] > h.shape[1] and torch.allclose(h2.T @ h2, torch.eye(h2.shape[1]), atol=1e-5)
     # the state is all tensors: a state dict round trip keeps it
-    opt2 = SubspaceAdamW([{"params": [w], "subspace": True}], lr=0.05, proj_rank=3, sketch_rank=6)
+    opt2 = SubspaceAdamW([{"params": [w], "subspace": True}], lr=0.05, proj_rank=3, sketch_rank=6,
+                         orthonormalize=orthonormalize)
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(opt2.historical_basis(w), h2)
 
 
 def test_only_the_selected_weights_and_the_head_change_and_old_directions_are_kept():
-    s = strategies.create("coso", _vit(), proj_rank=4, sketch_rank=8, lr=0.01, fc_lr=0.01)
+    s = strategies.create("coso", _vit(), proj_rank=4, sketch_rank=8, lr=0.01, fc_lr=0.01, threshold=0.999)
     before = {n: p.detach().clone() for n, p in s.model.named_parameters()}
     assert s.target_names == ["net.blocks.0.attn.proj.weight", "net.blocks.1.attn.proj.weight"]
     assert sum(p.numel() for p in s.trainable_parameters()) == 2 * 16 * 16 + 16 * 4 + 4
@@ -156,14 +158,17 @@ def test_sketch_shrinks_each_gradient_by_its_own_next_singular_value_before_merg
         assert torch.allclose(opt.state[w]["fd_sigma"], torch.tensor(expected, dtype=torch.float64))
 
 
-def test_learning_rate_follows_the_official_quarter_cosine_per_epoch():
+def test_learning_rate_follows_the_official_scheduler_as_its_learner_steps_it():
     import math
 
     from ctta.streams.base import tensor_segment
 
-    assert epoch_cosine(0, 20) == 1.0 and epoch_cosine(0, 1) == 1.0
-    assert epoch_cosine(19, 20) == pytest.approx(math.cos(0.495 * math.pi)) == pytest.approx(0.01571, abs=1e-5)
-    assert epoch_cosine(10, 21) == pytest.approx(math.cos(99 * math.pi / 400))
+    # models/coso.py builds CosineSchedule per task (epoch-0 rate, then last_epoch reset to -1) and steps it after
+    # each epoch: epochs 0 and 1 at the base rate, epoch e >= 1 at cos(99 pi (e - 1) / (200 (K - 1)))
+    assert epoch_cosine(0, 20) == epoch_cosine(1, 20) == 1.0 and epoch_cosine(0, 1) == 1.0
+    assert epoch_cosine(19, 20) == pytest.approx(math.cos(99 * math.pi * 18 / 3800)) == pytest.approx(0.0974, abs=1e-4)
+    assert epoch_cosine(11, 21) == pytest.approx(math.cos(99 * math.pi / 400))
+    assert epoch_cosine(0, 2) == epoch_cosine(1, 2) == 1.0
     s = strategies.create("coso", _vit(), proj_rank=2, sketch_rank=4)
     x, y = _data([0, 1])  # 16 samples, 4 epochs in one train segment (as the incremental streams build them)
     seg = tensor_segment("session-0", "train", x.repeat(4, 1, 1, 1), y.repeat(4), 6, role="session",
@@ -179,11 +184,80 @@ def test_learning_rate_follows_the_official_quarter_cosine_per_epoch():
     epochs = [start // 16 for start in range(0, 64, 6)]
     assert epochs == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3] and len(lrs) == len(epochs)
     for (fc, lr), e in zip(lrs, epochs):
-        factor = math.cos(99 * math.pi * e / (200 * 3))
+        factor = math.cos(99 * math.pi * max(e - 1, 0) / (200 * 3))
         assert fc == pytest.approx(5e-4 * factor) and lr == pytest.approx(3e-4 * factor)
-    assert lrs[0] == pytest.approx([5e-4, 3e-4])                                    # first epoch: the base rates
-    assert lrs[-1] == pytest.approx([5e-4 * 0.015707, 3e-4 * 0.015707], rel=1e-3)   # last: 1.6 % of them
+    assert lrs[5] == pytest.approx([5e-4, 3e-4])                                       # epoch 1: still the base
+    assert lrs[-1] == pytest.approx([5e-4 * math.cos(0.33 * math.pi), 3e-4 * math.cos(0.33 * math.pi)])  # last
     off = strategies.create("coso", _vit(), cosine=False)
     off.segment_start(seg)
     off.learn(x[:6], y[:6])
     assert [g["lr"] for g in off.optimizer.param_groups] == pytest.approx([5e-4, 3e-4])
+
+
+def test_fresh_head_is_drawn_as_nn_linear_default_init_from_the_seed_and_reset_restores_it():
+    model = _vit()
+    trained = model.net.head.weight.detach().clone()
+    s = strategies.create("coso", model, seed=3)
+    w, b = s.head_layer.weight.detach().clone(), s.head_layer.bias.detach().clone()
+    bound = 1 / 16 ** 0.5  # width 16
+    assert not torch.equal(w, trained) and w.abs().max() <= bound and b.abs().max() <= bound
+    assert w.std() > 0.4 * bound and b.abs().max() > 0  # uniform on +-bound (std bound / sqrt 3), bias drawn too
+    assert torch.equal(strategies.create("coso", _vit(), seed=3).head_layer.weight, w)      # from the seed
+    assert not torch.equal(strategies.create("coso", _vit(), seed=4).head_layer.weight, w)
+    assert torch.equal(strategies.create("coso", _vit(), head_init="keep").head_layer.weight, trained)
+    x, y = _data([0, 1])
+    s.learn(x[:8], y[:8])
+    assert not torch.equal(s.head_layer.weight, w)
+    s.reset()
+    assert torch.equal(s.head_layer.weight, w) and torch.equal(s.head_layer.bias, b)
+
+
+def test_training_loss_is_the_session_rows_cross_entropy_in_the_streams_class_order():
+    from ctta.streams.base import tensor_segment
+    import torch.nn.functional as F
+
+    x, y = _data([1, 3])
+    seg = tensor_segment("session-0", "train", x, y, 8, role="session", meta={"classes": [3, 1], "epochs": 1})
+    a = strategies.create("coso", _vit(), proj_rank=2, sketch_rank=4)
+    head = {n: p.detach().clone() for n, p in a.model.net.head.named_parameters()}
+    a.segment_start(seg)
+    with torch.no_grad():  # the official task head: a 2-row linear layer (rows of classes 3 and 1), targets 0 / 1
+        feats = a.model.forward_features(x[:8])
+        expect = F.cross_entropy(F.linear(feats, head["weight"][[3, 1]], head["bias"][[3, 1]]) / 3.0,
+                                 (y[:8] == 1).long())
+    seen = []
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = lambda t, *k, **kw: (seen.append(t.detach().clone()), backward(t, *k, **kw))[1]
+    try:
+        a.learn(x[:8], y[:8])
+    finally:
+        torch.Tensor.backward = backward
+    assert torch.allclose(seen[0], expect, atol=1e-6)
+    other = [0, 2]  # the rows of the classes outside the session (4 outputs) get no gradient
+    assert torch.equal(a.head_layer.weight[other], head["weight"][other])
+    assert not torch.equal(a.head_layer.weight[[1, 3]], head["weight"][[1, 3]])
+    # the masked full-head path (outside the engine: no segment classes) gives the same loss
+    b = strategies.create("coso", _vit(), proj_rank=2, sketch_rank=4)
+    torch.Tensor.backward = lambda t, *k, **kw: (seen.append(t.detach().clone()), backward(t, *k, **kw))[1]
+    try:
+        b.learn(x[:8], y[:8])
+    finally:
+        torch.Tensor.backward = backward
+    assert torch.allclose(seen[1], expect, atol=1e-6)
+    assert torch.allclose(a.head_layer.weight, b.head_layer.weight, atol=1e-6)
+
+
+def test_task_end_appends_the_sketch_directions_as_they_are_as_the_official_code():
+    w = torch.nn.Parameter(torch.zeros(8, 3))
+    opt = SubspaceAdamW([{"params": [w], "subspace": True}], proj_rank=2, sketch_rank=5)
+    basis = torch.linalg.qr(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)))[0]
+    sigma = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0])
+    opt.state[w].update(step=3, fd_basis=basis, fd_sigma=sigma)
+    opt.end_task(0.98)
+    assert torch.equal(opt.historical_basis(w), basis[:, :3])  # official: concatenated, not re-orthonormalised
+    basis2 = torch.linalg.qr(torch.randn(8, 5, generator=torch.Generator().manual_seed(1)))[0]
+    opt.state[w].update(step=3, fd_basis=basis2, fd_sigma=torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0]))
+    opt.end_task(1.0)  # cumsum < 1.0: none of (1, 1, 1, 1, 1)
+    opt.state[w].update(step=3, fd_basis=basis2, fd_sigma=sigma)
+    opt.end_task(0.98)
+    assert torch.equal(opt.historical_basis(w), torch.cat([basis[:, :3], basis2[:, :3]], dim=1))

@@ -3,20 +3,24 @@
 
 Parameter groups with ``subspace=True`` hold 2-D weights W (m x n); for each, every step:
 
-1. the gradient G is made orthogonal to the historical subspace H (m x k, orthonormal): ``G <- G - H H^T G``;
+1. the gradient G is made orthogonal to the historical subspace H (m x k): ``G <- G - H H^T G``;
 2. every ``update_gap`` steps the top-``proj_rank`` left singular vectors of G become the current subspace P, and G
    is absorbed into a rank-``sketch_rank`` frequent-directions sketch of the task (``fd_sketch.py``; with
    ``shrink_block``, the default, G is first cut to its top ``sketch_rank`` directions shrunk by its own
    (``sketch_rank``+1)-th singular value, as the official ``DoubleSVD``, reusing the SVD taken for P);
 3. Adam runs on ``P^T G`` (moments in projected coordinates, as the official code, not rotated when P changes);
-   the update ``P (m / (sqrt(v) + eps))`` is projected off H once more (exact orthogonality whatever P's numerics)
-   and applied with AdamW's bias correction.
+   the update ``P (m / (sqrt(v) + eps))`` is applied with AdamW's bias correction, the decoupled weight decay on W
+   whole, as the official code.
 
-:meth:`SubspaceAdamW.end_task` adds the sketch's directions holding a ``threshold`` share of its energy to H (by
+:meth:`SubspaceAdamW.end_task` appends the sketch's directions holding a ``threshold`` share of its energy to H (by
 default the official count ``sum(cumsum(share) < threshold)``; ``rule="reach"``: the fewest that reach it, one more)
-and resets the moments, the step and the sketch. Decoupled weight decay on subspace weights is projected off H too (the
-official code decays W whole; with its default weight decay 0 the two agree). Other groups are plain AdamW.
-All state is tensors, so ``state_dict`` / ``load_state_dict`` carry it across a resume.
+as they are (the official concatenation: orthonormal up to rounding, as the sketched gradients were orthogonal to H)
+and resets the moments, the step and the sketch. ``orthonormalize=True`` (not the official code) instead
+re-orthonormalises the new directions against H by QR (dropping near-duplicates), projects each update and the
+weight decay off H again (exact orthogonality whatever the numerics). Other groups are plain AdamW. Every operation
+is the official one in the official order, so on the same gradients the weights are bit-identical to its
+``CoSOAdamW`` (benchmarks/coso_reference.py ``--optimizer-check``). All state is tensors, so ``state_dict`` /
+``load_state_dict`` carry it across a resume.
 """
 from __future__ import annotations
 
@@ -36,13 +40,14 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, proj_rank: int = 15, sketch_rank: int = 100,
-                 sketch_decay: float = 1.0, update_gap: int = 1, shrink_block: bool = True) -> None:
+                 sketch_decay: float = 1.0, update_gap: int = 1, shrink_block: bool = True,
+                 orthonormalize: bool = False) -> None:
         for name, v in (("proj_rank", proj_rank), ("sketch_rank", sketch_rank), ("update_gap", update_gap)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subspace=False, proj_rank=proj_rank,
                         sketch_rank=sketch_rank, sketch_decay=sketch_decay, update_gap=update_gap,
-                        shrink_block=bool(shrink_block))
+                        shrink_block=bool(shrink_block), orthonormalize=bool(orthonormalize))
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["subspace"]:
@@ -67,6 +72,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 if "step" not in state:
                     state["step"] = 0
                 hist: Optional[Tensor] = state.get("hist") if group["subspace"] else None
+                exact = hist is not None and group["orthonormalize"]
                 if group["subspace"]:
                     if hist is not None:
                         grad = grad - hist @ (hist.T @ grad)
@@ -88,11 +94,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 update = m / (v.sqrt() + group["eps"])
                 if group["subspace"]:
                     update = state["proj"] @ update
-                    if hist is not None:
+                    if exact:
                         update = update - hist @ (hist.T @ update)
                 p.add_(update, alpha=-step_size)
                 if group["weight_decay"] > 0:
-                    decay = p if hist is None else p - hist @ (hist.T @ p)
+                    decay = p - hist @ (hist.T @ p) if exact else p
                     p.add_(decay, alpha=-group["lr"] * group["weight_decay"])
         return loss
 
@@ -100,8 +106,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def end_task(self, threshold: float = 0.98, rule: str = "below") -> Dict[str, int]:
         """Close a task: the sketch's leading directions holding a ``threshold`` share of its energy
-        (:func:`energy_rank`, ``rule``) join each weight's historical subspace; moments, step, current subspace and sketch are reset.
-        Returns the historical dimension per subspace weight (index ``"g.i"``) for logging."""
+        (:func:`energy_rank`, ``rule``) join each weight's historical subspace; moments, step, current subspace and
+        sketch are reset. Returns the historical dimension per subspace weight (index ``"g.i"``) for logging."""
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}")
         dims: Dict[str, int] = {}
@@ -112,15 +118,16 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     k = energy_rank(state["fd_sigma"], threshold, rule)
                     new = state["fd_basis"][:, :k]
                     hist = state.get("hist")
-                    if hist is None:  # H exists from the first task end on, possibly empty (the official rule may keep 0)
+                    if hist is None:  # H exists from the first task end on, maybe empty (the official rule may keep 0)
                         hist = p.new_zeros(p.shape[0], 0)
-                    new = new - hist @ (hist.T @ new)
-                    if k:
+                    if k and group["orthonormalize"]:
+                        new = new - hist @ (hist.T @ new)
                         q, r = torch.linalg.qr(new.float())
                         keep = r.diagonal().abs() > 1e-6  # drop directions already (numerically) in H
-                        q = q[:, keep].to(p.dtype)
-                        hist = torch.cat([hist, q], dim=1)
-                    state["hist"] = hist[:, :p.shape[0]]
+                        hist = torch.cat([hist, q[:, keep].to(p.dtype)], dim=1)[:, :p.shape[0]]
+                    elif k:  # the official concatenation
+                        hist = torch.cat([hist, new], dim=1)
+                    state["hist"] = hist
                 for key in ("proj", "fd_basis", "fd_sigma", "exp_avg", "exp_avg_sq"):
                     state.pop(key, None)
                 if state:
@@ -131,7 +138,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         return dims
 
     def historical_basis(self, p: Tensor) -> Optional[Tensor]:
-        """H (m x k, orthonormal columns; k may be 0) of a subspace weight, None before its first task ends."""
+        """H (m x k, orthonormal columns up to rounding; k may be 0) of a subspace weight, None before its first task
+        ends."""
         return self.state[p].get("hist") if p in self.state else None
 
     def reset_group_state(self, groups: List[int]) -> None:
