@@ -1,4 +1,5 @@
-"""Memories of past labelled samples: a reservoir buffer (ER, ER-ACE) and an unbounded store (joint training).
+"""Memories of past labelled samples: a reservoir buffer (ER, ER-ACE, DER / DER++) and an unbounded store (joint
+training).
 
 Both live on the device, allocate on the first batch, and take batches without a host sync: the only host-side
 state is the number of samples seen, which the batch shapes give.
@@ -24,6 +25,9 @@ class ReservoirBuffer(nn.Module):
     Each held sample also carries a task id (``add(..., task=...)``; without one, the buffer's ``task`` attribute,
     0 unless a learner sets it at each session): methods such as AdaB²N need the task of every replayed sample.
     ``sample`` leaves the task ids of what it drew in ``last_tasks``; ``sample_with_tasks`` returns them.
+
+    A sample may also carry the network's logits at insertion (``add(..., logits=...)``, DER's dark knowledge): kept
+    as written, never refreshed; ``sample_with_logits`` draws them with their samples.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -39,6 +43,7 @@ class ReservoirBuffer(nn.Module):
         self.register_buffer("x", torch.empty(0), persistent=False)
         self.register_buffer("y", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("t", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("z", torch.empty(0), persistent=False)  # logits at insertion (allocated on first use)
 
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
@@ -50,9 +55,9 @@ class ReservoirBuffer(nn.Module):
 
     @torch.no_grad()
     def add(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None,
-            task: Optional[int | Tensor] = None) -> None:
+            task: Optional[int | Tensor] = None, logits: Optional[Tensor] = None) -> None:
         """Offer the batch ``(x, y)`` to the reservoir; ``task`` (an int or one id per sample) defaults to
-        ``self.task``."""
+        ``self.task``; ``logits`` (one row per sample), when given, are stored with the samples kept."""
         b = int(x.shape[0])
         if b == 0:
             return
@@ -77,6 +82,10 @@ class ReservoirBuffer(nn.Module):
         else:
             tasks = torch.full((b,), self.task if task is None else int(task), dtype=torch.long, device=dev)
         self.t.index_copy_(0, slot, tasks)
+        if logits is not None:
+            if self.z.numel() == 0:
+                self.z = torch.zeros((self.capacity + 1, *logits.shape[1:]), dtype=logits.dtype, device=dev)
+            self.z.index_copy_(0, slot, logits.detach().to(self.z.dtype))
         self.seen += b
 
     @torch.no_grad()
@@ -88,11 +97,24 @@ class ReservoirBuffer(nn.Module):
     @torch.no_grad()
     def sample_with_tasks(self, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """As :meth:`sample`, also returning the task id of each sample drawn."""
-        n = len(self)
-        idx = torch.randperm(n, device=self.x.device, generator=generator)[:min(k, n)]
+        idx = self.draw(k, generator)
         t = self.t[idx] if self.t.numel() else torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)
         self.last_tasks = t
         return self.x[idx], self.y[idx], t
+
+    @torch.no_grad()
+    def sample_with_logits(self, k: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`sample`, also returning the logits stored with each sample drawn (``add(..., logits=...)``)."""
+        if len(self) and self.z.numel() == 0:
+            raise RuntimeError("this buffer holds no logits: add batches with add(..., logits=...)")
+        idx = self.draw(k, generator)
+        self.last_tasks = self.t[idx]
+        return self.x[idx], self.y[idx], self.z[idx]
+
+    def draw(self, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Slots of ``min(k, len)`` samples drawn uniformly without replacement."""
+        n = len(self)
+        return torch.randperm(n, device=self.x.device, generator=generator)[:min(k, n)]
 
     def items(self) -> Tuple[Tensor, Tensor]:
         """Everything held (for tests and reports)."""
@@ -103,9 +125,16 @@ class ReservoirBuffer(nn.Module):
         """The task id of every sample held (aligned with :meth:`items`)."""
         return self.t[:len(self)]
 
+    def logits(self) -> Tensor:
+        """The logits stored with every sample held (aligned with :meth:`items`; empty when none were given)."""
+        return self.z[:len(self)] if self.z.numel() else self.z
+
     def state(self) -> Dict[str, Any]:
         x, y = self.items()
-        return {"seen": self.seen, "x": x.clone(), "y": y.clone(), "t": self.tasks().clone()}
+        out = {"seen": self.seen, "x": x.clone(), "y": y.clone(), "t": self.tasks().clone()}
+        if self.z.numel():
+            out["z"] = self.logits().clone()
+        return out
 
     def load_state(self, state: Optional[Dict[str, Any]]) -> None:
         if not state:
@@ -116,6 +145,7 @@ class ReservoirBuffer(nn.Module):
             self.x, self.y = torch.empty(0, device=self.x.device), torch.empty(0, dtype=torch.long,
                                                                                  device=self.y.device)
             self.t = torch.empty(0, dtype=torch.long, device=self.y.device)
+            self.z = torch.empty(0, device=self.x.device)
             return
         self._allocate(x.to(self.x.device))
         self.x[:x.shape[0]] = x.to(self.x.device)
@@ -123,6 +153,12 @@ class ReservoirBuffer(nn.Module):
         t = state.get("t")  # absent in states written before task ids were stored: all task 0
         if t is not None:
             self.t[:t.shape[0]] = t.to(self.t.device)
+        z = state.get("z")  # present only in buffers that store logits
+        if z is None:
+            self.z = torch.empty(0, device=self.x.device)
+        else:
+            self.z = torch.zeros((self.capacity + 1, *z.shape[1:]), dtype=z.dtype, device=self.x.device)
+            self.z[:z.shape[0]] = z.to(self.z.device)
 
 
 class GrowingStore(nn.Module):
