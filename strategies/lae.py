@@ -1,7 +1,8 @@
 """LAE: Learning-Accumulation-Ensemble with parameter-efficient modules on a frozen ViT.
 
 Gao, Zhu, Xu, Lou, Yu, Chen; "A Unified Continual Learning Framework with General Parameter-Efficient Tuning"
-(ICCV 2023; official code github.com/gqk/LAE, ``main.py`` and ``libml/model/pet``).
+(ICCV 2023, arXiv 2303.10070; official code gqk/LAE@1680e49, ``main.py``, ``libml/model/pet/adapter.py``,
+``libml/model/head/dynamic_simple.py``; run side by side by ``benchmarks/lae_reference.py``).
 
 * Learning: PET modules (``pet_type`` adapter | lora | prefix, from ``ctta.backbones.peft``) on the first blocks of a
   frozen ViT, each with learnable scalar scales (adaptation-speed calibration); the *online* modules and the linear
@@ -12,6 +13,10 @@ Gao, Zhu, Xu, Lou, Yu, Chen; "A Unified Continual Learning Framework with Genera
   after every train step (decay 0.9999).
 * Ensemble: prediction = element-wise max of the two experts' softmax (unseen classes masked); before session 1
   only the online expert exists. ``predict`` returns the log of that ensemble probability (argmax unchanged).
+* Head: the official code classifies with new per-task linear heads (``DynamicSimpleHead``: weights N(0, 0.001^2),
+  bias 0, each trained only in its task); ``head_init: reset`` (default) re-initialises our one head the same way
+  (a row is trained only in its session: the loss covers the session's classes and Adam restarts per session);
+  ``keep`` keeps the backbone's own head (e.g. an upstream-trained one, which already knows the classes).
 
 Epochs in a stream of train batches: the engine's ``segment_start`` gives the session's segment, whose
 ``num_samples`` counts every pass over the session (``epochs`` in its meta). The warm-up is the first
@@ -33,6 +38,7 @@ from ctta.backbones.peft import (add_adapter, add_kv_lora, add_prefix, freeze, h
                                  vit_block_names)
 from ctta.errors import ConfigError
 from ctta.hparams import Count, NonNegative, NonNegInt, Positive, Unit
+from ctta.seeding import stable_seed
 
 from .base import register
 from .common.incremental import IncrementalStrategy, mask_logits
@@ -73,6 +79,19 @@ def attach_pets(model: nn.Module, pet_type: str, blocks: Sequence[int], pet_kwar
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
+@torch.no_grad()
+def reset_head(model: nn.Module, head_names: Sequence[str], seed: int) -> None:
+    """The official new head's init (``SimpleHead.weights_init``): weights N(0, 0.001^2), bias 0 (seeded draw)."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(stable_seed(seed, "lae-head"))
+    for n in head_names:
+        p = params[n]
+        if p.dim() > 1:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.001)
+        else:
+            p.zero_()
+
+
 @register
 class LAE(IncrementalStrategy):
     """Online PET modules learn each session (frozen during the warm-up of later sessions); offline = their EMA;
@@ -84,7 +103,7 @@ class LAE(IncrementalStrategy):
                  adapt_blocks: Optional[Sequence[NonNegInt]] = None, pet_kwargs: Optional[Dict[str, Any]] = None,
                  lr: Positive = 0.0028125, weight_decay: NonNegative = 0.0, ema_decay: Unit = 0.9999,
                  num_epochs: Count = 5, num_freeze_epochs: NonNegInt = 3, freeze_batches: Optional[NonNegInt] = None,
-                 seed: int = 0) -> None:
+                 head_init: Literal["reset", "keep"] = "reset", seed: int = 0) -> None:
         super().__init__(model, seed, mask_unseen=True)
         if num_freeze_epochs > num_epochs:
             raise ConfigError(f"lae: num_freeze_epochs={num_freeze_epochs!r} must be <= num_epochs={num_epochs!r}")
@@ -96,6 +115,10 @@ class LAE(IncrementalStrategy):
         blocks = list(adapt_blocks) if adapt_blocks is not None else list(range(min(5, n_blocks)))
         self.pet_names = attach_pets(self.model, self.pet_type, blocks, pet_kwargs or {})
         self.head_names = head_parameter_names(self.model)
+        if head_init == "reset":
+            reset_head(self.model, self.head_names, seed)
+        elif head_init != "keep":
+            raise ConfigError(f"lae: head_init must be 'reset' or 'keep', got {head_init!r}")
         freeze(self.model, except_=self.head_names, peft=True)
         self.model.eval()  # the frozen ViT has no batch statistics; dropout off
         params = dict(self.model.named_parameters())

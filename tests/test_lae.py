@@ -137,3 +137,31 @@ def test_lae_runs_a_two_session_class_incremental_stream(pet_type):
     assert s.sessions.session == 1 and s.offline_ready
     # the session length came from the engine: 16 samples, 3/5 of them frozen
     assert s._warmup == round(16 * 3 / 5)
+
+
+def test_head_starts_as_the_official_new_heads_and_rows_move_only_in_their_session():
+    """Side-by-side fix (gqk/LAE@1680e49): a new head N(0, 0.001^2) with bias 0 (``head_init: reset``, seeded), not
+    the backbone's own; adapters' down-projection bias 0; a head row learns only in its class's session."""
+    model = _vit()
+    own = model.net.head.weight.detach().clone()
+    s = strategies.create("lae", model, seed=3)
+    w, b = (p.detach() for p in s.head)
+    assert not torch.allclose(w, own) and torch.equal(b, torch.zeros_like(b))
+    assert 0.0005 < float(w.std()) < 0.002 and float(w.abs().max()) < 0.01
+    again = strategies.create("lae", _vit(), seed=3)
+    assert torch.equal(again.head[0], w)  # the same draw under the same seed
+    kept = strategies.create("lae", _vit(), head_init="keep")
+    assert torch.equal(kept.head[0], own)
+    for name, m in s.model.named_modules():
+        if name.endswith("attn") and hasattr(m, "down"):
+            assert torch.equal(m.down.bias, torch.zeros_like(m.down.bias))
+            assert torch.equal(m.up.weight, torch.zeros_like(m.up.weight))
+    x0, y0 = _data([0, 1], seed=0)
+    _learn_session(s, x0, y0)
+    after0 = s.head[0].detach().clone()
+    assert torch.equal(after0[2:], again.head[0][2:]) and not torch.equal(after0[:2], again.head[0][:2])
+    x1, y1 = _data([2, 3], seed=1)
+    _learn_session(s, x1, y1)
+    assert torch.equal(s.head[0][:2], after0[:2]) and not torch.equal(s.head[0][2:], after0[2:])
+    with pytest.raises(ConfigError):
+        strategies.create("lae", _vit(), head_init="zeros")

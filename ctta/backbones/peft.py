@@ -323,7 +323,8 @@ class Scaler(nn.Module):
 
 
 class Adapter(PeftModule):
-    """A residual bottleneck of width ``bottleneck`` (up-projection init 0, so it starts as ``base``).
+    """A residual bottleneck of width ``bottleneck`` (up-projection and down-projection bias init 0, so it starts as
+    ``base``).
 
     ``mode="after"``: ``h + s * up(act(down(h)))`` with ``h = base(x)`` (Houlsby-style); ``mode="parallel"``:
     ``base(x) + s * up(act(down(x)))`` (AdaptFormer, LAE; input and output widths equal). ``s`` is 1, or a learnable
@@ -339,9 +340,10 @@ class Adapter(PeftModule):
             raise ConfigError(f"adapter bottleneck must be a positive integer, got {bottleneck!r}")
         self.base = base
         self.mode = mode
-        self.down = nn.Linear(dim, bottleneck)
+        self.down = nn.Linear(dim, bottleneck)  # weight: Kaiming-uniform (a = sqrt 5), torch's Linear default
         self.act = nn.GELU()
         self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.down.bias)  # as LAE's Adapter.reset_parameters (and AdaptFormer's)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.scaler = Scaler(1.0, learnable=learnable_scale)
