@@ -12,6 +12,7 @@ from .sfda import sfda_stream  # registers sfda
 from .imagenet import imagenet_c  # noqa: F401  (registers imagenet_c, imagenet_r, imagenet_a, imagenet_sketch, imagenet_v2)
 from . import ccc  # noqa: F401  (the module; registers the ccc stream)
 from . import unitta  # noqa: F401  (the module; registers the unitta stream: UniTTA's 36 scenarios)
+from . import folder_cil  # noqa: F401  (registers imagenet_r_ci, cub200_ci, cub200_fscil, miniimagenet_fscil)
 
 
 def to_avalanche(stream: Stream, device: str = "cpu") -> Any:
