@@ -11,7 +11,7 @@ ties it to its data, hardware and logging:
 - ``utils.inc_net.get_backbone``: our ViT up to its pooled features (``forward_features``, ``out_dim`` its width);
   the reference's per-task heads (``classifier_pool``, ``nn.Linear(out_dim, 2)``) start from our head's initial rows
   of the session's classes (``--heads ours``, the default: one start for both) or keep their own default init drawn
-  under ``torch.manual_seed(seed)`` (``--heads own``);
+  under ``torch.manual_seed(--head-seed)`` (``--heads own``; default the stream seed);
 - the data manager and loaders: its ``train_loader`` yields our train segment's batches, epoch by epoch (labels as
   positions in our class order, as its data manager relabels), the test images are our eval segment's;
 - ``wandb`` (a stand-in module without a run: its logging is skipped) and ``transformers``' ``require_version``.
@@ -80,12 +80,12 @@ def make_model(vit: str) -> nn.Module:
         return create("vit_tiny_patch16_224", num_classes=10, weights=vit or None, **VIT)
 
 
-def run_ours(stream: Any, model: nn.Module, trace: bool, **hp: Any):
+def run_ours(stream: Any, model: nn.Module, trace: bool, train_ours: bool = True, **hp: Any):
     """Ours over the stream; returns the strategy, its initial head, per-session train batches, test sets,
-    predictions and (``trace``) the first session's steps."""
+    predictions (None without ``train_ours``: the batches only) and (``trace``) the first session's steps."""
     import ctta
 
-    ours = ctta.strategies.create("coso", model, seed=0, **hp)
+    ours = ctta.strategies.create("coso", model, **{"seed": 0, **hp})
     head0 = {n: p.detach().clone() for n, p in zip(ours.head_names, ours.head)}
     train, test, out, steps = [], [], [], []
     if trace:
@@ -107,7 +107,7 @@ def run_ours(stream: Any, model: nn.Module, trace: bool, **hp: Any):
         if seg.kind == "train":
             train.append([(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)])
             classes = list(seg.meta["classes"])
-            for xb, yb in train[-1]:
+            for xb, yb in train[-1] if train_ours else []:
                 if trace and ours.sessions.session <= 0:
                     with torch.no_grad():  # the session's cross-entropy (classes in class order, as its heads)
                         loss = F.cross_entropy(ours.model(xb)[:, classes] / ours.temperature, _pos(yb, classes))
@@ -116,7 +116,8 @@ def run_ours(stream: Any, model: nn.Module, trace: bool, **hp: Any):
                     steps[-1]["loss"] = float(loss)
         else:
             test.append((x, y))
-            out.append(torch.cat([ours.predict(x[i:i + bs]) for i in range(0, len(x), bs)]))
+            if train_ours:
+                out.append(torch.cat([ours.predict(x[i:i + bs]) for i in range(0, len(x), bs)]))
         ours.segment_end(seg)
     return ours, head0, train, test, out, steps
 
@@ -151,7 +152,7 @@ def run_reference(args: argparse.Namespace, stream: Any, head0: Dict[str, Tensor
               "fc_lrate": hp["fc_lr"], "weight_decay": hp["weight_decay"], "temperature": hp["temperature"],
               "proj_rank": hp["proj_rank"], "rank": hp["sketch_rank"], "db_decay": hp["sketch_decay"],
               "threshold": hp["threshold"], "update_gap": hp["update_gap"]}
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if args.head_seed is None else args.head_seed)  # its heads' draws (--heads own)
     learner = coso.Learner(config)
     net = learner._network
     if args.heads == "ours":
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1, help="the stream's seed (class order, subsets, batches)")
     ap.add_argument("--heads", choices=["ours", "own"], default="ours")
+    ap.add_argument("--head-seed", type=int, help="--heads own: torch.manual_seed before its learner (default --seed)")
+    ap.add_argument("--reference-only", action="store_true", help="run the reference only (ours gives the batches)")
     ap.add_argument("--set", action="append", default=[], help="ours' hyperparameter KEY=JSON (both sides)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--optimizer-check", action="store_true", help="only compare the optimisers on fixed gradients")
@@ -292,7 +295,8 @@ def main(argv=None) -> int:
                                  test_per_class=args.test_per_class or None)
     t0 = time.time()
     ours_hp = {k: v for k, v in hp.items() if k != "targets"}
-    ours, head0, train, test, out, our_steps = run_ours(stream, make_model(args.vit), args.trace, **ours_hp)
+    ours, head0, train, test, out, our_steps = run_ours(stream, make_model(args.vit), args.trace,
+                                                        not args.reference_only, **ours_hp)
     t1 = time.time()
     ref, order, ref_steps = run_reference(args, stream, head0, train, test, hp)
     t2 = time.time()
@@ -303,6 +307,11 @@ def main(argv=None) -> int:
           "max abs(logit difference) |")
     print("| --- | --- | --- | --- | --- | --- |")
     acc_o, acc_r, rows = [], [], []
+    if args.reference_only:
+        accs = [100 * float((order[:r.shape[1]][r.argmax(1)] == y).float().mean()) for (_, y), r in zip(test, ref)]
+        print(f"reference only: accuracy per session {[round(a, 2) for a in accs]}; average incremental accuracy "
+              f"{sum(accs) / len(accs):.2f}, last accuracy {accs[-1]:.2f}")
+        return 0
     for t, ((x, y), o, r) in enumerate(zip(test, out, ref)):
         seen = order[:r.shape[1]]
         a_ours, a_ref = o.argmax(1), seen[r.argmax(1)]
