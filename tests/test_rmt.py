@@ -168,9 +168,12 @@ def test_reset_restores_the_state_after_the_warm_up():
     adam = copy.deepcopy(s.optimizer.state_dict())
     for _ in range(2):
         s.adapt(x)
+    draws, source_index = s.augment.host_gen.get_state(), s.source_index
     s.reset()
     for k, v in s.state_dict().items():
         assert torch.equal(v, after_warmup[k]), k
+    # as the reference's global generator and source loader, the view draws and the source batches go on
+    assert torch.equal(s.augment.host_gen.get_state(), draws) and s.source_index == source_index
     state = s.optimizer.state_dict()["state"]
     assert state.keys() == adam["state"].keys()
     for i in state:
@@ -196,6 +199,16 @@ def test_determinism_under_a_seed():
     a, b, c = run(1), run(1), run(2)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[-1], c[-1])
+
+
+def test_a_checkpoint_resumes_the_same_steps_without_warming_up_again():
+    a = _rmt(warmup_samples=20)
+    a.adapt(_batch(0))
+    saved = copy.deepcopy(a.checkpoint_state())
+    expected = a.adapt(_batch(1))
+    b = _rmt(warmup_samples=20)
+    b.load_checkpoint_state(saved)
+    assert torch.equal(b.adapt(_batch(1)), expected) and b.warmups == 0
 
 
 def test_needs_source_data():
