@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--lrs", default="1e-3", help="rsgs: learning rates to run")
     p.add_argument("--vit", default=str(Path("~/.cache/ctta-bench/models/vit_cifar_small.pt").expanduser()))
-    p.add_argument("--train-per-class", type=int, default=200)
+    p.add_argument("--train-per-class", type=int, default=192, help="coso: 2 x 192 = 12 batches of 32 per epoch")
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--variants", default="")
