@@ -5,8 +5,9 @@
 ``(images, labels)`` of tensors (images N x C x H x W, uint8 or float in [0, 1]). ``source_samples`` draws a seeded
 random subset of that many images (``None`` or more than there are: all, in their stored order).
 
-Used by LSA (the adapter is trained on it) and PSMT (its Fisher information is estimated on it); both take
-``source_data`` and ``source_samples`` under those names.
+Used by LSA (the adapter is trained on it), PSMT and EATA (their Fisher information is estimated on it) and RMT (its
+source prototypes, warm-up and source replay read it); all take ``source_data`` and ``source_samples`` under those
+names.
 """
 from __future__ import annotations
 
