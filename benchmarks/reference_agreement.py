@@ -25,6 +25,7 @@ merged with its own CIFAR-10-C config:
     rpl      RPL               cfgs/cifar10_c/rpl.yaml
     roid     ROID              cfgs/cifar10_c/roid.yaml        (random augmentations: not bit-identical)
     deyo     DeYO              cfgs/cifar10_c/deyo.yaml        (tile shuffle drawn from a generator seeded alike)
+    rmt      RMT               cfgs/cifar10_c/rmt.yaml         (source images: ours; view and projector drawn alike)
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -41,6 +42,15 @@ replaced by the source images ours drew from ``--source-data`` (default: the ``-
 images in a seeded order), in the same batches. ``--reset-every N`` sets rdumb's reset interval on both sides (its
 1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides, ``--fisher-weight`` EATA's Fisher weight, ``--no-consistency``
 ROID without its (randomly augmented) consistency term.
+
+RMT's source loader (prototypes, warm-up, replay) is replaced by ours: the images ours drew from ``--source-data``
+(``--rmt-source-samples`` of them, all by default) in ours' seeded order and batches, cycled (``get_source_loader`` and
+``split_up_model``, which return our backbone's ``forward_features`` / ``forward_head``, are replaced in
+``methods.rmt``); ``--rmt-warmup-samples`` sets its warm-up size on both sides; its checkpoint folder is a fresh
+temporary one (it would load stale prototypes or warm-up weights); the global generator is seeded before its
+constructor, so its projector gets the weights ours draws under ``torch.manual_seed(seed)``. ``--rmt-our-view``
+(a diagnostic) makes the reference's augmented view with our ``TTAAugment`` (same seed and draw order), which
+removes the pixel rounding of the two implementations of that view.
 
 Prints, per method and corruption: the error of ours and of the reference, the share of identical argmaxes, the
 batches whose outputs are bit-identical (LAME: compared as log Y) and the largest |output difference| (logits; LAME:
@@ -75,6 +85,7 @@ REFERENCE = {
     "rpl": ("rpl", "rpl.yaml"),
     "roid": ("roid", "roid.yaml"),
     "deyo": ("deyo", "deyo.yaml"),
+    "rmt": ("rmt", "rmt.yaml"),
 }
 
 # methods whose learning rate --lr sets on both sides
@@ -155,6 +166,12 @@ def reference_cfg(conf, ref_root: str, method: str, args):
         cfg.EATA.FISHER_ALPHA = args.fisher_weight
     if args.no_consistency and method == "roid":
         cfg.ROID.USE_CONSISTENCY = False
+    if method == "rmt":
+        import tempfile
+
+        cfg.CKPT_DIR = tempfile.mkdtemp(prefix="rmt_ckpt_")  # it loads prototypes / warm-up weights found there
+        if args.rmt_warmup_samples >= 0:
+            cfg.RMT.NUM_SAMPLES_WARM_UP = args.rmt_warmup_samples
     return cfg
 
 
@@ -213,6 +230,16 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"{og['weight_decay']} steps {ours.steps}, PLPD {ours.plpd_threshold} margin {ours.margin:.4f} E0 "
                 f"{ours.e0:.4f} aug {ours.aug} patch_len {ours.patch_len} reweight ent {ours.reweight_ent} plpd "
                 f"{ours.reweight_plpd}, {len(ours.params)} tensors")
+    if method == "rmt":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.RMT)}, "
+                f"{dict(cfg.CONTRAST)}, mt {cfg.M_TEACHER.MOMENTUM}, {ref.warmup_steps} warm-up steps, "
+                f"{len(ref.src_loader)} source batches of {ref.src_loader.batch_size}, batch {cfg.TEST.BATCH_SIZE}; "
+                f"ours: {type(ours.optimizer).__name__} lr {og['lr']} betas {og.get('betas')} wd "
+                f"{og['weight_decay']} steps {ours.steps}, lambdas src {ours.lambda_ce_src} trg {ours.lambda_ce_trg} "
+                f"cont {ours.lambda_cont}, temperature {ours.temperature}, mt {ours.mt}, {ours.warmup_steps} warm-up "
+                f"steps, {ours.source_images.shape[0]} source images in batches of {ours.source_batch}, "
+                f"{len(ours.params)} + projector tensors, view {ours.augment.draw_order} order")
     if method == "bn_alpha":
         return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
     if method == "bn_ema":
@@ -228,6 +255,55 @@ def _as_compared(method: str) -> Tuple[Callable[[Tensor], Tensor], Callable[[Ten
     return (lambda t: t), (lambda t: t)
 
 
+class _SourceBatches(list):
+    """Labelled source batches standing in for the reference's source DataLoader (it reads ``batch_size``)."""
+
+    batch_size = 0
+
+
+class _Call(nn.Module):
+    """A module calling ``fn`` (our backbone's ``forward_features`` or ``forward_head``), holding its model."""
+
+    def __init__(self, model: nn.Module, fn: str) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return getattr(self.model, self.fn)(x)
+
+
+def _reference_rmt_inputs(ours, ref_model: nn.Module, cfg) -> None:
+    """RMT: the reference's source loader becomes ours' images, order and batches; its model split ours."""
+    from ctta.strategies.common import as_float_images
+
+    b, images, labels = ours.source_batch, ours.source_images, ours.source_labels
+    batches = _SourceBatches((as_float_images(images[i:i + b], "cpu"), labels[i:i + b])
+                             for i in range(0, images.shape[0], b))
+    batches.batch_size = b
+    module = sys.modules["methods.rmt"]
+    module.get_source_loader = lambda **kw: (None, batches)
+    module.split_up_model = lambda model, arch, dataset: (_Call(model, "forward_features"),
+                                                          _Call(model, "forward_head"))
+    ref_model.model_preprocess = None  # read (and passed to the replaced loader) by the reference
+    cfg.TEST.BATCH_SIZE = b  # its source batch (TEST.BATCH_SIZE); the test batches are ours anyway
+
+
+def _compare_rmt_start(ours, ref) -> None:
+    """RMT after step 0 on both sides: projector init, source prototypes, warmed-up student and teacher."""
+    proj = all(torch.equal(a, b) for a, b in zip(ours.projector.state_dict().values(),
+                                                 ref.projector.state_dict().values()))
+    ours.ensure_ready(torch.device("cpu"))
+    protos = ref.prototypes_src.squeeze(1)
+
+    def gap(a: nn.Module, b: nn.Module) -> float:
+        return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+    print(f"RMT start: projector init bit-identical {proj}; prototypes bit-identical "
+          f"{torch.equal(ours.prototypes, protos)} (max |difference| {float((ours.prototypes - protos).abs().max()):.1e})"
+          f"; after the warm-up max |student difference| {gap(ours.model, ref.model):.1e}, teacher "
+          f"{gap(ours.teacher, ref.model_ema):.1e}", flush=True)
+
+
 def run_method(method: str, args, conf, registry, ref_root: str, domains, make_model) -> List[dict]:
     import ctta
 
@@ -235,6 +311,11 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
     overrides = {"steps": args.steps} if args.steps and method in ("tent", "cotta") else {}
     if method == "eata":
         overrides["source_data"] = args.source_data or args.data_root
+    if method == "rmt":
+        overrides["source_data"] = args.source_data or args.data_root
+        overrides["source_samples"] = args.rmt_source_samples or None
+        if args.rmt_warmup_samples >= 0:
+            overrides["warmup_samples"] = args.rmt_warmup_samples
     if args.reset_every and method == "rdumb":
         overrides["reset_every"] = args.reset_every
     if args.lr and method in WITH_LR:
@@ -255,7 +336,17 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         sys.modules["methods.eata"].get_source_loader = lambda **kw: (None, batches)
         ref_model.model_preprocess = None  # read (and passed to the replaced loader) by the reference
         cfg.TEST.BATCH_SIZE = b  # its Fisher batch (what it passes to the loader)
+    if method == "rmt":
+        _reference_rmt_inputs(ours, ref_model, cfg)
+        torch.manual_seed(args.seed)  # its projector's init: ours draws it under torch.manual_seed(seed)
     ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
+    if method == "rmt":
+        _compare_rmt_start(ours, ref)
+        if args.rmt_our_view:  # diagnostic: the reference's view made by our TTAAugment (same seed, same draws)
+            from ctta.strategies.common import AugmentConfig, TTAAugment
+
+            view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
+            ref.tta_transform = lambda x: view(x, 1)
     print(f"\n### {method}: {settings_line(method, cfg, ours, ref)}", flush=True)
     ours_form, ref_form = _as_compared(method)
     ref_resets, ours_resets = [0], [0]
@@ -360,6 +451,13 @@ def main(argv=None) -> int:
     ap.add_argument("--source-data", default="",
                     help="eata's source train set (ours reads it; the reference gets the same images); default: "
                          "--data-root")
+    ap.add_argument("--rmt-source-samples", type=int, default=0,
+                    help="rmt's source images (ours draws them from --source-data, the reference gets the same); "
+                         "0: all")
+    ap.add_argument("--rmt-warmup-samples", type=int, default=-1,
+                    help="rmt's warm-up samples (RMT.NUM_SAMPLES_WARM_UP), both sides; -1: its config's 50000")
+    ap.add_argument("--rmt-our-view", action="store_true",
+                    help="diagnostic: the reference's augmented view made by our TTAAugment (pixel rounding removed)")
     ap.add_argument("--dirichlet", type=float, default=0.0,
                     help="temporally correlated labels (label_shift dirichlet with this delta); 0: i.i.d. order")
     ap.add_argument("--pool", choices=("adaptive", "avg8"), default="adaptive",
