@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
-import time
 import types
 
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import corruption_domains, model_factory, stream_arguments  # noqa: E402
 
 
 def import_reference(path: str):
@@ -86,38 +89,18 @@ class Featurizer(nn.Module):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="path of matsuolab/T3A's domainbed/adapt_algorithms.py")
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--backbone", default="resnet20_cifar")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--corruptions", default="gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression")
-    ap.add_argument("--severity", type=int, default=5)
-    ap.add_argument("--num-samples", type=int, default=1000, help="images per corruption")
-    ap.add_argument("--batch-size", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=1)
+    stream_arguments(ap, num_samples=1000, batch_size=200)
     ap.add_argument("--methods", default="t3a,shot,shotim", help="comma-separated: t3a, shot, shotim")
     ap.add_argument("--filter-k", default="100", help="t3a: comma-separated filter sizes, one comparison each")
     ap.add_argument("--lr", type=float, default=1e-4, help="shot / shotim: Adam's learning rate, both sides")
     ap.add_argument("--theta", type=float, default=0.1, help="shot: the pseudo-label weight, both sides")
-    ap.add_argument("--dirichlet", type=float, default=0.0, help="temporally correlated labels (delta); 0: i.i.d.")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     import ctta
 
     ref = import_reference(args.reference)
-    t0 = time.time()
-    stream = ctta.streams.corruption("cifar10", root=args.data_root, severity=args.severity,
-                                     corruptions=args.corruptions, num_samples=args.num_samples,
-                                     batch_size=args.batch_size, seed=args.seed, clean_eval=False,
-                                     label_shift={"kind": "dirichlet", "delta": args.dirichlet} if args.dirichlet
-                                     else None)
-    domains = [(s.name, *s.load(torch.device("cpu"))) for s in stream.segments if s.role == "domain"]
-    print(f"stream: {len(domains)} domains x {args.num_samples} images, severity {args.severity}, batch "
-          f"{args.batch_size}, seed {args.seed} ({time.time() - t0:.0f} s to generate)", flush=True)
-
-    def make_model() -> nn.Module:
-        return ctta.backbones.create(args.backbone, weights=args.weights).eval()
+    domains = corruption_domains(args)
+    make_model = model_factory(args)
 
     runs = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

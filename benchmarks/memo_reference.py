@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import corruption_domains, model_factory, stream_arguments  # noqa: E402
 from reference_agreement import import_reference  # noqa: E402
 
 
@@ -33,16 +34,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="the reference checkout's classification/ folder")
     ap.add_argument("--stand-ins", default="")
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--backbone", default="resnet20_cifar")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--corruptions", default="gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression")
-    ap.add_argument("--severity", type=int, default=5)
-    ap.add_argument("--num-samples", type=int, default=200, help="images per corruption")
+    stream_arguments(ap, num_samples=200, batch_size=1)
     ap.add_argument("--seeds", default="1,2", help="comma-separated; each runs both sides")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     import ctta
     from PIL import Image
@@ -52,13 +46,8 @@ def main(argv=None) -> int:
     conf, registry = import_reference(ref_root, args.stand_ins)
     from augmentations.transforms_augmix import AugMixAugmenter  # the reference's
 
-    stream = ctta.streams.corruption("cifar10", root=args.data_root, severity=args.severity,
-                                     corruptions=args.corruptions, num_samples=args.num_samples, batch_size=1,
-                                     seed=1, clean_eval=False)
-    domains = [(s.name, *s.load(torch.device("cpu"))) for s in stream.segments if s.role == "domain"]
-
-    def make_model():
-        return ctta.backbones.create(args.backbone, weights=args.weights).eval()
+    domains = corruption_domains(args, batch_size=1)
+    make_model = model_factory(args)
 
     def to_pil(x: torch.Tensor) -> Image.Image:
         return Image.fromarray((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())

@@ -29,6 +29,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import corruption_domains, model_factory, stream_arguments  # noqa: E402
+
 
 def stub(name: str) -> types.ModuleType:
     """A stand-in module whose every public attribute is an empty class (type annotations read them)."""
@@ -122,31 +125,14 @@ def reference_note(ref_root: str, model: nn.Module, lr: float, seed: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="the folder holding TTAB's ttab package")
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--backbone", default="resnet20_cifar")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--corruptions", default="gaussian_noise,impulse_noise,defocus_blur,contrast,jpeg_compression")
-    ap.add_argument("--severity", type=int, default=5)
-    ap.add_argument("--num-samples", type=int, default=1000, help="images per corruption")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=1)
+    stream_arguments(ap, num_samples=1000, batch_size=64)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--dirichlet", type=float, default=0.0, help="temporally correlated labels (delta); 0: i.i.d.")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     import ctta
 
-    stream = ctta.streams.corruption("cifar10", root=args.data_root, severity=args.severity,
-                                     corruptions=args.corruptions, num_samples=args.num_samples,
-                                     batch_size=args.batch_size, seed=args.seed, clean_eval=False,
-                                     label_shift={"kind": "dirichlet", "delta": args.dirichlet} if args.dirichlet
-                                     else None)
-    domains = [(s.name, *s.load(torch.device("cpu"))) for s in stream.segments if s.role == "domain"]
-
-    def make_model() -> nn.Module:
-        return ctta.backbones.create(args.backbone, weights=args.weights).eval()
+    domains = corruption_domains(args)
+    make_model = model_factory(args)
 
     ours = ctta.strategies.create("note", make_model(), lr=args.lr, seed=args.seed)
     ref, conf = reference_note(args.reference, make_model(), args.lr, args.seed)
@@ -156,8 +142,7 @@ def main(argv=None) -> int:
     bn = ctta.strategies.create("bn", make_model())
     rec = Recorder()
     random.seed(args.seed)  # the reference's PBRS draws from the global generator
-    print(f"stream: {len(domains)} domains x {args.num_samples}, batch {args.batch_size}, seed {args.seed}, dirichlet "
-          f"{args.dirichlet or 'off'}; reference conf {vars(conf)}")
+    print(f"batch {args.batch_size}; reference conf {vars(conf)}")
     print("| domain | source | BN | NOTE ours | NOTE reference | identical argmax % | max \\|logit diff\\| | s ours / ref |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     b = args.batch_size

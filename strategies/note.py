@@ -32,6 +32,7 @@ from ctta.hparams import Count, Momentum, NonNegative, Positive, Unit
 
 from .base import Strategy, register
 from .common import batchnorm_layers, norm_affine_parameters
+from .common.incremental import num_outputs
 from .common.optim import adam_or_sgd
 from .common.pbrs import PBRS
 
@@ -68,7 +69,7 @@ class NOTE(Strategy):
             p.requires_grad_(True)
         self.optimizer = adam_or_sgd(params, optimizer, lr, beta=beta, momentum=momentum, nesterov=nesterov,
                                      weight_decay=weight_decay)
-        self.num_classes = _num_outputs(self.model)
+        self.num_classes = num_outputs(self.model)
         self.memory = PBRS(memory_size, self.num_classes, seed=seed)
         self.remember_initial_state()
 
@@ -96,19 +97,6 @@ class NOTE(Strategy):
     def load_extra_state(self, state: Any) -> None:
         self.memory = PBRS(self.memory.capacity, self.num_classes)
         self.memory.load(state)
-
-
-def _num_outputs(model: nn.Module) -> int:
-    """The number of classes (the model's ``num_classes``, else its last linear layer's outputs)."""
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    from ctta.backbones.classifier import last_linear
-
-    head = last_linear(model)
-    if head is None:
-        raise ConfigError("note needs the number of classes: the model has no num_classes and no linear head")
-    return int(head.out_features)
 
 
 __all__ = ["NOTE", "tempered_entropy"]
