@@ -10,12 +10,18 @@ per-class sums ``s_c`` and counts ``n_c``, and the global second moment ``M = su
 The covariance used is ``(1 - shrinkage) S + shrinkage * tr(S)/D * I + ridge * I`` (FSA: ridge 1, shrinkage 0;
 sklearn's ``shrinkage=a``: shrinkage a, ridge 0, within-class, ddof 0, priors), factorised by Cholesky; the
 classifier is ``logit_c(f) = f^T S^-1 mu_c - 1/2 mu_c^T S^-1 mu_c (+ log n_c / N with priors)``.
+
+The same statistics are a ridge regression's (RanPAC, McDonnell et al. 2023): with one-hot targets Y, the Gram matrix
+is ``G = H^T H`` (the second moment) and ``Q = H^T Y`` (the class sums, transposed), and the ridge head is
+``W = (G + lambda I)^-1 Q`` (:meth:`IncrementalLDA.ridge_weights`, :func:`ridge_solution`); :func:`select_ridge`
+picks lambda by the mean squared error on a held-out tail of a batch of features.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.errors import ConfigError
@@ -31,8 +37,10 @@ class IncrementalLDA(nn.Module):
     allocates on the first update (when the feature width is not known in advance)."""
 
     def __init__(self, dim: Optional[int], num_classes: int, covariance: str = "total", ridge: float = 1.0,
-                 shrinkage: float = 0.0, ddof: int = 1, priors: bool = False) -> None:
+                 shrinkage: float = 0.0, ddof: int = 1, priors: bool = False,
+                 dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
+        self.dtype = dtype  # of the sums and the second moment (float64 unless a caller needs the memory)
         if covariance not in COVARIANCES:
             raise ConfigError(f"LDA covariance must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
         if not 0.0 <= float(shrinkage) <= 1.0:
@@ -52,10 +60,10 @@ class IncrementalLDA(nn.Module):
         self._dirty = True
 
     def _allocate(self, dim: int, device: torch.device) -> None:
-        d64 = torch.float64
+        dt = self.dtype
         self.dim = dim
-        self.class_sums = torch.zeros(self.num_classes, dim, dtype=d64, device=device)
-        self.second_moment = torch.zeros(dim, dim, dtype=d64, device=device)
+        self.class_sums = torch.zeros(self.num_classes, dim, dtype=dt, device=device)
+        self.second_moment = torch.zeros(dim, dim, dtype=dt, device=device)
         self.weight = torch.zeros(self.num_classes, dim, device=device)
 
     @property
@@ -67,7 +75,7 @@ class IncrementalLDA(nn.Module):
         """Add a batch of features (N x D) with their labels to the statistics (no host sync)."""
         if not self.ready:
             self._allocate(int(features.shape[1]), self.class_counts.device)
-        f = features.detach().to(torch.float64)
+        f = features.detach().to(self.dtype)
         y = labels.to(f.device).long()
         self.class_sums.index_add_(0, y, f)
         self.class_counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
@@ -88,6 +96,12 @@ class IncrementalLDA(nn.Module):
         if self.shrinkage:
             s = (1 - self.shrinkage) * s + self.shrinkage * (torch.trace(s) / self.dim) * eye
         return s + self.ridge * eye
+
+    @torch.no_grad()
+    def ridge_weights(self, ridge: float) -> Tensor:
+        """Ridge-regression weights (C x D) on one-hot targets: ``((G + ridge I)^-1 Q)^T`` with ``G`` the second
+        moment and ``Q`` the transposed class sums (RanPAC's head)."""
+        return ridge_solution(self.second_moment, self.class_sums.T, ridge).T
 
     def means(self) -> Tensor:
         return self.class_sums / self.class_counts.clamp_min(1).unsqueeze(1)
@@ -128,3 +142,23 @@ class IncrementalLDA(nn.Module):
                 self._allocate(int(sums.shape[1]), self.class_counts.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._dirty = True
+
+
+def ridge_solution(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+    """``(gram + ridge I)^-1 cross`` by an LU solve (``torch.linalg.solve``, as RanPAC's code: more stable than an
+    inverse; ``gram`` is only positive semi-definite, so Cholesky may fail at ridge 1e-8)."""
+    a = gram.clone()
+    a.diagonal().add_(float(ridge))
+    return torch.linalg.solve(a, cross)
+
+
+@torch.no_grad()
+def select_ridge(features: Tensor, targets: Tensor, ridges: Sequence[float],
+                 fit_fraction: float = 0.8) -> Tuple[float, Tensor]:
+    """The ridge among ``ridges`` whose solution on the first ``int(N * fit_fraction)`` rows has the least mean
+    squared error on the rest (the first minimiser on ties), and every candidate's error (RanPAC's selection)."""
+    n_fit = int(features.shape[0] * fit_fraction)
+    fit, val = features[:n_fit], features[n_fit:]
+    gram, cross = fit.T @ fit, fit.T @ targets[:n_fit]
+    losses = torch.stack([F.mse_loss(val @ ridge_solution(gram, cross, r), targets[n_fit:]) for r in ridges])
+    return float(ridges[int(torch.argmin(losses))]), losses

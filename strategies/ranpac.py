@@ -1,0 +1,245 @@
+"""RanPAC: a frozen pretrained backbone, a fixed random ReLU projection, and a ridge-regression head.
+
+McDonnell, Gong, Parvaneh, Abbasnejad, van den Hengel; "RanPAC: Random Projections and Pre-trained Models for
+Continual Learning" (NeurIPS 2023, arXiv 2307.02251). Reference for the numbers: LAMDA-PILOT
+(sun-hailong/LAMDA-PILOT@2647455, ``models/ranpac.py`` ``Learner``: ``replace_fc``, ``setup_RP``,
+``optimise_ridge_parameter``; ``utils/inc_net.py`` ``SimpleVitNet`` with ``backbone/linears.py`` ``CosineLinear``;
+``exps/ranpac.json``); official code RanPAC/RanPAC@012927f (``RanPAC.py``, ``inc_net.py``), run side by side by
+``benchmarks/ranpac_reference.py``.
+
+Algorithm (per session t):
+
+1. session 0 only, ``first_session: adapter``: train AdaptFormer-style adapters (bottleneck 64, ReLU, dropout 0.1,
+   output scale 0.1, up-projection 0) beside each block's MLP, with a cosine head (sigma learnable) over the
+   session's classes, SGD (momentum 0.9, weight decay 5e-4), cosine-annealed per epoch; then freeze the backbone.
+   ``none``: the backbone is frozen from the start (PILOT with ``_init_train`` skipped; the official ``ncm`` rows).
+2. session 0 end: draw ``W_rand`` (D x M, N(0, 1), seeded) once; ``M = 0``: no projection (``H = F``).
+3. ``H = relu(F W_rand)`` of the session's training features (one pass, the stream's order);
+   ``G += H^T H``, ``Q += H^T Y`` (one-hot Y) -- the statistics of ``common/lda.py``'s :class:`IncrementalLDA`.
+4. lambda: among ``ridges`` (10^-8 .. 10^8), the one whose ridge fit on the first 80 % of the session's H has the
+   least MSE on the last 20 % (:func:`select_ridge`); ``W = ((G + lambda I)^-1 Q)^T``.
+5. logits: ``cos(H, W_c)`` (``head: cosine``, PILOT's CosineLinear with sigma 1) or ``H W^T`` (``linear``, the
+   official RanPAC's ``use_RP`` head).
+
+Memory: G is M x M (4 M^2 bytes in float32: 400 MB at M = 10000, 800 MB in float64), Q is M x C, W_rand D x M.
+The session's features (N x D) are kept until the session ends (lambda is chosen on them).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctta.backbones.classifier import penultimate_features
+from ctta.backbones.peft import Scaler, add_adapter, freeze, peft_parameters, vit_block_names
+from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
+from ctta.seeding import stable_seed
+
+from .base import register
+from .common.incremental import IncrementalStrategy, num_outputs
+from .common.lda import IncrementalLDA, select_ridge
+from .common.replay import GrowingStore
+
+log = logging.getLogger(__name__)
+
+RIDGES = tuple(10.0 ** k for k in range(-8, 9))
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def projection_seed(seed: int) -> int:
+    """The seed of ``W_rand``'s draw (``torch.randn(D, M)`` on the CPU from a generator seeded with it)."""
+    return stable_seed(seed, "ranpac-projection")
+
+
+def add_ffn_adapters(model: nn.Module, bottleneck: int, scale: float, dropout: float) -> List[nn.Parameter]:
+    """AdaptFormer adapters beside every ViT block's MLP (ReLU, dropout, fixed output scale; PILOT's
+    ``vit_adapter.Adapter`` with ``ffn_option parallel``, init ``lora``); returns their parameters."""
+    mlps = [f"{b}.mlp" for b in vit_block_names(model)]
+    width = model.get_submodule(mlps[0]).fc2.out_features
+    for ad in add_adapter(model, mlps, dim=width, bottleneck=bottleneck, mode="parallel"):
+        ad.act = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        ad.scaler = Scaler(scale, learnable=False)
+    return peft_parameters(model)
+
+
+@register
+class RanPAC(IncrementalStrategy):
+    """Random-projection ridge head on a (first-session adapted, then) frozen backbone. See the module docstring."""
+
+    name = "ranpac"
+
+    def __init__(self, model: nn.Module, M: NonNegInt = 10000, head: Literal["cosine", "linear"] = "cosine",
+                 ridges: Optional[Sequence[Positive]] = None, fit_fraction: Unit = 0.8,
+                 dtype: Literal["float32", "float64"] = "float32",
+                 first_session: Literal["none", "adapter"] = "adapter", lr: Positive = 0.01,
+                 momentum: Momentum = 0.9, weight_decay: NonNegative = 0.0005, min_lr: NonNegative = 0.0,
+                 bottleneck: Count = 64, adapter_scale: Positive = 0.1, adapter_dropout: Unit = 0.1,
+                 feature_batch_size: Count = 256, seed: int = 0) -> None:
+        super().__init__(model, seed, mask_unseen=True)
+        self.M, self.head = int(M), head
+        self.ridges = tuple(float(r) for r in (ridges if ridges is not None else RIDGES))
+        self.fit_fraction = float(fit_fraction)
+        self.first_session = first_session
+        self.lr, self.min_lr = float(lr), float(min_lr)
+        self.feature_batch_size = int(feature_batch_size)
+        n_cls = num_outputs(model)
+        self.stats = IncrementalLDA(None, n_cls, dtype=DTYPES[dtype])  # G = second_moment, Q^T = class_sums
+        self.register_buffer("W_rand", torch.zeros(0))
+        self.register_buffer("weight", torch.zeros(0))  # C x M ridge head
+        self.chosen: List[float] = []  # lambda per session
+        self.store = GrowingStore()  # this session's features (or session 0's images while adapting)
+        self.adapting = first_session == "adapter"
+        self.optimizer = None
+        if self.adapting:
+            params = add_ffn_adapters(self.model, int(bottleneck), float(adapter_scale), float(adapter_dropout))
+            freeze(self.model, peft=True)
+            dim = int(getattr(model, "feature_dim", 0) or penultimate_dim(self.model))
+            self.train_weight = nn.Parameter(torch.empty(n_cls, dim).uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim)))
+            self.train_sigma = nn.Parameter(torch.ones(1))
+            self.optimizer = torch.optim.SGD(params + [self.train_weight, self.train_sigma], lr=self.lr,
+                                             momentum=momentum, weight_decay=weight_decay)
+        else:
+            freeze(self.model)
+        self.model.eval()
+        self._pass = None  # distinct samples per pass of the current session (None: every sample counts)
+        self._epochs = 1
+        self._done = 0
+        self.remember_initial_state()
+
+    # --- features and heads ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """Frozen backbone features (eval mode), float32."""
+        self.model.eval()
+        return penultimate_features(self.model, x).float()
+
+    def project(self, f: Tensor) -> Tensor:
+        """``H = relu(F W_rand)`` (``F`` itself when M = 0)."""
+        return F.relu(f @ self.W_rand) if self.M > 0 else f
+
+    def head_logits(self, f: Tensor) -> Tensor:
+        """Cosine (PILOT) or linear (official) logits of the ridge head; zeros before the first session ends."""
+        if self.weight.numel() == 0:
+            return torch.zeros(f.shape[0], self.seen.num_classes, device=f.device)
+        h = self.project(f)
+        if self.head == "cosine":
+            return F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
+        return h @ self.weight.T
+
+    def _train_logits(self, x: Tensor) -> Tensor:
+        """Session 0's training head: sigma * cos(features, weights) (PILOT's CosineLinear)."""
+        f = penultimate_features(self.model, x)
+        return self.train_sigma * F.normalize(f, dim=1) @ F.normalize(self.train_weight, dim=1).T
+
+    def logits(self, x: Tensor) -> Tensor:
+        if self.adapting:
+            self.model.eval()
+            return self._train_logits(x)
+        return self.head_logits(self.features(x))
+
+    # --- sessions -------------------------------------------------------------------------------------------------
+    def segment_start(self, segment: Any) -> None:
+        if getattr(segment, "kind", None) == "train":
+            self._epochs = int((getattr(segment, "meta", None) or {}).get("epochs", 1))
+            self._pass = int(segment.num_samples) // self._epochs
+
+    def begin_session(self, session: int) -> None:
+        self._done = 0
+
+    def _first_pass(self, b: int) -> slice:
+        """The rows of a batch of ``b`` that belong to the session's first pass (the head uses each image once)."""
+        start = self._done
+        self._done += b
+        if self._pass is None:
+            return slice(0, b)
+        return slice(0, max(0, min(b, self._pass - start)))
+
+    def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.adapting:
+            epoch = self._done // self._pass if self._pass else 0
+            lr = self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * epoch / self._epochs)) / 2
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            keep = self._first_pass(int(x.shape[0]))
+            self.model.train()
+            with torch.enable_grad():
+                logits = self.mask(self._train_logits(x))
+                F.cross_entropy(logits, y).backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+            self.store.add(x[keep], y[keep])
+            return logits.detach()
+        f = self.features(x)
+        out = self.mask(self.head_logits(f))
+        keep = self._first_pass(int(x.shape[0]))
+        self.store.add(f[keep], y[keep])
+        return out
+
+    def end_session(self, session: int) -> None:
+        if self.adapting:
+            self.freeze_backbone()
+        f, y = self.store.items()
+        self.store.clear()
+        self._pass, self._epochs = None, 1
+        if f.shape[0] == 0:
+            return
+        if self.M > 0 and self.W_rand.numel() == 0:
+            g = torch.Generator().manual_seed(projection_seed(self.seed))
+            self.W_rand = torch.randn(f.shape[1], self.M, generator=g).to(f.device)
+        h = self.project(f).to(self.stats.dtype)
+        self.stats.update(h, y)
+        targets = F.one_hot(y, self.seen.num_classes).to(h.dtype)
+        ridge, _ = select_ridge(h, targets, self.ridges, self.fit_fraction)
+        self.chosen.append(ridge)
+        log.info("ranpac: session %d, lambda = %g", session, ridge)
+        self.weight = self.stats.ridge_weights(ridge).float()
+
+    def freeze_backbone(self) -> None:
+        """End of the first-session adaptation: freeze everything, and turn the kept images into features."""
+        freeze(self.model)
+        self.model.eval()
+        self.adapting = False
+        x, y = self.store.items()
+        feats = [self.features(x[i:i + self.feature_batch_size]) for i in range(0, x.shape[0], self.feature_batch_size)]
+        self.store.clear()
+        if feats:
+            self.store.add(torch.cat(feats), y)
+
+    # --- state --------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        if not self.adapting:
+            return []
+        return peft_parameters(self.model) + [self.train_weight, self.train_sigma]
+
+    def extra(self) -> Any:
+        return {"adapting": self.adapting, "chosen": list(self.chosen), "store": self.store.state(),
+                "pass": self._pass, "epochs": self._epochs, "done": self._done}
+
+    def load_extra(self, state: Any) -> None:
+        if not state:
+            return
+        self.chosen = list(state.get("chosen", []))
+        self.store.load_state(state.get("store"))
+        self._pass, self._epochs, self._done = state.get("pass"), int(state.get("epochs", 1)), int(state.get("done", 0))
+        if self.first_session == "adapter":
+            self.adapting = bool(state.get("adapting", False))
+            freeze(self.model, peft=self.adapting)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("W_rand", "weight"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.stats.class_counts.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def penultimate_dim(model: nn.Module) -> int:
+    """Width of ``model``'s penultimate features (a probe on a zero image when the model does not say)."""
+    size = getattr(model, "input_size", None) or (3, 32, 32)
+    with torch.no_grad():
+        return int(penultimate_features(model.eval(), torch.zeros(1, *size)).shape[1])
