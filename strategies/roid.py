@@ -147,9 +147,14 @@ class ROID(Strategy):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_kept = int(keep.sum())
-        ensemble_with_source_(self.params, self.source_params, self.momentum_src)
+        self._merge()
         prediction = logits.detach()
         return prior_corrected(prediction) if self.use_prior_correction else prediction  # step 4
+
+    @torch.no_grad()
+    def _merge(self) -> None:
+        """Step 3's weight ensembling with the source weights (CMF, ``strategies/cmf.py``, filters instead)."""
+        ensemble_with_source_(self.params, self.source_params, self.momentum_src)
 
     def extra_state(self) -> Any:
         return {"augment": self.augment.get_state()}
