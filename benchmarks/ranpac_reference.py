@@ -15,8 +15,10 @@ what ties it to its data and hardware:
 - ``setup_RP``: the global torch generator is seeded with our projection's seed just before it, so its
   ``torch.randn(D, M)`` is our ``W_rand``;
 - timm 1.0's moved ``timm.models.layers.weight_init`` (imported by its ``backbone/linears.py``): an alias;
-- its loaders: ``num_workers`` 0 and no shuffling (its prototype loader shuffles; the order matters only for the
-  80 / 20 split of the ridge selection, so both sides use our stream's order, itself a seeded shuffle);
+- its loaders: our train batch size (its 48 otherwise), ``num_workers`` 0 and no shuffling (its prototype loader
+  shuffles; the order matters only for the 80 / 20 split of the ridge selection, so both sides use our stream's
+  order, itself a seeded shuffle); its training loader (``--first-session adapter``) yields our train segment's
+  batches, epoch by epoch;
 - the data manager: a stand-in whose ``get_dataset`` gives our stream's images (session ``t``'s training images;
   the test images of our eval segment after session ``t``), labels as positions in our class order.
 
@@ -36,6 +38,7 @@ import argparse
 import os
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -43,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=128, num_heads=4)
+TRAIN_SEED = 12345  # the global torch generator before the first-session training (dropout masks), both sides
 
 
 class Feats(nn.Module):
@@ -82,43 +86,152 @@ class DataManager:
     def get_dataset(self, indices, source, mode, appendent=None, ret_data=False):
         sizes = [int(v) for v in np.cumsum([len(s) for s in self.sessions])]
         t = sizes.index(int(max(indices)) + 1)
-        x, y = (self.train if source == "train" else self.test)[t]
-        return Images(x, self.position[y].numpy())
+        if source == "test":
+            x, y = self.test[t]
+            return Images(x, self.position[y].numpy())
+        x, y, epochs = self.train[t]
+        n = len(y) // epochs
+        if mode == "train":  # the training loader: our batches, epoch by epoch
+            return EpochImages(x, self.position[y].numpy(), epochs)
+        return Images(x[:n], self.position[y[:n]].numpy())  # one pass, in our order
 
 
-def run_ours(stream, make_model, M, head):
+class EpochImages(Images):
+    """Every epoch's samples of a session in our order (the training loader's input)."""
+
+    def __init__(self, x, y, epochs):
+        super().__init__(x, y)
+        self.epochs = epochs
+
+
+class EpochLoader:
+    """The reference's training loader: epoch ``e`` of each iteration yields our ``e``-th pass, in our batches."""
+
+    def __init__(self, ds, batch_size):
+        self.ds, self.batch_size, self.epoch = ds, batch_size, 0
+        self.n = len(ds) // ds.epochs
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        start, self.epoch = self.epoch * self.n, self.epoch + 1
+        for i in range(start, start + self.n, self.batch_size):
+            j = min(i + self.batch_size, start + self.n)
+            yield torch.arange(i, j), self.ds.x[i:j], torch.as_tensor(self.ds.labels[i:j])
+
+
+class AdapterFeats(nn.Module):
+    """The reference's adapter backbone (its own ``vit_adapter.VisionTransformer`` at our ViT's size, our weights):
+    images -> ``forward_features(normalize(x))``."""
+
+    def __init__(self, vit_adapter, clf, tuning):
+        super().__init__()
+        from functools import partial
+
+        self.normalize = clf.normalize
+        self.vit = vit_adapter.VisionTransformer(
+            img_size=VIT["img_size"], patch_size=VIT["patch_size"], embed_dim=VIT["embed_dim"], depth=VIT["depth"],
+            num_heads=VIT["num_heads"], mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_classes=0, global_pool=False, drop_path_rate=0.0, tuning_config=tuning)
+        d = VIT["embed_dim"]
+        state = {}
+        for k, v in clf.net.state_dict().items():  # as its vit_base_patch16_224_adapter converts timm's
+            if k.startswith("head."):
+                continue
+            if "qkv." in k:
+                for part, w in zip("qkv", (v[:d], v[d:2 * d], v[2 * d:])):
+                    state[k.replace("qkv.", f"{part}_proj.")] = w
+            else:
+                state[k.replace("mlp.fc", "fc")] = v
+        msg = self.vit.load_state_dict(state, strict=False)
+        assert not msg.unexpected_keys and all("adaptmlp" in k for k in msg.missing_keys), msg
+        for n, p in self.vit.named_parameters():
+            p.requires_grad = n in msg.missing_keys  # its rule: only what the checkpoint lacks trains
+        self.out_dim = d
+
+    def forward(self, x):
+        return self.vit.forward_features(self.normalize(x))
+
+
+def run_ours(stream, make_model, M, head, first_session, train_seed):
     import ctta
 
-    ours = ctta.strategies.create("ranpac", make_model(), seed=0, M=M, head=head, first_session="none")
-    train, test, out, heads = [], [], [], []
+    ours = ctta.strategies.create("ranpac", make_model(), seed=0, M=M, head=head, first_session=first_session)
+    init = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    train, test, out, heads, losses = [], [], [], [], []
     for seg in stream.segments:
         ours.segment_start(seg)
         x, y, _ = seg.materialise(torch.device("cpu"))
         if seg.kind == "train":
-            train.append((x, y))
+            epochs = int(seg.meta.get("epochs", 1))
+            train.append((x, y, epochs))
+            if not losses:
+                torch.manual_seed(train_seed)  # the adapters' dropout masks: drawn alike on both sides
             for i in range(0, len(x), seg.batch_size):
-                ours.learn(x[i:i + seg.batch_size], y[i:i + seg.batch_size])
+                o = ours.learn(x[i:i + seg.batch_size], y[i:i + seg.batch_size])
+                if len(train) == 1:
+                    losses.append(float(torch.nn.functional.cross_entropy(o, y[i:i + seg.batch_size])))
         else:
             test.append((x, y))
             out.append(torch.cat([ours.predict(x[i:i + seg.batch_size]) for i in range(0, len(x), seg.batch_size)]))
             heads.append(ours.weight.clone())
         ours.segment_end(seg)
-    return ours, train, test, out, heads
+    return ours, train, test, out, heads, init, losses
 
 
-def run_reference(args, stream, make_model, train, test, seed):
+def run_reference(args, stream, make_model, train, test, seed, init, train_seed):
     sys.path.insert(0, os.path.abspath(args.reference))
     import timm.layers.weight_init
 
     sys.modules.setdefault("timm.models.layers.weight_init", timm.layers.weight_init)  # moved in timm 1.0
     import utils.inc_net as inc  # noqa: E402  (the reference's)
 
-    inc.get_backbone = lambda a, pretrained=False: Feats(make_model())
+    adapt = args.first_session == "adapter"
+    if adapt:
+        import backbone.vit_adapter as vit_adapter  # noqa: E402  (the reference's)
+
+        tuning = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
+                                       ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=64,
+                                       d_model=VIT["embed_dim"], vpt_on=False, vpt_num=0)
+        inc.get_backbone = lambda a, pretrained=False: AdapterFeats(vit_adapter, make_model(), tuning).eval()
+    else:
+        inc.get_backbone = lambda a, pretrained=False: Feats(make_model())
     import models.ranpac as ranpac  # noqa: E402
 
     ranpac.num_workers = 0
-    ranpac.DataLoader = lambda ds, batch_size, shuffle, num_workers: DataLoader(ds, batch_size=batch_size)
-    ranpac.Learner._init_train = lambda self, *a, **k: None
+    ranpac.DataLoader = lambda ds, batch_size, shuffle, num_workers: (
+        EpochLoader(ds, batch_size) if isinstance(ds, EpochImages) else DataLoader(ds, batch_size=batch_size))
+    order = list(stream.spec["class_order"])
+    losses = []
+    if adapt:
+        init_train = ranpac.Learner._init_train
+
+        def started_alike(self, train_loader, test_loader, optimizer, scheduler):
+            net = self._network
+            with torch.no_grad():  # our initial adapters and training head (rows in class order)
+                for n, p in net.backbone.vit.named_parameters():
+                    if "adaptmlp" in n:
+                        b, rest = n.split(".adaptmlp.")
+                        p.copy_(init["model.net." + b + ".mlp." + rest.replace("_proj", "")])
+                net.fc.weight.copy_(init["train_weight"][torch.tensor(order[:net.fc.out_features])])
+                net.fc.sigma.copy_(init["train_sigma"])
+            fwd = net.forward
+
+            def recording(x):
+                out = fwd(x)
+                if net.training:
+                    losses.append(out["logits"].detach())
+                return out
+
+            net.forward = recording
+            torch.manual_seed(train_seed)
+            init_train(self, train_loader, test_loader, optimizer, scheduler)
+            net.forward = fwd
+
+        ranpac.Learner._init_train = started_alike
+    else:
+        ranpac.Learner._init_train = lambda self, *a, **k: None
     setup = ranpac.Learner.setup_RP
 
     def seeded_setup(self):
@@ -134,14 +247,16 @@ def run_reference(args, stream, make_model, train, test, seed):
         return chosen[-1]
 
     ranpac.Learner.optimise_ridge_parameter = recorded
-    order = list(stream.spec["class_order"])
     position = torch.full((max(order) + 1,), -1, dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(len(order))
     sessions = stream.spec["sessions"]
     dm = DataManager(sessions, train, test, position)
+    targets = position[train[0][1]]
     learner = ranpac.Learner({"memory_size": 0, "device": [torch.device("cpu")], "backbone_type": "ours_vit",
-                              "batch_size": 48, "init_lr": 0.01, "weight_decay": 0.0005, "min_lr": 0.0,
-                              "optimizer": "sgd", "tuned_epoch": 0, "use_RP": True, "M": args.M,
+                              "batch_size": stream.segments[0].batch_size, "init_lr": 0.01, "weight_decay": 0.0005,
+                              "min_lr": 0.0,
+                              "optimizer": "sgd", "tuned_epoch": train[0][2] if adapt else 0, "use_RP": True,
+                              "M": args.M,
                               "nb_classes": len(order)})
     logits, heads = [], []
     for t in range(len(sessions)):
@@ -151,7 +266,10 @@ def run_reference(args, stream, make_model, train, test, seed):
             logits.append(torch.cat([net(x)["logits"] for _, x, _ in learner.test_loader]))
         heads.append(net.fc.weight.detach().clone())
         learner.after_task()
-    return logits, heads, chosen, torch.tensor(order)
+    b = stream.segments[0].batch_size
+    ce = [float(torch.nn.functional.cross_entropy(o, targets[i * b:(i + 1) * b]))
+          for i, o in enumerate(losses)]
+    return logits, heads, chosen, torch.tensor(order), ce
 
 
 def main(argv=None) -> int:
@@ -163,6 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test-per-class", type=int, default=500)
     ap.add_argument("--M", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--first-session", choices=["none", "adapter"], default="none")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,19 +294,22 @@ def main(argv=None) -> int:
         return ctta.backbones.create("vit_tiny_patch16_224", num_classes=10, weights=args.vit, **VIT).eval()
 
     stream = ctta.streams.create("cifar10_ci", data_root=args.data_root, seed=args.seed,
-                                 train_per_class=args.train_per_class, test_per_class=args.test_per_class or None)
+                                 train_per_class=args.train_per_class, test_per_class=args.test_per_class or None,
+                                 epochs=args.epochs, batch_size=args.batch_size)
     t0 = time.time()
-    ours, train, test, out, our_heads = run_ours(stream, make_model, args.M, "cosine")
+    ours, train, test, out, our_heads, init, our_ce = run_ours(stream, make_model, args.M, "cosine",
+                                                               args.first_session, TRAIN_SEED)
     t1 = time.time()
-    ref, ref_heads, chosen, order = run_reference(args, stream, make_model, train, test, projection_seed(0))
+    ref, ref_heads, chosen, order, ref_ce = run_reference(args, stream, make_model, train, test, projection_seed(0),
+                                                          init, TRAIN_SEED)
     t2 = time.time()
-    print(f"cifar10_ci, class order {order.tolist()}, {sum(len(x) for x, _ in train)} training images, seed "
+    print(f"cifar10_ci, class order {order.tolist()}, {sum(len(y) // e for _, y, e in train)} training images, seed "
           f"{args.seed}, M {args.M}; ours {t1 - t0:.0f} s, reference {t2 - t1:.0f} s")
     print("| after session | test images | lambda ours / ref | ours acc % | reference acc % | identical argmax % | "
           "max abs(logit diff) | max abs(head diff) / max abs(head) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     acc_o, acc_r = [], []
-    for t, ((x, y), o, r, ho, hr) in enumerate(zip(test, out, ref, our_heads, ref_heads)):
+    for t, ((_, y), o, r, ho, hr) in enumerate(zip(test, out, ref, our_heads, ref_heads)):
         seen = order[:r.shape[1]]
         a_ours, a_ref = o.argmax(1), seen[r.argmax(1)]
         acc_o.append(100 * float((a_ours == y).float().mean()))
@@ -196,6 +320,10 @@ def main(argv=None) -> int:
               f"{dh:.1e} |")
     print(f"average incremental accuracy: ours {np.mean(acc_o):.2f}, reference {np.mean(acc_r):.2f}; "
           f"last: ours {acc_o[-1]:.2f}, reference {acc_r[-1]:.2f}")
+    if our_ce:
+        d = max(abs(a - b) for a, b in zip(our_ce, ref_ce))
+        print(f"first-session training: {len(our_ce)} / {len(ref_ce)} steps, losses ours {our_ce[0]:.4f} .. "
+              f"{our_ce[-1]:.4f}, reference {ref_ce[0]:.4f} .. {ref_ce[-1]:.4f}, max abs difference {d:.1e}")
     print(f"G is M x M = {args.M}^2 entries: {4 * args.M ** 2 / 2 ** 20:.0f} MiB in float32")
     return 0
 

@@ -18,8 +18,9 @@ Algorithm (per session t):
    ``G += H^T H``, ``Q += H^T Y`` (one-hot Y) -- the statistics of ``common/lda.py``'s :class:`IncrementalLDA`.
 4. lambda: among ``ridges`` (10^-8 .. 10^8), the one whose ridge fit on the first 80 % of the session's H has the
    least MSE on the last 20 % (:func:`select_ridge`); ``W = ((G + lambda I)^-1 Q)^T``.
-5. logits: ``cos(H, W_c)`` (``head: cosine``, PILOT's CosineLinear with sigma 1) or ``H W^T`` (``linear``, the
-   official RanPAC's ``use_RP`` head).
+5. logits: ``sigma cos(H, W_c)`` (``head: cosine``, PILOT's CosineLinear; sigma 1, or the first session's learned
+   sigma after an adaptation, which PILOT's ``update_fc`` carries over) or ``H W^T`` (``linear``, the official
+   RanPAC's ``use_RP`` head, whose sigma ``setup_RP`` resets to 1).
 
 Memory: G is M x M (4 M^2 bytes in float32: 400 MB at M = 10000, 800 MB in float64), Q is M x C, W_rand D x M.
 The session's features (N x D) are kept until the session ends (lambda is chosen on them).
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.backbones.classifier import penultimate_features
-from ctta.backbones.peft import Scaler, add_adapter, freeze, peft_parameters, vit_block_names
+from ctta.backbones.peft import Adapter, Scaler, freeze, peft_parameters, vit_block_names
 from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
 from ctta.seeding import stable_seed
 
@@ -56,13 +57,17 @@ def projection_seed(seed: int) -> int:
 
 
 def add_ffn_adapters(model: nn.Module, bottleneck: int, scale: float, dropout: float) -> List[nn.Parameter]:
-    """AdaptFormer adapters beside every ViT block's MLP (ReLU, dropout, fixed output scale; PILOT's
-    ``vit_adapter.Adapter`` with ``ffn_option parallel``, init ``lora``); returns their parameters."""
-    mlps = [f"{b}.mlp" for b in vit_block_names(model)]
-    width = model.get_submodule(mlps[0]).fc2.out_features
-    for ad in add_adapter(model, mlps, dim=width, bottleneck=bottleneck, mode="parallel"):
+    """AdaptFormer adapters beside every ViT block's MLP, as PILOT's ``backbone/vit_adapter.py`` (``ffn_option``
+    parallel, init ``lora``, ReLU, dropout, fixed output scale): ``x + mlp(norm2(x)) + s * up(drop(relu(down(x))))``
+    with ``x`` the block's stream after attention (the block's ``norm2`` moves inside the wrapped branch, so the
+    adapter reads ``x``); returns the adapters' parameters."""
+    for name in vit_block_names(model):
+        block = model.get_submodule(name)
+        width = block.mlp.fc2.out_features
+        ad = Adapter(nn.Sequential(block.norm2, block.mlp), width, bottleneck, mode="parallel")
         ad.act = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
         ad.scaler = Scaler(scale, learnable=False)
+        block.mlp, block.norm2 = ad.to(block.mlp.fc2.weight.device), nn.Identity()
     return peft_parameters(model)
 
 
@@ -126,8 +131,9 @@ class RanPAC(IncrementalStrategy):
         if self.weight.numel() == 0:
             return torch.zeros(f.shape[0], self.seen.num_classes, device=f.device)
         h = self.project(f)
-        if self.head == "cosine":
-            return F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
+        if self.head == "cosine":  # PILOT keeps the first session's learned sigma on the later heads
+            sigma = self.train_sigma.detach() if self.first_session == "adapter" else 1.0
+            return sigma * F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
         return h @ self.weight.T
 
     def _train_logits(self, x: Tensor) -> Tensor:

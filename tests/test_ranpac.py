@@ -107,9 +107,9 @@ def test_strategy_uses_the_session_split_and_chosen_lambda():
 
 def test_backbone_never_changes_after_the_first_session():
     s = strategies.create("ranpac", _vit(), M=24, first_session="adapter", lr=0.5)
-    base0 = {n: p.detach().clone() for n, p in s.model.named_parameters() if ".base." not in n and "down" not in n
-             and ".up." not in n}
+    base0 = {n: p.detach().clone() for n, p in s.model.named_parameters() if ".down." not in n and ".up." not in n}
     x, y = _data([0, 1])
+    torch.testing.assert_close(s.features(x), _vit().forward_features(x))  # adapters start as the identity
     _session(s, x, y)
     named = dict(s.model.named_parameters())
     adapters = [n for n in named if ".down." in n or ".up." in n]
@@ -163,3 +163,18 @@ def test_checkpoint_round_trip(M):
     t.load_checkpoint_state(state)
     assert torch.equal(t.predict(x), s.predict(x))
     assert t.weight.shape == (4, 24 if M else 16)
+
+
+def test_first_session_adapter_reads_the_stream_beside_the_mlp():
+    from strategies.ranpac import add_ffn_adapters
+
+    model, plain = _vit(), _vit()
+    add_ffn_adapters(model, bottleneck=3, scale=0.1, dropout=0.1)
+    block, ref = model.net.blocks[0], plain.net.blocks[0]
+    ad = block.mlp
+    torch.nn.init.normal_(ad.up.weight)
+    model.eval()
+    z = torch.randn(2, 5, 16)
+    after_attn = z + ref.attn(ref.norm1(z))
+    expected = after_attn + ref.mlp(ref.norm2(after_attn)) + 0.1 * ad.up(torch.relu(ad.down(after_attn)))
+    torch.testing.assert_close(block(z), expected)  # AdaptFormer parallel: the adapter sees x, not norm2(x)
