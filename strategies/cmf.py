@@ -1,6 +1,6 @@
 """CMF: continual momentum filtering of the adapted weights with the source and a hidden model (Lee, Chang,
 "Continual Momentum Filtering on Parameter Space for Online Test-time Adaptation", ICLR 2024, OpenReview
-BllUWdpIOA; no arXiv version; code in the reference benchmark below).
+BllUWdpIOA (no arXiv id known to us); code: the reference benchmark below).
 
 Adapted: the affine scale and shift of every normalisation layer (BatchNorm on test-batch statistics), as ROID;
 theta_s: their source values (constant); theta_h: the hidden model's, a Kalman-filtered estimate of good target
@@ -59,7 +59,7 @@ def filter_gain(variance: float, q: float, alpha: float, beta_min: float, beta_m
 
 @register
 class CMF(ROID):
-    """ROID's loss on the norm affines; after each step a Kalman-like filter fuses source, hidden and student weights."""
+    """ROID's loss on the norm affines; after each step a Kalman-like filter fuses source, hidden and student."""
 
     name = "cmf"
 
