@@ -118,9 +118,11 @@ def laplacian_optimization(unary: Tensor, kernel: Tensor, bound_lambda: float = 
                            tol: float = 1e-8, return_energies: bool = False) -> LaplacianResult:
     """Y <- softmax(-u + lambda W Y) from Y = softmax(-u), stopped as the reference does (module docstring, step 3).
 
-    ``unary`` is u = -log(p + 1e-10) (N x K), ``kernel`` W (N x N). No host synchronisation: every iteration runs and a
-    device-side flag freezes Y, the energy and the step count once the rule has fired.
+    ``unary`` is u = -log(p + 1e-10) (N x K), ``kernel`` W (N x N). On an accelerator no host synchronisation: every
+    iteration runs and a device-side flag freezes Y, the energy and the step count once the rule has fired. On the
+    CPU, where reading the flag costs nothing, the loop stops there (the same Y, steps and energies: the frozen ones).
     """
+    stop_early = unary.device.type == "cpu"
     y = (-unary).softmax(dim=1)
     old_e = torch.full((), float("inf"), device=unary.device, dtype=unary.dtype)
     done = torch.zeros((), dtype=torch.bool, device=unary.device)
@@ -138,6 +140,9 @@ def laplacian_optimization(unary: Tensor, kernel: Tensor, bound_lambda: float = 
         old_e = torch.where(active, e, old_e)
         if return_energies:
             energies.append(old_e)
+        if stop_early and bool(done):  # what is left would keep Y, steps and the energy frozen
+            energies += [old_e] * (max_steps - 1 - i) if return_energies else []
+            break
     log_y = y.clamp_min(torch.finfo(y.dtype).tiny).log()
     return LaplacianResult(log_y, torch.stack(energies) if energies else unary.new_zeros(0), steps)
 

@@ -60,8 +60,12 @@ def augmented_prediction(teacher: nn.Module, augment: TTAAugment, x: Tensor, vie
 def teacher_pseudo_label(teacher: nn.Module, anchor: nn.Module, augment: TTAAugment, x: Tensor, ap: float,
                          views: int, views_per_chunk: Union[int, str] = "auto") -> Tensor:
     """CoTTA's pseudo-label: the augmentation-averaged teacher logits if the anchor's mean confidence is below ``ap``,
-    else the teacher's plain logits. Both are computed and one is picked on the device (no host sync)."""
+    else the teacher's plain logits. On an accelerator both are computed and one is picked on the device (no host
+    sync); on the CPU, where the test costs nothing, the plain logits only when picked. The views are drawn either way
+    (the augmentation generators advance alike, so the run is the same)."""
     anchor_conf = anchor(x).softmax(dim=1).amax(dim=1).mean()
+    if x.device.type == "cpu" and bool(anchor_conf < ap):
+        return augmented_prediction(teacher, augment, x, views, views_per_chunk)
     teacher_plain = teacher(x)
     teacher_aug = augmented_prediction(teacher, augment, x, views, views_per_chunk)
     return torch.where(anchor_conf < ap, teacher_aug, teacher_plain)
