@@ -3,12 +3,13 @@
 The empirical diagonal Fisher of a parameter is the squared gradient of the loss (Kirkpatrick et al., PNAS 2017).
 :class:`DiagonalFisher` keeps it per parameter on the device, either per batch (``decay=0``) or as a running
 average ``F <- decay * F + (1 - decay) * g**2``; :func:`source_fisher` estimates it once on source images (as the
-released code of EATA and PSMT does). :func:`top_fraction_masks` / :func:`lowest_fraction_masks` mark the
+released code of EATA and PSMT does); :func:`per_sample_fisher` sums it image by image, weighted by the likelihood
+of the label (online EWC, Mammoth's ``EwcOn``). :func:`top_fraction_masks` / :func:`lowest_fraction_masks` mark the
 elements above / below a global quantile of such values.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,38 @@ def source_fisher(model: nn.Module, images: Tensor, batch_size: int) -> Dict[str
     if batches == 0:
         raise ValueError("source_fisher: no source images")
     return {n: v / batches for n, v in sums.items()}
+
+
+def per_sample_fisher(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]],
+                      output: Optional[Callable[[Tensor], Tensor]] = None,
+                      likelihood_weighted: bool = True) -> Tuple[Dict[str, Tensor], int, int]:
+    """Sums over samples of ``w (d log p(y|x) / d theta)**2``, one image at a time (online EWC's estimate).
+
+    As Mammoth's ``EwcOn.end_task`` (aimagelab/mammoth ``models/ewc_on.py``): each labelled image goes through
+    ``model`` alone, in the mode the caller left it in (train mode: BatchNorm normalises it with its own statistics
+    and updates its running statistics, as the reference), and ``w = p(y|x)`` with ``likelihood_weighted`` (1:
+    the empirical Fisher). ``output`` maps the logits before the log-softmax (e.g. a seen-class mask). Returns
+    the sums per parameter that requires a gradient, the number of samples and the number of batches; ``.grad``
+    is not touched.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("per_sample_fisher: the model has no parameter that requires a gradient")
+    sums = {n: torch.zeros_like(p).detach() for n, p in named}
+    samples = batches_seen = 0
+    with torch.enable_grad():
+        for x, y in batches:
+            batches_seen += 1
+            for i in range(x.shape[0]):
+                z = model(x[i:i + 1])
+                log_p = F.log_softmax(z if output is None else output(z), dim=1)[0, y[i]]
+                grads = torch.autograd.grad(log_p, [p for _, p in named], allow_unused=True)
+                w = log_p.detach().exp() if likelihood_weighted else None
+                for (name, _), g in zip(named, grads):
+                    if g is not None:
+                        sums[name] += g.square() if w is None else w * g.square()
+                samples += 1
+    return sums, samples, batches_seen
 
 
 @torch.no_grad()
