@@ -233,6 +233,7 @@ def run_ours(args, stream, make_model):
     import ctta
 
     over = {"head_init": args.ours_head_init} if args.ours_head_init else {}
+    torch.manual_seed(args.seed)  # the PET modules' initial draw (torch's global generator, as the engine seeds it)
     ours = ctta.strategies.create("lae", make_model(), seed=args.seed, num_epochs=args.epochs, **over)
     init = {"pets": [p.detach().clone() for p in ours.pets],
             "head": [p.detach().clone() for p in ours.head]}
