@@ -320,7 +320,7 @@ def main(argv=None) -> int:
               f"{dh:.1e} |")
     print(f"average incremental accuracy: ours {np.mean(acc_o):.2f}, reference {np.mean(acc_r):.2f}; "
           f"last: ours {acc_o[-1]:.2f}, reference {acc_r[-1]:.2f}")
-    if our_ce:
+    if ref_ce:
         d = max(abs(a - b) for a, b in zip(our_ce, ref_ce))
         print(f"first-session training: {len(our_ce)} / {len(ref_ce)} steps, losses ours {our_ce[0]:.4f} .. "
               f"{our_ce[-1]:.4f}, reference {ref_ce[0]:.4f} .. {ref_ce[-1]:.4f}, max abs difference {d:.1e}")
