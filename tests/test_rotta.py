@@ -226,3 +226,26 @@ def test_rotta_on_a_transformer_adapts_its_layernorm_affines():
     assert not s.rbn_layers and s.adapt(x).shape == (4, 5) and s.updates == 1
     changed = {k for k, v in s.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("norm" in k for k in changed)
+
+
+def test_rotta_resumes_through_the_engine(tmp_path):
+    import ctta
+    from ctta.streams import Stream, tensor_segment
+
+    from conftest import interrupt_at
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(24, 3, 8, 8, generator=g), torch.arange(24) % 4
+    segs = [tensor_segment(f"d{d}", "adapt", (x * (0.5 + 0.2 * d)).clamp(0, 1), y, 8) for d in range(3)]
+
+    def stream():
+        return Stream(name="toy", segments=segs, num_classes=4, spec={"name": "toy"})
+
+    def make():
+        return strategies.create("rotta", make_tiny(), memory_size=8, update_frequency=8, lr=0.05, seed=1)
+
+    full = ctta.run(stream(), make(), device="cpu", out=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        ctta.run(stream(), interrupt_at(make(), 4), device="cpu", out=tmp_path / "cut", progress=False)
+    resumed = ctta.run(stream(), make(), device="cpu", out=tmp_path / "cut", resume=True, progress=False)
+    assert resumed.steps["correct"].tolist() == full.steps["correct"].tolist()
