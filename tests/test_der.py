@@ -46,7 +46,7 @@ def _with_buffer(name, **hp):
     bx, by = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([1, 0])
     bz = torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 0.5]])
     s.buffer.load_state({"seen": 2, "x": bx, "y": by, "t": torch.zeros(2, dtype=torch.long), "z": bz})
-    s.seen.update(torch.tensor([0, 1]))  # class 2 unseen: masked in the cross-entropies, not in the MSE
+    s.seen.update(torch.tensor([0, 1]))  # class 2 unseen: masked in predictions only, in no loss (as Mammoth)
     return s, bx.tolist(), by.tolist(), bz.tolist()
 
 
@@ -56,11 +56,12 @@ X, Y = torch.tensor([[0.5, -0.5], [2.0, 1.0]]), torch.tensor([0, 1])
 def test_der_loss_is_ce_plus_alpha_mse_on_a_hand_made_case():
     s, bx, _, bz = _with_buffer("der", alpha=0.3)
     loss, z = s.objective(X, Y, torch.Generator().manual_seed(0))
-    ce = _ce(_lin_logits(X.tolist()), Y.tolist(), [0, 1])
+    ce = _ce(_lin_logits(X.tolist()), Y.tolist(), [0, 1, 2])  # over every output, the unseen class 2 included
     out = _lin_logits(bx)
-    mse = sum((o - t) ** 2 for ro, rt in zip(out, bz) for o, t in zip(ro, rt)) / 6  # every output, incl. unseen
+    mse = sum((o - t) ** 2 for ro, rt in zip(out, bz) for o, t in zip(ro, rt)) / 6  # every output
     assert loss.item() == pytest.approx(ce + 0.3 * mse, rel=1e-6)
     assert torch.allclose(z, torch.tensor(_lin_logits(X.tolist())))  # raw logits, class 2 not masked
+    assert torch.isinf(s.predict(X)[:, 2]).all()  # predictions mask it
 
 
 def test_derpp_adds_beta_ce_on_the_buffer_labels():
@@ -68,7 +69,7 @@ def test_derpp_adds_beta_ce_on_the_buffer_labels():
     loss, _ = s.objective(X, Y, torch.Generator().manual_seed(0))
     out = _lin_logits(bx)
     mse = sum((o - t) ** 2 for ro, rt in zip(out, bz) for o, t in zip(ro, rt)) / 6
-    expected = _ce(_lin_logits(X.tolist()), Y.tolist(), [0, 1]) + 0.2 * mse + 0.5 * _ce(out, by, [0, 1])
+    expected = _ce(_lin_logits(X.tolist()), Y.tolist(), [0, 1, 2]) + 0.2 * mse + 0.5 * _ce(out, by, [0, 1, 2])
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
