@@ -26,6 +26,8 @@ merged with its own CIFAR-10-C config:
     roid     ROID              cfgs/cifar10_c/roid.yaml        (random augmentations: not bit-identical)
     deyo     DeYO              cfgs/cifar10_c/deyo.yaml        (tile shuffle drawn from a generator seeded alike)
     rmt      RMT               cfgs/cifar10_c/rmt.yaml         (source images: ours; view and projector drawn alike)
+    rotta    RoTTA             cfgs/cifar10_c/rotta.yaml       (strong view drawn alike; its loss_calculation call fixed)
+    cmf      CMF               cfgs/cifar10_c/cmf.yaml         (view drawn alike; its .cuda() prior made on the CPU)
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -41,7 +43,9 @@ EATA's Fisher: the reference's source loader (``get_source_loader``, which wants
 replaced by the source images ours drew from ``--source-data`` (default: the ``--data-root`` train set; 2000 seeded
 images in a seeded order), in the same batches. ``--reset-every N`` sets rdumb's reset interval on both sides (its
 1000 is never reached by a 50-batch stream); ``--lr`` the learning rate of the gradient methods on both sides, ``--fisher-weight`` EATA's Fisher weight, ``--no-consistency``
-ROID without its (randomly augmented) consistency term.
+ROID and CMF without their (randomly augmented) consistency term, ``--cmf-our-view`` CMF's reference with its view
+made by our TTAAugment from the same draws, ``--rotta-our-view`` RoTTA's reference with its
+strong view made by our augmentation code from the same draws (what remains is then everything but that code).
 
 RMT's source loader (prototypes, warm-up, replay) is replaced by ours: the images ours drew from ``--source-data``
 (``--rmt-source-samples`` of them, all by default) in ours' seeded order and batches, cycled (``get_source_loader`` and
@@ -86,10 +90,12 @@ REFERENCE = {
     "roid": ("roid", "roid.yaml"),
     "deyo": ("deyo", "deyo.yaml"),
     "rmt": ("rmt", "rmt.yaml"),
+    "rotta": ("rotta", "rotta.yaml"),
+    "cmf": ("cmf", "cmf.yaml"),
 }
 
 # methods whose learning rate --lr sets on both sides
-WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl", "roid", "deyo")
+WITH_LR = ("tent", "cotta", "sar", "eta", "eata", "rdumb", "rpl", "roid", "deyo", "rotta", "cmf")
 
 # methods whose model resets itself: how to read our count of resets
 RESETTING: Dict[str, Optional[Callable[[nn.Module], int]]] = {
@@ -164,7 +170,7 @@ def reference_cfg(conf, ref_root: str, method: str, args):
         cfg.OPTIM.LR = args.lr
     if args.fisher_weight is not None and method == "eata":
         cfg.EATA.FISHER_ALPHA = args.fisher_weight
-    if args.no_consistency and method == "roid":
+    if args.no_consistency and method in ("roid", "cmf"):
         cfg.ROID.USE_CONSISTENCY = False
     if method == "rmt":
         import tempfile
@@ -230,6 +236,14 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"{og['weight_decay']} steps {ours.steps}, PLPD {ours.plpd_threshold} margin {ours.margin:.4f} E0 "
                 f"{ours.e0:.4f} aug {ours.aug} patch_len {ours.patch_len} reweight ent {ours.reweight_ent} plpd "
                 f"{ours.reweight_plpd}, {len(ours.params)} tensors")
+    if method == "rotta":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.ROTTA)}, EMA "
+                f"momentum {ref.nu}, {len(ref.params)} tensors, batch {cfg.TEST.BATCH_SIZE}; ours: "
+                f"{type(ours.optimizer).__name__} lr {og['lr']} betas {og.get('betas')} wd {og['weight_decay']}, memory "
+                f"{ours.memory.capacity}, update every {ours.update_frequency}, nu {ours.nu}, alpha "
+                f"{ours.rbn_layers[0].rbn_alpha}, lambda_t {ours.memory.lambda_t} lambda_u {ours.memory.lambda_u}, "
+                f"{len(ours.params)} tensors, augmentation {ours.augment.cfg} ({ours.augment.draw_order} order)")
     if method == "rmt":
         g, og = cfg.OPTIM, ours.optimizer.defaults
         return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.RMT)}, "
@@ -240,6 +254,14 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"cont {ours.lambda_cont}, temperature {ours.temperature}, mt {ours.mt}, {ours.warmup_steps} warm-up "
                 f"steps, {ours.source_images.shape[0]} source images in batches of {ours.source_batch}, "
                 f"{len(ours.params)} + projector tensors, view {ours.augment.draw_order} order")
+    if method == "cmf":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.CMF)}, "
+                f"{dict(cfg.ROID)}, q {ref.q:.4e}, {len(ref.params)} tensors, batch {cfg.TEST.BATCH_SIZE}; ours: "
+                f"{type(ours.optimizer).__name__} lr {og['lr']} betas {og.get('betas')} wd {og['weight_decay']} steps "
+                f"{ours.steps}, alpha {ours.alpha} gamma {ours.gamma} q {ours.q:.4e} beta in [{ours.beta_min}, "
+                f"{ours.beta_max}), weighting {ours.use_weighting} prior correction {ours.use_prior_correction} "
+                f"consistency {ours.use_consistency}, {len(ours.params)} tensors, view {ours.augment.draw_order} order")
     if method == "bn_alpha":
         return f"reference: BN.ALPHA {cfg.BN.ALPHA}, batch {cfg.TEST.BATCH_SIZE}; ours: alpha {ours.alpha}"
     if method == "bn_ema":
@@ -322,7 +344,7 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         overrides["lr"] = args.lr
     if args.fisher_weight is not None and method == "eata":
         overrides["fisher_weight"] = args.fisher_weight
-    if args.no_consistency and method == "roid":
+    if args.no_consistency and method in ("roid", "cmf"):
         overrides["use_consistency"] = False
     ours = ctta.strategies.create(method, make_model(), seed=args.seed, **overrides)
     ref_model = make_model()
@@ -339,7 +361,14 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
     if method == "rmt":
         _reference_rmt_inputs(ours, ref_model, cfg)
         torch.manual_seed(args.seed)  # its projector's init: ours draws it under torch.manual_seed(seed)
-    ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
+    if method == "cmf":  # at 8b2ed63 it puts its class-probability average on CUDA (.cuda()): made on the CPU here
+        cuda, torch.Tensor.cuda = torch.Tensor.cuda, lambda t, *a, **k: t
+        try:
+            ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
+        finally:
+            torch.Tensor.cuda = cuda
+    else:
+        ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
     if method == "rmt":
         _compare_rmt_start(ours, ref)
         if args.rmt_our_view:  # diagnostic: the reference's view made by our TTAAugment (same seed, same draws)
@@ -347,6 +376,20 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
 
             view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
             ref.tta_transform = lambda x: view(x, 1)
+    if method == "cmf" and args.cmf_our_view:  # diagnostic: its view made by our TTAAugment (same seed, same draws)
+        from ctta.strategies.common import AugmentConfig, TTAAugment
+
+        view = TTAAugment(AugmentConfig(padding="reflect", blur=False, noise_std=0.0), seed=args.seed,
+                          draw_order="torchvision")
+        ref.tta_transform = lambda x: view(x, 1)
+    if method == "rotta":  # at 8b2ed63 it calls loss_calculation(x), which takes no argument, off CUDA autocast
+        ref_loss = ref.loss_calculation
+        ref.loss_calculation = lambda *_: ref_loss()
+        if args.rotta_our_view:  # its strong view made by our augmentation code, drawn alike: isolates that code
+            from ctta.strategies.common import AugmentConfig, TTAAugment
+
+            view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
+            ref.transform = lambda images: view(images, 1)
     print(f"\n### {method}: {settings_line(method, cfg, ours, ref)}", flush=True)
     ours_form, ref_form = _as_compared(method)
     ref_resets, ours_resets = [0], [0]
@@ -419,6 +462,16 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         same = all(torch.equal(ours.fisher[k], ref.fishers[k][0]) for k in ours.fisher)
         print(f"Fisher: {len(ours.fisher)} / {len(ref.fishers)} tensors, bit-identical {same}, max |difference| "
               f"{diff:.1e} (largest value {top:.1e})", flush=True)
+    if method == "cmf":
+        twins = [h for h, p in zip(ref.hidden_model.parameters(), ref.model.parameters()) if p.requires_grad]
+        hidden_gap = max(float((h - r).abs().max()) for h, r in zip(ours.hidden, twins))
+        student_gap = max(float((p.detach() - r.detach()).abs().max()) for p, r in zip(ours.params, ref.params))
+        print(f"CMF filter: variance ours {ours.variance:.6e}, reference {ref.hidden_var:.6e}; beta ours "
+              f"{ours.last_beta:.6f}, reference {ref.beta:.6f}; max |difference| hidden {hidden_gap:.1e}, "
+              f"student {student_gap:.1e}", flush=True)
+    if method == "rotta":
+        print(f"updates: ours {ours.updates}, reference {ref.current_instance // ref.update_frequency}; memory per "
+              f"class: ours {ours.memory.per_class_counts()}, reference {ref.mem.per_class_dist()}", flush=True)
     if method in RESETTING:
         count = RESETTING[method]
         print(f"model resets: ours {count(ours) if count else ours_resets[0]}, reference {ref_resets[0]}", flush=True)
@@ -445,7 +498,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fisher-weight", type=float, default=None,
                     help="eata's Fisher weight (EATA.FISHER_ALPHA), both sides (default: its config's 1.0)")
     ap.add_argument("--no-consistency", action="store_true",
-                    help="roid without its consistency loss (the only random part), both sides")
+                    help="roid and cmf without their consistency loss (the only random part), both sides")
+    ap.add_argument("--rotta-our-view", action="store_true",
+                    help="diagnostic: rotta's reference with its strong view made by our TTAAugment (same draws)")
+    ap.add_argument("--cmf-our-view", action="store_true",
+                    help="diagnostic: cmf's reference with its consistency view made by our TTAAugment (same draws)")
     ap.add_argument("--reset-every", type=int, default=0,
                     help="rdumb's steps between resets, both sides (0: its config's 1000)")
     ap.add_argument("--source-data", default="",
