@@ -29,6 +29,11 @@ stream (5 sessions of 2 classes), driven segment by segment as the engine does.
         --vit /tmp/vit_cifar_small.pt --data-root ../shared/data/cifar10 --train-per-class 1000 \\
         --test-per-class 500 --seed 1 --M 2000
 
+``--official`` with ``--reference`` a ``git archive`` of RanPAC/RanPAC: the official ``RanPAC.py`` ``Learner``
+(``model_name`` ncm, ``use_RP``: frozen backbone, linear head) against ours with ``head: linear``; its ``.cuda()`` and
+``.to(device='cuda')`` are the identity, its ``trainer.py`` flags ``is_dil`` / ``dil_init`` False (CIL), and the
+generator is seeded just before its ``W_rand`` draw (its head's ``reset_parameters`` draws first).
+
 Prints per session both accuracies on the seen classes, the lambdas chosen, identical argmaxes, the largest
 |logit difference| and |head difference|, then average incremental and last accuracy.
 """
@@ -272,6 +277,57 @@ def run_reference(args, stream, make_model, train, test, seed, init, train_seed)
     return logits, heads, chosen, torch.tensor(order), ce
 
 
+def run_official(args, stream, make_model, train, test, seed):
+    """The official RanPAC (RanPAC/RanPAC ``RanPAC.py``, ``model_name`` ncm with ``use_RP``: frozen backbone, linear
+    head) on the same data; its ``.cuda()`` / ``.to(device='cuda')`` are the identity on this CPU."""
+    sys.path.insert(0, os.path.abspath(args.reference))
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    to = torch.Tensor.to
+    torch.Tensor.to = lambda self, *a, **k: self if k.get("device") == "cuda" else to(self, *a, **k)
+    import inc_net  # noqa: E402  (the official code's)
+
+    inc_net.get_convnet = lambda a, pretrained=False: Feats(make_model())
+    import RanPAC  # noqa: E402
+
+    RanPAC.num_workers = 0
+    RanPAC.DataLoader = lambda ds, batch_size, shuffle, num_workers: DataLoader(ds, batch_size=batch_size)
+    setup = RanPAC.Learner.setup_RP
+
+    def seeded_setup(self):  # seed just before its W_rand draw (its head's reset_parameters draws first)
+        randn = torch.randn
+        torch.randn = lambda *a, **k: (torch.manual_seed(seed), randn(*a, **k))[1]
+        try:
+            setup(self)
+        finally:
+            torch.randn = randn
+
+    RanPAC.Learner.setup_RP = seeded_setup
+    chosen = []
+    opt = RanPAC.Learner.optimise_ridge_parameter
+    RanPAC.Learner.optimise_ridge_parameter = lambda self, f, y: chosen.append(float(opt(self, f, y))) or chosen[-1]
+    order = list(stream.spec["class_order"])
+    position = torch.full((max(order) + 1,), -1, dtype=torch.long)
+    position[torch.tensor(order)] = torch.arange(len(order))
+    sessions = stream.spec["sessions"]
+    dm = DataManager(sessions, train, test, position)
+    dm.get_total_classnum = lambda: len(order)
+    learner = RanPAC.Learner({"model_name": "ncm", "convnet_type": "ours_vit", "device": [torch.device("cpu")],
+                              "batch_size": stream.segments[0].batch_size, "weight_decay": 0.0005, "min_lr": 0.0,
+                              "use_RP": True, "M": args.M, "tuned_epoch": 0, "body_lr": 0.0, "head_lr": 0.0})
+    learner.is_dil, learner.dil_init = False, False  # as its trainer.py sets them for a CIL dataset
+    logits, heads = [], []
+    for t in range(len(sessions)):
+        learner.incremental_train(dm)
+        net = learner._network.eval()
+        with torch.no_grad():
+            logits.append(torch.cat([net(x)["logits"] for _, x, _ in learner.test_loader]))
+        heads.append(net.fc.weight.detach().clone())
+        learner.after_task()
+    torch.Tensor.to = to
+    return logits, heads, chosen, torch.tensor(order), []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="folder with the reference's models/, utils/, backbone/")
@@ -282,6 +338,7 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--first-session", choices=["none", "adapter"], default="none")
+    ap.add_argument("--official", action="store_true", help="--reference is RanPAC/RanPAC (linear head, frozen)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
@@ -297,11 +354,15 @@ def main(argv=None) -> int:
                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class or None,
                                  epochs=args.epochs, batch_size=args.batch_size)
     t0 = time.time()
-    ours, train, test, out, our_heads, init, our_ce = run_ours(stream, make_model, args.M, "cosine",
+    head = "linear" if args.official else "cosine"
+    ours, train, test, out, our_heads, init, our_ce = run_ours(stream, make_model, args.M, head,
                                                                args.first_session, TRAIN_SEED)
     t1 = time.time()
-    ref, ref_heads, chosen, order, ref_ce = run_reference(args, stream, make_model, train, test, projection_seed(0),
-                                                          init, TRAIN_SEED)
+    if args.official:
+        ref, ref_heads, chosen, order, ref_ce = run_official(args, stream, make_model, train, test, projection_seed(0))
+    else:
+        ref, ref_heads, chosen, order, ref_ce = run_reference(args, stream, make_model, train, test,
+                                                              projection_seed(0), init, TRAIN_SEED)
     t2 = time.time()
     print(f"cifar10_ci, class order {order.tolist()}, {sum(len(y) // e for _, y, e in train)} training images, seed "
           f"{args.seed}, M {args.M}; ours {t1 - t0:.0f} s, reference {t2 - t1:.0f} s")
