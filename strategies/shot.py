@@ -57,6 +57,8 @@ class Shot(Strategy):
     name = "shot"
     step_kinds = frozenset({"adapt", "eval"})
     settings = frozenset({"tta", "domain_incremental", "sfda"})
+    plugin_refusal = ("it freezes the model's classifier head (its last linear layer), which a plug-in's wrapper "
+                      "hides behind the plug-in's own layers")
 
     def __init__(self, model: nn.Module, cls_par: NonNegative = 0.3, ent_par: NonNegative = 1.0,
                  threshold: Unit = 0.9, bn: Literal["batch", "source"] = "batch",

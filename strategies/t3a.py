@@ -63,6 +63,7 @@ class T3A(Strategy):
     name = "t3a"
     step_kinds = frozenset({"adapt", "eval"})
     settings = frozenset({"tta", "domain_incremental", "sfda"})
+    plugin_refusal = "it replaces the classifier head by feature templates, so a plug-in's logit correction is lost"
 
     def __init__(self, model: nn.Module, filter_k: Count = 100, seed: int = 0) -> None:
         super().__init__(model, seed)
