@@ -202,6 +202,8 @@ class StandInTrainer:
 
 
 class NullWriter:
+    """Its TensorBoard writer, writing nothing."""
+
     def write_scalars(self, *_, **__):
         pass
 
@@ -223,7 +225,8 @@ def session_data(stream, position: Tensor, batch_size: int, epochs: int, norm: n
             train.append([[(xn[i:i + batch_size], position[y[i:i + batch_size]])
                            for i in range(e * per_epoch, (e + 1) * per_epoch, batch_size)] for e in range(epochs)])
         else:
-            test.append([(xn[i:i + 500], position[y[i:i + 500]], task_of[y[i:i + 500]]) for i in range(0, len(x), 500)])
+            test.append([(xn[i:i + 500], position[y[i:i + 500]], task_of[y[i:i + 500]])
+                         for i in range(0, len(x), 500)])
             raw_test.append((x, y))
     return train, test, raw_test
 
@@ -231,6 +234,7 @@ def session_data(stream, position: Tensor, batch_size: int, epochs: int, norm: n
 def run_ours(args, stream, make_model):
     """Our strategy over the stream; per session the (online, offline, ensemble) logits on its eval segment."""
     import ctta
+    from ctta.strategies.common.incremental import mask_logits
 
     over = {"head_init": args.ours_head_init} if args.ours_head_init else {}
     torch.manual_seed(args.seed)  # the PET modules' initial draw (torch's global generator, as the engine seeds it)
@@ -247,7 +251,6 @@ def run_ours(args, stream, make_model):
             for i in range(0, len(x), seg.batch_size):
                 logits = ours.learn(x[i:i + seg.batch_size], y[i:i + seg.batch_size])
                 # the loss of that step: cross-entropy over the session's classes
-                from ctta.strategies.common.incremental import mask_logits
                 losses.append(float(F.cross_entropy(mask_logits(logits, keep), y[i:i + seg.batch_size])))
         else:
             with torch.no_grad():
