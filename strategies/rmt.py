@@ -38,7 +38,7 @@ with ``seed``, so a reference run seeded alike that draws nothing else draws the
 """
 from __future__ import annotations
 
-from typing import Any, List, Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,6 @@ from torch import Tensor, nn
 
 from ctta.errors import UnsupportedError
 from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
-from ctta.seeding import stable_seed
 
 from .base import Strategy, register
 from .common import (
@@ -55,47 +54,21 @@ from .common import (
     TTAAugment,
     as_float_images,
     frozen_copy,
-    load_source_data,
     symmetric_cross_entropy,
     use_batch_statistics,
 )
 from .common.ema import ensemble_with_source_
 from .common.incremental import num_outputs
 from .common.prototypes import feature_dim
-
-#: the reference stops reading source features once it holds more than this many
-MAX_PROTOTYPE_SAMPLES = 100000
-
-
-@torch.no_grad()
-def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """C x D means of ``features`` per class of ``labels`` (as the reference: ``features[labels == c].mean(0)``);
-    a class without samples gets a zero row."""
-    means = torch.stack([features[labels == c].mean(dim=0) for c in range(num_classes)])
-    present = torch.bincount(labels, minlength=num_classes) > 0
-    return torch.where(present.unsqueeze(1), means, torch.zeros_like(means))
-
-
-@torch.no_grad()
-def nearest_prototype(prototypes: Tensor, features: Tensor) -> Tensor:
-    """Index of each feature's most cosine-similar prototype (N), from one product of normalised vectors."""
-    return (F.normalize(prototypes, dim=1) @ F.normalize(features, dim=1).T).argmax(dim=0)
-
-
-def contrastive_loss(features: Tensor, projector: nn.Module, temperature: float) -> Tensor:
-    """SupCon loss (mode 'all') of N samples with V views each (``features`` N x V x D): all V N projected,
-    normalised views are anchors, a sample's other views its positives, every other view a negative."""
-    n, v = features.shape[:2]
-    z = F.normalize(projector(torch.cat(torch.unbind(features, dim=1), dim=0)), p=2, dim=1)  # view-major, V N x P
-    logits = torch.matmul(z, z.T) / temperature
-    logits = logits - torch.max(logits, dim=1, keepdim=True)[0].detach()  # numerical stability
-    positives = torch.eye(n, dtype=torch.float32, device=z.device).repeat(v, v)
-    not_self = torch.scatter(torch.ones_like(positives), 1, torch.arange(v * n, device=z.device).view(-1, 1), 0)
-    positives = positives * not_self
-    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
-    mean_log_prob_pos = (positives * log_prob).sum(1) / positives.sum(1)
-    return (-mean_log_prob_pos).view(v, n).mean()
-
+from .common.source_prototypes import (
+    class_means,
+    contrastive_loss,
+    make_projector,
+    nearest_prototype,
+    prototype_contrast,
+    seeded_source,
+    source_class_means,
+)
 
 @register
 class RMT(Strategy):
@@ -119,10 +92,8 @@ class RMT(Strategy):
             raise UnsupportedError(f"rmt needs a backbone with forward_features(x) / forward_head(features) (wrap it "
                                    f"in ctta.backbones.Classifier); {type(model).__name__} has not")
         self.num_classes, dim = num_outputs(model), feature_dim(model)
-        x, y = load_source_data(source_data, self.num_classes, source_samples, seed, self.name)
-        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(
-            stable_seed(seed, f"{self.name}-source-order")))
-        self.source_images, self.source_labels = x[order], y[order]
+        self.source_images, self.source_labels = seeded_source(source_data, self.num_classes, source_samples, seed,
+                                                               self.name)
         self.source_batch, self.source_index = int(source_batch), 0  # source batches cycle in this order
         self.warmup_steps = int(warmup_samples) // self.source_batch
         self.lambda_ce_src, self.lambda_ce_trg, self.lambda_cont = lambda_ce_src, lambda_ce_trg, lambda_cont
@@ -131,10 +102,7 @@ class RMT(Strategy):
         use_batch_statistics(self.model)
         self.teacher = frozen_copy(self.model)
         device = next(self.model.parameters()).device
-        with torch.random.fork_rng(devices=[]):  # nn.Linear's init under torch.manual_seed(seed); global RNG untouched
-            torch.manual_seed(seed)
-            self.projector = nn.Sequential(nn.Linear(dim, projection_dim), nn.ReLU(),
-                                           nn.Linear(projection_dim, projection_dim)).to(device)
+        self.projector = make_projector(dim, projection_dim, seed, device)  # global generator untouched
         self.augment = TTAAugment(AugmentConfig(), seed=seed, draw_order="torchvision")
         self.params = [p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "bias")]
         if optimizer == "adam":
@@ -157,21 +125,10 @@ class RMT(Strategy):
         return (as_float_images(self.source_images[start:start + b], device),
                 self.source_labels[start:start + b].to(device).long())
 
-    @torch.no_grad()
     def source_prototypes(self, device: torch.device) -> Tensor:
         """Class means of the student's source features, read in source batches (at most ~100000 images)."""
-        feats: List[Tensor] = []
-        labels: List[Tensor] = []
-        total = 0
-        for start in range(0, self.source_images.shape[0], self.source_batch):
-            xb = as_float_images(self.source_images[start:start + self.source_batch], device)
-            f = self.model.forward_features(xb)
-            feats.append(f.view(f.shape[:2]))
-            labels.append(self.source_labels[start:start + self.source_batch].to(device).long())
-            total += f.shape[0]
-            if total > MAX_PROTOTYPE_SAMPLES:
-                break
-        return class_means(torch.cat(feats), torch.cat(labels), self.num_classes)
+        return source_class_means(self.model, self.source_images, self.source_labels, self.source_batch,
+                                  self.num_classes, device)
 
     def warm_up(self, device: torch.device) -> None:
         """``warmup_steps`` steps of SCE(student, teacher) on source batches, lr rising linearly to ``lr``."""
@@ -214,9 +171,8 @@ class RMT(Strategy):
         features_aug = self.model.forward_features(self.augment(x, 1))
         logits_aug = self.model.forward_head(features_aug)
         logits_ema = self.teacher(x)
-        nearest = nearest_prototype(self.prototypes, features.detach())                    # 2
-        views = torch.stack([self.prototypes[nearest], features, features_aug], dim=1)
-        loss_cont = contrastive_loss(views, self.projector, self.temperature)             # 3
+        loss_cont = prototype_contrast(self.prototypes, features, features_aug, self.projector,  # 2, 3
+                                       self.temperature)
         loss_self = (0.5 * symmetric_cross_entropy(logits, logits_ema)                     # 4
                      + 0.5 * symmetric_cross_entropy(logits_aug, logits_ema)).mean(0)
         loss = self.lambda_ce_trg * loss_self + self.lambda_cont * loss_cont

@@ -14,6 +14,7 @@ from .fisher import (
     top_fraction_masks,
 )
 from .losses import (
+    aug_cross_entropy,
     generalized_cross_entropy,
     soft_cross_entropy,
     soft_likelihood_ratio,
@@ -59,6 +60,7 @@ __all__ = [
     "teacher_pseudo_label",
     "top_fraction_masks",
     "frozen_copy",
+    "aug_cross_entropy",
     "generalized_cross_entropy",
     "soft_cross_entropy",
     "soft_likelihood_ratio",

@@ -29,6 +29,15 @@ def symmetric_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, alph
             - alpha * (student_logits.softmax(dim=1) * teacher_logits.log_softmax(dim=1)).sum(dim=1))
 
 
+def aug_cross_entropy(logits: Tensor, logits_aug: Tensor, anchor_logits: Tensor, alpha: float = 0.5) -> Tensor:
+    """Per-sample cross-entropy of SANTA (reference benchmark ``AugCrossEntropy``), shape N: the test and augmented
+    predictions against the anchor's log-probabilities,
+    ``-(1 - alpha) sum softmax(s) log softmax(a) - alpha sum softmax(s') log softmax(a)``."""
+    log_anchor = anchor_logits.log_softmax(dim=1)
+    return (-(1.0 - alpha) * (logits.softmax(dim=1) * log_anchor).sum(dim=1)
+            - alpha * (logits_aug.softmax(dim=1) * log_anchor).sum(dim=1))
+
+
 def generalized_cross_entropy(logits: Tensor, targets: Tensor, q: float = 0.8) -> Tensor:
     """Per-sample generalised cross-entropy (Zhang & Sabuncu, "Generalized Cross Entropy Loss for Training Deep Neural
     Networks with Noisy Labels", NeurIPS 2018, arXiv 1805.07836), shape N: ``(1 - p_y ** q) / q`` with p = softmax(logits)
