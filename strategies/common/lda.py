@@ -82,6 +82,19 @@ class IncrementalLDA(nn.Module):
         self.second_moment.addmm_(f.T, f)
         self._dirty = True
 
+    @torch.no_grad()
+    def update_dense(self, features: Tensor, targets: Tensor) -> None:
+        """:meth:`update` with dense targets (N x C, one-hot or soft): ``M += F^T F``, ``sums += (F^T Y)^T``,
+        ``counts += sum_i Y_i``, in matmul form (RanPAC's ``G += H^T H``, ``Q += H^T Y``, rounded as its code)."""
+        if not self.ready:
+            self._allocate(int(features.shape[1]), self.class_counts.device)
+        f = features.detach().to(self.dtype)
+        t = targets.to(f)
+        self.second_moment += f.T @ f
+        self.class_sums += (f.T @ t).T
+        self.class_counts += t.sum(0).to(self.class_counts.dtype)
+        self._dirty = True
+
     def covariance_matrix(self) -> Tensor:
         """The regularised shared covariance (D x D, float64)."""
         n = self.class_counts.sum()
