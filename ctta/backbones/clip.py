@@ -29,6 +29,8 @@ Choices, and why:
   from any ``class_names`` / ``templates``; ``weights=PATH`` instead needs this wrapper's own state dict (the head
   already computed). With ``checkpoint``, ``model`` and ``pretrained_tag`` are ignored (a logged warning unless
   they are unset / ``tiny``: ``--set`` cannot unset the vilaad YAML's ``ViT-B-32``/``openai`` teacher defaults).
+- ``keep_text=true`` keeps the text tower (:class:`TextTower`, frozen by whoever adapts) and the tokenizer, for
+  prompt-tuning strategies (tpt) that re-encode learnable prompts; off by default (memory, checkpoint size).
 
 open_clip is imported inside functions only (it is optional on some machines).
 """
@@ -121,6 +123,37 @@ def class_text_features(clip_model: nn.Module, tokenizer: Any, class_names: Sequ
     return torch.stack(rows)
 
 
+class TextTower(nn.Module):
+    """open_clip CLIP's text transformer taking token *embeddings* (so context vectors can be learned, CoOp / TPT)."""
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.pool_type = getattr(clip_model, "text_pool_type", "argmax")
+        self.eos_id = getattr(clip_model, "text_eos_id", None)
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """N x L token ids -> N x L x D token embeddings (no positional term)."""
+        return self.token_embedding(tokens)
+
+    def forward(self, embeddings: Tensor, tokens: Tensor) -> Tensor:
+        """N x L x D prompt embeddings (+ their token ids, for the EOT position) -> N x E text features, as
+        ``CLIP.encode_text`` computes them from the token ids (unnormalised)."""
+        from open_clip.transformer import text_global_pool
+
+        x = embeddings + self.positional_embedding.to(embeddings.dtype)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is None:
+            return x
+        return self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+
+
 class CLIPZeroShot(nn.Module):
     """CLIP's image encoder + a fixed zero-shot head (cached class text features times CLIP's logit scale).
 
@@ -129,7 +162,7 @@ class CLIPZeroShot(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer: Any, class_names: Sequence[str],
-                 templates: Sequence[str]) -> None:
+                 templates: Sequence[str], keep_text: bool = False) -> None:
         super().__init__()
         self.class_names = list(class_names)
         self.templates = list(templates)
@@ -141,6 +174,8 @@ class CLIPZeroShot(nn.Module):
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else ((size, size) if size else None)
         self.num_classes = len(self.class_names)
         self.feature_dim = int(text.shape[1])
+        self.text: Optional[TextTower] = TextTower(clip_model) if keep_text else None
+        self.tokenizer = tokenizer if keep_text else None
 
     def forward_features(self, x: Tensor) -> Tensor:
         if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
@@ -253,7 +288,7 @@ def load_open_clip_checkpoint(path: Union[str, Path]):
 def clip_zero_shot(num_classes: int = 10, model: Optional[str] = None, pretrained_tag: Optional[str] = None,
                    class_names: Union[None, str, Sequence[str]] = None,
                    templates: Union[str, Sequence[str]] = "simple", cache_dir: Optional[str] = None,
-                   checkpoint: Union[None, str, Path] = None) -> CLIPZeroShot:
+                   checkpoint: Union[None, str, Path] = None, keep_text: bool = False) -> CLIPZeroShot:
     """Build the zero-shot CLIP network (see the module docstring for the options); ``model`` None = ViT-B-32."""
     names = resolve_class_names(class_names, int(num_classes))
     prompts = resolve_templates(templates)
@@ -264,25 +299,26 @@ def clip_zero_shot(num_classes: int = 10, model: Optional[str] = None, pretraine
         net, tokenizer = load_open_clip_checkpoint(checkpoint)
     else:
         net, tokenizer = build_open_clip(model or "ViT-B-32", pretrained_tag, cache_dir)
-    return CLIPZeroShot(net, tokenizer, names, prompts).eval()
+    return CLIPZeroShot(net, tokenizer, names, prompts, keep_text=keep_text).eval()
 
 
 @register_backbone("clip", CLIP_MEAN, CLIP_STD, num_classes=10)
 def clip(num_classes: int = 10, model: str = "tiny", pretrained_tag: Optional[str] = None,
          class_names: Union[None, str, Sequence[str]] = None, templates: Union[str, Sequence[str]] = "simple",
-         cache_dir: Optional[str] = None, checkpoint: Optional[str] = None) -> CLIPZeroShot:
+         cache_dir: Optional[str] = None, checkpoint: Optional[str] = None,
+         keep_text: bool = False) -> CLIPZeroShot:
     """open_clip CLIP zero-shot classifier (model=open_clip name e.g. ViT-B-32, pretrained_tag=e.g. openai, or
-    checkpoint=a local ``ctta-open-clip`` file)."""
-    return clip_zero_shot(num_classes, model, pretrained_tag, class_names, templates, cache_dir, checkpoint)
+    checkpoint=a local ``ctta-open-clip`` file; keep_text: keep the text tower for prompt tuning)."""
+    return clip_zero_shot(num_classes, model, pretrained_tag, class_names, templates, cache_dir, checkpoint, keep_text)
 
 
 @register_backbone("clip_tiny", CLIP_MEAN, CLIP_STD, num_classes=10)
 def clip_tiny(num_classes: int = 10, class_names: Union[None, str, Sequence[str]] = None,
-              templates: Union[str, Sequence[str]] = "photo") -> CLIPZeroShot:
+              templates: Union[str, Sequence[str]] = "photo", keep_text: bool = False) -> CLIPZeroShot:
     """Tiny randomly initialised CLIP (2-layer ViT, 1-layer text transformer, 32-d) zero-shot classifier, for tests."""
-    return clip_zero_shot(num_classes, "tiny", None, class_names, templates)
+    return clip_zero_shot(num_classes, "tiny", None, class_names, templates, keep_text=keep_text)
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CLIPZeroShot", "CLIP_MEAN", "CLIP_STD", "TINY_CONFIG", "build_open_clip",
-           "class_text_features", "clip_zero_shot", "load_open_clip_checkpoint", "resolve_class_names",
+__all__ = ["CHECKPOINT_FORMAT", "CLIPZeroShot", "CLIP_MEAN", "CLIP_STD", "TINY_CONFIG", "TextTower",
+           "build_open_clip", "class_text_features", "clip_zero_shot", "load_open_clip_checkpoint", "resolve_class_names",
            "resolve_templates"]
