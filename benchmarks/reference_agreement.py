@@ -28,6 +28,7 @@ merged with its own CIFAR-10-C config:
     rmt      RMT               cfgs/cifar10_c/rmt.yaml         (source images: ours; view and projector drawn alike)
     rotta    RoTTA             cfgs/cifar10_c/rotta.yaml       (strong view drawn alike; its loss_calculation call fixed)
     cmf      CMF               cfgs/cifar10_c/cmf.yaml         (view drawn alike; its .cuda() prior made on the CPU)
+    santa    SANTA             cfgs/cifar10_c/santa.yaml       (source images: ours; view and projector drawn alike)
 
 Each side gets its own freshly loaded copy of the same backbone (the reference calls it as ``model(x)`` on [0, 1]
 images, normalisation inside, as ours; LAME's side sees it through ``ReferenceView``, the layout its
@@ -54,7 +55,9 @@ RMT's source loader (prototypes, warm-up, replay) is replaced by ours: the image
 temporary one (it would load stale prototypes or warm-up weights); the global generator is seeded before its
 constructor, so its projector gets the weights ours draws under ``torch.manual_seed(seed)``. ``--rmt-our-view``
 (a diagnostic) makes the reference's augmented view with our ``TTAAugment`` (same seed and draw order), which
-removes the pixel rounding of the two implementations of that view.
+removes the pixel rounding of the two implementations of that view. SANTA goes the same way (its loader and split
+replaced in ``methods.santa``; ``--santa-source-samples`` source images for its prototypes, a fresh checkpoint folder,
+the generator seeded before its constructor; ``--santa-our-view`` the same diagnostic).
 
 Prints, per method and corruption: the error of ours and of the reference, the share of identical argmaxes, the
 batches whose outputs are bit-identical (LAME: compared as log Y) and the largest |output difference| (logits; LAME:
@@ -92,6 +95,7 @@ REFERENCE = {
     "rmt": ("rmt", "rmt.yaml"),
     "rotta": ("rotta", "rotta.yaml"),
     "cmf": ("cmf", "cmf.yaml"),
+    "santa": ("santa", "santa.yaml"),
 }
 
 # methods whose learning rate --lr sets on both sides
@@ -172,10 +176,10 @@ def reference_cfg(conf, ref_root: str, method: str, args):
         cfg.EATA.FISHER_ALPHA = args.fisher_weight
     if args.no_consistency and method in ("roid", "cmf"):
         cfg.ROID.USE_CONSISTENCY = False
-    if method == "rmt":
+    if method in ("rmt", "santa"):
         import tempfile
 
-        cfg.CKPT_DIR = tempfile.mkdtemp(prefix="rmt_ckpt_")  # it loads prototypes / warm-up weights found there
+        cfg.CKPT_DIR = tempfile.mkdtemp(prefix=f"{method}_ckpt_")  # it loads prototypes / warm-up weights found there
         if args.rmt_warmup_samples >= 0:
             cfg.RMT.NUM_SAMPLES_WARM_UP = args.rmt_warmup_samples
     return cfg
@@ -254,6 +258,16 @@ def settings_line(method: str, cfg, ours, ref=None) -> str:
                 f"cont {ours.lambda_cont}, temperature {ours.temperature}, mt {ours.mt}, {ours.warmup_steps} warm-up "
                 f"steps, {ours.source_images.shape[0]} source images in batches of {ours.source_batch}, "
                 f"{len(ours.params)} + projector tensors, view {ours.augment.draw_order} order")
+    if method == "santa":
+        g, og = cfg.OPTIM, ours.optimizer.defaults
+        return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.SANTA)}, "
+                f"{dict(cfg.CONTRAST)}, AugCE alpha {ref.aug_entropy.alpha}, {len(ref.params)} + projector tensors, "
+                f"{len(ref.src_loader)} source batches of {ref.src_loader.batch_size}, batch {cfg.TEST.BATCH_SIZE}; "
+                f"ours: {type(ours.optimizer).__name__} lr {og['lr']} betas {og.get('betas')} wd "
+                f"{og['weight_decay']} steps {ours.steps}, lambdas trg {ours.lambda_ce_trg} cont {ours.lambda_cont}, "
+                f"alpha {ours.alpha}, temperature {ours.temperature}, {ours.source_images.shape[0]} source images in "
+                f"batches of {ours.source_batch}, {len(ours.params)} + projector tensors, view "
+                f"{ours.augment.draw_order} order")
     if method == "cmf":
         g, og = cfg.OPTIM, ours.optimizer.defaults
         return (f"reference: {g.METHOD} lr {g.LR} beta {g.BETA} wd {g.WD} steps {g.STEPS}, {dict(cfg.CMF)}, "
@@ -294,15 +308,15 @@ class _Call(nn.Module):
         return getattr(self.model, self.fn)(x)
 
 
-def _reference_rmt_inputs(ours, ref_model: nn.Module, cfg) -> None:
-    """RMT: the reference's source loader becomes ours' images, order and batches; its model split ours."""
+def _reference_source_inputs(ours, ref_model: nn.Module, cfg, method: str = "rmt") -> None:
+    """RMT, SANTA: the reference's source loader becomes ours' images, order and batches; its model split ours."""
     from ctta.strategies.common import as_float_images
 
     b, images, labels = ours.source_batch, ours.source_images, ours.source_labels
     batches = _SourceBatches((as_float_images(images[i:i + b], "cpu"), labels[i:i + b])
                              for i in range(0, images.shape[0], b))
     batches.batch_size = b
-    module = sys.modules["methods.rmt"]
+    module = sys.modules[f"methods.{method}"]
     module.get_source_loader = lambda **kw: (None, batches)
     module.split_up_model = lambda model, arch, dataset: (_Call(model, "forward_features"),
                                                           _Call(model, "forward_head"))
@@ -326,6 +340,18 @@ def _compare_rmt_start(ours, ref) -> None:
           f"{gap(ours.teacher, ref.model_ema):.1e}", flush=True)
 
 
+def _compare_santa_start(ours, ref) -> None:
+    """SANTA before the first test batch on both sides: projector init, source prototypes, anchor."""
+    proj = all(torch.equal(a, b) for a, b in zip(ours.projector.state_dict().values(),
+                                                 ref.projector.state_dict().values()))
+    ours.ensure_ready(torch.device("cpu"))
+    protos = ref.prototypes_src.squeeze(1)
+    anchor = all(torch.equal(a, b) for a, b in zip(ours.anchor.parameters(), ref.anchor_model.parameters()))
+    print(f"SANTA start: projector init bit-identical {proj}; prototypes bit-identical "
+          f"{torch.equal(ours.prototypes, protos)} (max |difference| {float((ours.prototypes - protos).abs().max()):.1e})"
+          f"; anchor weights bit-identical {anchor}", flush=True)
+
+
 def run_method(method: str, args, conf, registry, ref_root: str, domains, make_model) -> List[dict]:
     import ctta
 
@@ -338,6 +364,9 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         overrides["source_samples"] = args.rmt_source_samples or None
         if args.rmt_warmup_samples >= 0:
             overrides["warmup_samples"] = args.rmt_warmup_samples
+    if method == "santa":
+        overrides["source_data"] = args.source_data or args.data_root
+        overrides["source_samples"] = args.santa_source_samples or None
     if args.reset_every and method == "rdumb":
         overrides["reset_every"] = args.reset_every
     if args.lr and method in WITH_LR:
@@ -358,8 +387,8 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         sys.modules["methods.eata"].get_source_loader = lambda **kw: (None, batches)
         ref_model.model_preprocess = None  # read (and passed to the replaced loader) by the reference
         cfg.TEST.BATCH_SIZE = b  # its Fisher batch (what it passes to the loader)
-    if method == "rmt":
-        _reference_rmt_inputs(ours, ref_model, cfg)
+    if method in ("rmt", "santa"):
+        _reference_source_inputs(ours, ref_model, cfg, method)
         torch.manual_seed(args.seed)  # its projector's init: ours draws it under torch.manual_seed(seed)
     if method == "cmf":  # at 8b2ed63 it puts its class-probability average on CUDA (.cuda()): made on the CPU here
         cuda, torch.Tensor.cuda = torch.Tensor.cuda, lambda t, *a, **k: t
@@ -372,6 +401,13 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
     if method == "rmt":
         _compare_rmt_start(ours, ref)
         if args.rmt_our_view:  # diagnostic: the reference's view made by our TTAAugment (same seed, same draws)
+            from ctta.strategies.common import AugmentConfig, TTAAugment
+
+            view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
+            ref.tta_transform = lambda x: view(x, 1)
+    if method == "santa":
+        _compare_santa_start(ours, ref)
+        if args.santa_our_view:  # diagnostic: the reference's view made by our TTAAugment (same seed, same draws)
             from ctta.strategies.common import AugmentConfig, TTAAugment
 
             view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
@@ -515,6 +551,11 @@ def main(argv=None) -> int:
                     help="rmt's warm-up samples (RMT.NUM_SAMPLES_WARM_UP), both sides; -1: its config's 50000")
     ap.add_argument("--rmt-our-view", action="store_true",
                     help="diagnostic: the reference's augmented view made by our TTAAugment (pixel rounding removed)")
+    ap.add_argument("--santa-source-samples", type=int, default=0,
+                    help="santa's source images for its prototypes (ours draws them from --source-data, the reference "
+                         "gets the same); 0: all")
+    ap.add_argument("--santa-our-view", action="store_true",
+                    help="diagnostic: santa's reference with its augmented view made by our TTAAugment (same draws)")
     ap.add_argument("--dirichlet", type=float, default=0.0,
                     help="temporally correlated labels (label_shift dirichlet with this delta); 0: i.i.d. order")
     ap.add_argument("--pool", choices=("adaptive", "avg8"), default="adaptive",
