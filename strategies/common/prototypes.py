@@ -80,4 +80,11 @@ def cosine_logits(features: Tensor, prototypes: Tensor, scale: float) -> Tensor:
     return scale * F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
 
 
-__all__ = ["PrototypeMemory", "calibrate", "cosine_logits", "feature_dim"]
+def nearest_mean_logits(features: Tensor, means: Tensor) -> Tensor:
+    """Nearest-mean-of-exemplars scores (iCaRL): ``-|| f / ||f|| - mu_c ||^2`` for every feature and mean, N x C."""
+    f = features.flatten(1)
+    f = f / f.norm(dim=1, keepdim=True)
+    return -(means.unsqueeze(0) - f.unsqueeze(1)).pow(2).sum(2)
+
+
+__all__ = ["PrototypeMemory", "calibrate", "cosine_logits", "feature_dim", "nearest_mean_logits"]
