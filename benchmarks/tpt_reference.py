@@ -1,4 +1,4 @@
-"""TPT against the reference benchmark's (mariodoebler/test-time-adaptation): same CLIP, images, prompt and views count.
+"""TPT (and VTE) against the reference benchmark's (mariodoebler/test-time-adaptation): same CLIP, images, views count.
 
 No pretrained CLIP is reachable offline, so both sides use the in-house CLIP of ``benchmarks/inhouse_clip.py``
 (``--weights PATH``, a ``ctta-open-clip`` checkpoint). Ours: ``--backbone clip`` with ``checkpoint``, ``keep_text``,
@@ -16,6 +16,10 @@ exists) and its ``AugMixAugmenter`` making the 63 views of each image as the dat
 The views are random on both sides (different generators), so agreement is statistical: errors and the share of
 identical argmaxes. ``--diagnostic N``: on the first N images of each domain the reference gets *our* views, and
 the logits must agree to float precision.
+``--method vte``: ours ``create("vte", ...)`` on the backbone with the reference's ``cifar10_templates``
+(``datasets/prompts.py``, read from the checkout) as its prompt ensemble; reference: its ``ZeroShotCLIP``
+(``models/model.py``, ``CLIP.PROMPT_MODE ensemble`` from ``cfgs/imagenet_c/vte.yaml``) around the same model and
+its ``VTE``, the same views as for TPT.
 
     python benchmarks/tpt_reference.py --reference /tmp/refagree/classification --stand-ins /tmp/refagree/stand \\
         --weights /tmp/inhouse_clip.pt --data-root /work/shared/data/cifar10 \\
@@ -72,12 +76,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="1", help="comma-separated; each runs both sides")
     ap.add_argument("--n-views", type=int, default=64)
     ap.add_argument("--diagnostic", type=int, default=0, help="images per domain given our views on both sides")
+    ap.add_argument("--method", choices=("tpt", "vte"), default="tpt")
     args = ap.parse_args(argv)
 
     import ctta
     from ctta.backbones.clip import load_open_clip_checkpoint
     from PIL import Image
-    from ctta.strategies.tpt import tpt_views
+    from ctta.strategies.common.confident_views import views_with_original
     from torchvision import transforms
 
     ref_root = os.path.abspath(args.reference)
@@ -85,21 +90,33 @@ def main(argv=None) -> int:
     import models.custom_clip as custom_clip  # the reference's
     from augmentations.transforms_augmix import AugMixAugmenter
 
+    method = args.method
+    templates = "photo"
+    if method == "vte":  # the reference's ZeroShotCLIP ensembles the data set's CLIP templates (PROMPT_MODE ensemble)
+        import datasets.prompts as ref_prompts
+        import models.model as ref_model
+
+        templates = list(ref_prompts.cifar10_templates)
+
     domains = corruption_domains(args, batch_size=1)
 
     def ours_model() -> nn.Module:
         return ctta.backbones.create("clip", num_classes=10, checkpoint=args.weights, class_names="cifar10",
-                                     templates="photo", keep_text=True).eval()
+                                     templates=templates, keep_text=method == "tpt").eval()
 
     def reference_method(seed: int):
         clip_model, tokenizer = load_open_clip_checkpoint(args.weights)
         custom_clip.get_tokenizer = lambda name: tokenizer
         cfg = conf.cfg.clone()
-        cfg.merge_from_file(os.path.join(ref_root, "cfgs", "imagenet_c", "tpt.yaml"))
+        cfg.merge_from_file(os.path.join(ref_root, "cfgs", "imagenet_c", f"{method}.yaml"))
         cfg.CORRUPTION.DATASET = "cifar10_c"
         cfg.TEST.N_AUGMENTATIONS = args.n_views
         cfg.RNG_SEED = seed
         norm = ours_model().normalize  # CLIP's mean / std, as the reference's normalisation inside the model
+        if method == "vte":
+            ref_model.get_tokenizer = lambda name: tokenizer
+            model = ref_model.ZeroShotCLIP(cfg, clip_model.eval(), "cpu", norm)
+            return registry.get("vte")(cfg=cfg, model=model, num_classes=10), cfg
         model = custom_clip.ClipTestTimePromptTuning(ReferenceView(clip_model).eval(), norm, "inhouse", "cifar10_c",
                                                      n_ctx=cfg.TPT.N_CTX, ctx_init=cfg.TPT.CTX_INIT,
                                                      class_token_pos=cfg.TPT.CLASS_TOKEN_POS)
@@ -108,12 +125,13 @@ def main(argv=None) -> int:
     def to_pil(x: torch.Tensor) -> Image.Image:
         return Image.fromarray((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
-    print("| seed | domain | images | zero-shot | TPT ours | TPT reference | identical argmax % | s ours / ref |")
+    up = method.upper()
+    print(f"| seed | domain | images | zero-shot | {up} ours | {up} reference | identical argmax % | s ours / ref |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     zero_shot = ours_model()
     diag = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        ours = ctta.strategies.create("tpt", ours_model(), n_views=args.n_views, seed=seed)
+        ours = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed)
         ref, cfg = reference_method(seed)
         augmenter = AugMixAugmenter(None, transforms.Compose([transforms.ToTensor()]), dataset_name="cifar10_c",
                                     n_views=cfg.TEST.N_AUGMENTATIONS - 1, use_augmix=False)
@@ -144,14 +162,14 @@ def main(argv=None) -> int:
             print(f"| {seed} | {name} | {n} | {100 * e_zs / n:.2f} | {100 * e_o / n:.2f} | {100 * e_r / n:.2f} | "
                   f"{100 * same / n:.2f} | {t_o:.0f} / {t_r:.0f} |", flush=True)
             if args.diagnostic and seed == int(args.seeds.split(",")[0]):
-                probe = ctta.strategies.create("tpt", ours_model(), n_views=args.n_views, seed=seed)
+                probe = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed)
                 g = torch.Generator().manual_seed(seed)
                 for i in range(min(args.diagnostic, n)):
                     x = x_all[i:i + 1]
                     probe._generator = torch.Generator()
                     probe._generator.set_state(g.get_state())
                     lo = probe.adapt(x)
-                    views = tpt_views(x, args.n_views, g, augmix=False)  # the same draw, again
+                    views = views_with_original(x, args.n_views, g, augmix=False)  # the same draw, again
                     with torch.no_grad():
                         lr_ = ref([v.unsqueeze(0) for v in views])
                     diag.append(((lo - lr_).abs().max().item(), int(lo.argmax(1) == lr_.argmax(1))))

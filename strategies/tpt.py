@@ -3,14 +3,15 @@ Zero-Shot Generalization in Vision-Language Models", NeurIPS 2022, arXiv 2209.07
 
 Single-sample and episodic, on a CLIP backbone (``--backbone clip`` with ``keep_text=true``). Per test image x:
   1. views: x itself plus ``n_views - 1`` random views of it, all drawn at once on the device
-     (``strategies/common/augmix.py``): random crop (32 px: 4-pixel padding; else RandomResizedCrop) + flip, and
-     AugMix on top when ``augmix`` (the reference's "generalization" sets: ImageNet-A/R/V2/Sketch and the like);
+     (``strategies/common/confident_views.py``, ``augmix.py``): random crop (32 px: 4-pixel padding; else
+     RandomResizedCrop) + flip, and AugMix on top when ``augmix`` (the reference's "generalization" sets:
+     ImageNet-A/R/V2/Sketch and the like);
   2. image features of the views (frozen image tower, computed once), L2-normalised;
   3. logits = exp(logit_scale) * f @ t(ctx)^T with t(ctx) the class text features of the learnable prompt context
      ctx (``strategies/common/prompts.py``, initialised from "a photo of a");
   4. confidence selection: the ``selection_p`` share (int(n_views * p)) of views of lowest softmax entropy;
-  5. loss = entropy of their averaged prediction (log-mean-exp of the log-probabilities); ``steps`` AdamW steps on
-     ctx only (the views selected at the first step are kept);
+  5. loss = entropy of their averaged prediction (MEMO's marginal entropy: log-mean-exp of the log-probabilities);
+     ``steps`` AdamW steps on ctx only (the views selected at the first step are kept);
   6. predict x (the first view) with the tuned prompt; then ctx and the optimiser state go back to the start.
 
 Reference: mariodoebler/test-time-adaptation@8b2ed63 (``classification/methods/tpt.py``; ``models/custom_clip.py``
@@ -21,8 +22,6 @@ SELECTION_P 0.1, CTX_INIT a_photo_of_a, CLASS_TOKEN_POS end; ``cfgs/imagenet_*/t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,34 +29,9 @@ from torch import Tensor, nn
 from ctta.hparams import Count, Momentum, NonNegative, Unit
 
 from .base import Strategy, register
-from .common.augmix import augmix_views, preaugment
+from .common.confident_views import select_confident, views_with_original
 from .common.prompts import PromptLearner, clip_text_tower
-
-
-def entropy(logits: Tensor) -> Tensor:
-    """Per-row softmax entropy."""
-    return -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1)
-
-
-def select_confident(logits: Tensor, share: float) -> Tensor:
-    """Indices of the int(N * share) rows of lowest entropy (TPT's confidence selection), most confident first."""
-    return torch.argsort(entropy(logits), descending=False)[:int(len(logits) * share)]
-
-
-def average_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the mean softmax over the rows, from log-probabilities (clamped at the dtype's lowest value)."""
-    logp = logits - logits.logsumexp(dim=-1, keepdim=True)
-    mean = (logp.logsumexp(dim=0) - math.log(len(logp))).clamp_min(torch.finfo(logp.dtype).min)
-    return -(mean * mean.exp()).sum(dim=-1)
-
-
-def tpt_views(x: Tensor, n_views: int, g: torch.Generator, augmix: bool) -> Tensor:
-    """The image (1 x C x H x W) and ``n_views - 1`` random views of it: crop + flip (+ AugMix), original first."""
-    if n_views <= 1:
-        return x
-    rest = x.repeat_interleave(n_views - 1, dim=0)
-    rest = augmix_views(x, n_views - 1, g) if augmix else preaugment(rest, g)
-    return torch.cat([x, rest])
+from .memo import marginal_entropy
 
 
 @register
@@ -91,7 +65,7 @@ class TPT(Strategy):
 
     def _episode(self, x: Tensor) -> Tensor:
         """One image (1 x C x H x W): tune the prompt on its views, predict it, reset; returns its logits."""
-        views = tpt_views(x, self.n_views, self.generator(x.device), self.augmix)
+        views = views_with_original(x, self.n_views, self.generator(x.device), self.augmix)
         with torch.no_grad():
             f = self.image_features(views)
         keep = None
@@ -101,7 +75,7 @@ class TPT(Strategy):
                 if keep is None:
                     keep = select_confident(logits.detach(), self.selection_p)
                 self.optimizer.zero_grad(set_to_none=True)
-                average_entropy(logits[keep]).backward()
+                marginal_entropy(logits[keep]).backward()
                 self.optimizer.step()
         with torch.no_grad():
             out = self.logits(f[:1], self.prompt())
@@ -118,4 +92,4 @@ class TPT(Strategy):
         return self.logits(self.image_features(x), self.prompt())
 
 
-__all__ = ["TPT", "average_entropy", "select_confident", "tpt_views"]
+__all__ = ["TPT"]

@@ -12,7 +12,8 @@ pytest.importorskip("open_clip")
 from ctta.backbones import create as create_backbone  # noqa: E402
 from ctta.errors import ConfigError, UnsupportedError  # noqa: E402
 from ctta.strategies import create  # noqa: E402
-from ctta.strategies.tpt import average_entropy, select_confident, tpt_views  # noqa: E402
+from ctta.strategies.common.confident_views import select_confident, views_with_original  # noqa: E402
+from ctta.strategies.memo import marginal_entropy as average_entropy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +47,7 @@ def test_average_entropy_is_the_entropy_of_the_mean_softmax():
 
 def test_views_are_the_image_first_then_random_crops():
     x = images(1)
-    v = tpt_views(x, 8, torch.Generator().manual_seed(0), augmix=False)
+    v = views_with_original(x, 8, torch.Generator().manual_seed(0), augmix=False)
     assert v.shape == (8, 3, 32, 32) and torch.equal(v[0], x[0])
     assert not torch.equal(v[1], v[2])
 
@@ -102,3 +103,24 @@ def test_needs_a_clip_backbone_with_its_text_tower():
     torch.manual_seed(0)
     with pytest.raises(UnsupportedError):
         create("tpt", create_backbone("tiny_cnn", num_classes=10))
+
+
+def test_vte_averages_the_confident_views_features():
+    """VTE on a hand-checked case: the mean of the kept views' normalised features through the zero-shot head."""
+    import torch.nn.functional as F
+
+    net = clip_model("photo", keep_text=False)
+    s = create("vte", net, n_views=20, selection_p=0.1, seed=5)
+    x = images(1)
+    out = s.adapt(x)
+    views = views_with_original(x, 20, torch.Generator().manual_seed(5), augmix=False)
+    with torch.no_grad():
+        f = F.normalize(net.forward_features(views), dim=-1)
+        logits = net(views)
+        keep = select_confident(logits, 0.1)
+        expected = net.net.logit_scale.exp() * f[keep].mean(0, keepdim=True) @ net.net.text_features.t()
+    assert len(keep) == 2 and torch.allclose(out, expected, atol=1e-5)
+    assert all(not p.requires_grad for p in s.model.parameters())
+    one = create("vte", clip_model("photo", keep_text=False), n_views=1, selection_p=1.0, seed=5)
+    with torch.no_grad():
+        assert torch.allclose(one.adapt(x), net(x), atol=1e-5)  # one view, all kept: zero-shot CLIP

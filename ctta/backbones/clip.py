@@ -320,5 +320,5 @@ def clip_tiny(num_classes: int = 10, class_names: Union[None, str, Sequence[str]
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CLIPZeroShot", "CLIP_MEAN", "CLIP_STD", "TINY_CONFIG", "TextTower",
-           "build_open_clip", "class_text_features", "clip_zero_shot", "load_open_clip_checkpoint", "resolve_class_names",
-           "resolve_templates"]
+           "build_open_clip", "class_text_features", "clip_zero_shot", "load_open_clip_checkpoint",
+           "resolve_class_names", "resolve_templates"]
