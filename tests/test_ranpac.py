@@ -178,3 +178,16 @@ def test_first_session_adapter_reads_the_stream_beside_the_mlp():
     after_attn = z + ref.attn(ref.norm1(z))
     expected = after_attn + ref.mlp(ref.norm2(after_attn)) + 0.1 * ad.up(torch.relu(ad.down(after_attn)))
     torch.testing.assert_close(block(z), expected)  # AdaptFormer parallel: the adapter sees x, not norm2(x)
+
+
+def test_dense_statistics_equal_the_per_class_sums():
+    from strategies.common.lda import IncrementalLDA
+
+    g = torch.Generator().manual_seed(1)
+    h, y = torch.rand(30, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (30,), generator=g)
+    a, b = IncrementalLDA(None, 4), IncrementalLDA(None, 4)
+    a.update(h, y)
+    b.update_dense(h, F.one_hot(y, 4))
+    for name in ("second_moment", "class_sums", "class_counts"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name))
+    torch.testing.assert_close(b.ridge_weights(0.1), a.ridge_weights(0.1))
