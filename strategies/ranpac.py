@@ -15,7 +15,8 @@ Algorithm (per session t):
    ``none``: the backbone is frozen from the start (PILOT with ``_init_train`` skipped; the official ``ncm`` rows).
 2. session 0 end: draw ``W_rand`` (D x M, N(0, 1), seeded) once; ``M = 0``: no projection (``H = F``).
 3. ``H = relu(F W_rand)`` of the session's training features (one pass, the stream's order);
-   ``G += H^T H``, ``Q += H^T Y`` (one-hot Y) -- the statistics of ``common/lda.py``'s :class:`IncrementalLDA`.
+   ``G += H^T H``, ``Q += H^T Y`` (one-hot Y) -- the statistics of ``common/lda.py``'s :class:`IncrementalLDA`,
+   accumulated in the reference's matmul form (``update_dense``: bit-identical heads side by side).
 4. lambda: among ``ridges`` (10^-8 .. 10^8), the one whose ridge fit on the first 80 % of the session's H has the
    least MSE on the last 20 % (:func:`select_ridge`); ``W = ((G + lambda I)^-1 Q)^T``.
 5. logits: ``sigma cos(H, W_c)`` (``head: cosine``, PILOT's CosineLinear; sigma 1, or the first session's learned
@@ -23,7 +24,8 @@ Algorithm (per session t):
    RanPAC's ``use_RP`` head, whose sigma ``setup_RP`` resets to 1).
 
 Memory: G is M x M (4 M^2 bytes in float32: 400 MB at M = 10000, 800 MB in float64), Q is M x C, W_rand D x M.
-The session's features (N x D) are kept until the session ends (lambda is chosen on them).
+The session's features (N x D) are kept until the session ends (lambda is chosen on them). ``learn`` returns the
+logits of the head solved at the previous session's end (zeros in a frozen session 0: no head exists yet).
 """
 from __future__ import annotations
 
