@@ -425,7 +425,8 @@ def table(summary: Sequence[Dict[str, Any]]) -> str:
             ("whole run s (CPU s)", None, ""), ("whole img/s", "whole_ips", "%.0f"), ("ratio", "whole_ratio", "%.2f"),
             ("loop img/s", "loop_ips", "%.1f"), ("ratio", "loop_ratio", "%.2f"),
             ("whole img/CPU-s", "whole_ipc", "%.0f"), ("ratio", "whole_cpu_ratio", "%.2f"),
-            ("loop img/CPU-s", "loop_ipc", "%.1f"), ("ratio", "loop_cpu_ratio", "%.2f"), ("peak RSS MB", "rss_mb", "%.0f")]
+            ("loop img/CPU-s", "loop_ipc", "%.1f"), ("ratio", "loop_cpu_ratio", "%.2f"),
+            ("peak RSS MB", "rss_mb", "%.0f")]
     if any("cuda_mb" in s for s in summary):
         cols.append(("peak CUDA MB", "cuda_mb", "%.0f"))
     cols.append(("error %", "error", "%.2f"))
