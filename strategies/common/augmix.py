@@ -22,7 +22,6 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 Op = Callable[[Tensor, Tensor, torch.Generator], Tensor]  # (uint8-valued float images V x C x H x W, levels V, g)
 
@@ -57,6 +56,8 @@ def autocontrast(x: Tensor, level: Tensor, g: torch.Generator) -> Tensor:
 
 
 def equalize(x: Tensor, level: Tensor, g: torch.Generator) -> Tensor:
+    from torchvision.transforms.v2 import functional as TF  # imported here: torchvision costs ~3 s at start-up
+
     return TF.equalize(x.to(torch.uint8)).to(x.dtype)
 
 
