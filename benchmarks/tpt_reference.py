@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-views", type=int, default=64)
     ap.add_argument("--diagnostic", type=int, default=0, help="images per domain given our views on both sides")
     ap.add_argument("--method", choices=("tpt", "vte"), default="tpt")
+    ap.add_argument("--lr", type=float, default=None, help="tpt: both sides' AdamW lr (default: the configs' 5e-3)")
     args = ap.parse_args(argv)
 
     import ctta
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
 
     domains = corruption_domains(args, batch_size=1)
 
+    extra = {"lr": args.lr} if args.lr is not None and method == "tpt" else {}
+
     def ours_model() -> nn.Module:
         return ctta.backbones.create("clip", num_classes=10, checkpoint=args.weights, class_names="cifar10",
                                      templates=templates, keep_text=method == "tpt").eval()
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
         cfg.CORRUPTION.DATASET = "cifar10_c"
         cfg.TEST.N_AUGMENTATIONS = args.n_views
         cfg.RNG_SEED = seed
+        if args.lr is not None:
+            cfg.OPTIM.LR = args.lr
         norm = ours_model().normalize  # CLIP's mean / std, as the reference's normalisation inside the model
         if method == "vte":
             ref_model.get_tokenizer = lambda name: tokenizer
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     zero_shot = ours_model()
     diag = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        ours = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed)
+        ours = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed, **extra)
         ref, cfg = reference_method(seed)
         augmenter = AugMixAugmenter(None, transforms.Compose([transforms.ToTensor()]), dataset_name="cifar10_c",
                                     n_views=cfg.TEST.N_AUGMENTATIONS - 1, use_augmix=False)
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
             print(f"| {seed} | {name} | {n} | {100 * e_zs / n:.2f} | {100 * e_o / n:.2f} | {100 * e_r / n:.2f} | "
                   f"{100 * same / n:.2f} | {t_o:.0f} / {t_r:.0f} |", flush=True)
             if args.diagnostic and seed == int(args.seeds.split(",")[0]):
-                probe = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed)
+                probe = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed, **extra)
                 g = torch.Generator().manual_seed(seed)
                 for i in range(min(args.diagnostic, n)):
                     x = x_all[i:i + 1]
