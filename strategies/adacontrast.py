@@ -23,7 +23,7 @@ Defaults: CIFAR-10-C / CIFAR-100-C (SGD lr 2e-4, momentum 0.9, wd 1e-4, Nesterov
 """
 from __future__ import annotations
 
-from typing import Literal, Tuple
+from typing import Any, Dict, Literal, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,7 @@ class AdaContrast(Strategy):
     # --- the step ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
+        """The query encoder's logits in eval mode (running BatchNorm statistics), as the code's final output."""
         self.model.eval()
         return self.model(x)
 
@@ -171,7 +172,8 @@ class AdaContrast(Strategy):
         return loss.detach()
 
     # --- checkpoints: the bank has the size it had when saved ------------------------------------------------------
-    def load_checkpoint_state(self, state) -> None:
+    def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Resize the bank buffers to the saved ones, then load as usual."""
         module = state["module"]
         self.bank_feats = torch.zeros_like(module["bank_feats"], device=self.bank_feats.device)
         self.bank_probs = torch.zeros_like(module["bank_probs"], device=self.bank_probs.device)
