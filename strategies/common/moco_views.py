@@ -11,7 +11,6 @@ at CIFAR size (Resize(32) + RandomCrop(32) of a 32 x 32 image) is the flip alone
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
