@@ -178,6 +178,50 @@ def compare(a, b):
     return np.array(rows)
 
 
+def split_cifar10(args, seed):
+    """(stream, initial model) of one seed's run: Split CIFAR-10 in index class order, a from-scratch ResNet-20
+    drawn under ``torch.manual_seed(seed)`` (each side then trains its own deep copy)."""
+    import ctta
+
+    stream = ctta.streams.create("cifar10_ci", data_root=args.data_root, seed=seed, class_order=list(range(10)),
+                                 train_per_class=args.train_per_class, test_per_class=args.test_per_class)
+    torch.manual_seed(seed)
+    return stream, ctta.backbones.create("resnet20_cifar", num_classes=10)
+
+
+def print_seed_table(title, acc, key, runs, secs):
+    """One seed's accuracy after every task, a column per run; ``acc[(*key, run)]`` holds the per-task values."""
+    print(f"\n### {title} (" + ", ".join(f"{r} {secs[r]:.0f} s" for r in runs) + ")")
+    print("| after task | " + " | ".join(f"{r} acc %" for r in runs) + " |")
+    print("|---" * (len(runs) + 1) + "|")
+    for t in range(TASKS):
+        print(f"| {t} | " + " | ".join(f"{acc[(*key, r)][t]:.2f}" for r in runs) + " |")
+
+
+def print_comparison(label, a, b, what="logit"):
+    """Per task: identical argmax % and the largest |output difference| between two runs' eval outputs."""
+    c = compare(a, b)
+    print(f"{label}, per task: identical argmax % " + " / ".join(f"{v:.2f}" for v in c[:, 0]) +
+          f"; max |{what} difference| " + " / ".join(f"{v:.1e}" for v in c[:, 1]), flush=True)
+
+
+def print_seed_means(column, groups, seeds, acc):
+    """Mean over seeds (per-seed values in brackets) of average incremental and final accuracy; ``groups``:
+    (name, runs) pairs, ``acc[(name, seed, run)]`` the per-task accuracies."""
+    print("\n### Mean over seeds " + ",".join(map(str, seeds)) + " (per-seed values in brackets)")
+    print(f"| {column} | run | average incremental accuracy | final accuracy |")
+    print("|---|---|---|---|")
+
+    def cell(v):
+        return f"{np.mean(v):.2f} ({' / '.join(f'{u:.2f}' for u in v)})"
+
+    for name, runs in groups:
+        for r in runs:
+            a = [acc[(name, s, r)].mean() for s in seeds]
+            f = [acc[(name, s, r)][-1] for s in seeds]
+            print(f"| {name} | {r} | {cell(a)} | {cell(f)} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="root of the reference checkout")
@@ -190,19 +234,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import ctta
 
     ref = import_reference(args.reference)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = args.runs.split(",")
     acc = {}
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    for method in methods:
         for seed in seeds:
-            stream = ctta.streams.create("cifar10_ci", data_root=args.data_root, seed=seed,
-                                         class_order=list(range(10)), train_per_class=args.train_per_class,
-                                         test_per_class=args.test_per_class)
-            torch.manual_seed(seed)
-            init = ctta.backbones.create("resnet20_cifar", num_classes=10)
+            stream, init = split_cifar10(args, seed)
             out, secs = {}, {}
             for r in runs:
                 t0 = time.time()
@@ -213,28 +253,10 @@ def main(argv=None) -> int:
                     out[r] = run_reference(method, stream, model, seed, ref, shared=(r == "ref-shared"))
                 secs[r] = time.time() - t0
                 acc[(method, seed, r)] = accuracies(out[r])
-            print(f"\n### {method}, seed {seed} (" + ", ".join(f"{r} {secs[r]:.0f} s" for r in runs) + ")")
-            print("| after task | " + " | ".join(f"{r} acc %" for r in runs) + " |")
-            print("|---" * (len(runs) + 1) + "|")
-            for t in range(TASKS):
-                print(f"| {t} | " + " | ".join(f"{acc[(method, seed, r)][t]:.2f}" for r in runs) + " |")
+            print_seed_table(f"{method}, seed {seed}", acc, (method, seed), runs, secs)
             if "ours" in out and "ref-shared" in out:
-                c = compare(out["ours"], out["ref-shared"])
-                print("ours vs ref-shared, per task: identical argmax % " +
-                      " / ".join(f"{v:.2f}" for v in c[:, 0]) + "; max |logit difference| " +
-                      " / ".join(f"{v:.1e}" for v in c[:, 1]), flush=True)
-    print("\n### Mean over seeds " + ",".join(map(str, seeds)) + " (per-seed values in brackets)")
-    print("| method | run | average incremental accuracy | final accuracy |")
-    print("|---|---|---|---|")
-    for method in args.methods.split(","):
-        for r in runs:
-            a = [acc[(method, s, r)].mean() for s in seeds]
-            f = [acc[(method, s, r)][-1] for s in seeds]
-
-            def cell(v):
-                return f"{np.mean(v):.2f} ({' / '.join(f'{u:.2f}' for u in v)})"
-
-            print(f"| {method} | {r} | {cell(a)} | {cell(f)} |")
+                print_comparison("ours vs ref-shared", out["ours"], out["ref-shared"])
+    print_seed_means("method", [(m, runs) for m in methods], seeds, acc)
     return 0
 
 

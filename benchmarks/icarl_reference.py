@@ -31,12 +31,12 @@ import sys
 import time
 from argparse import Namespace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adab2n_reference import batches  # noqa: E402
-from der_reference import TASKS, FakeDataset, accuracies, compare, import_reference  # noqa: E402
+from der_reference import (FakeDataset, accuracies, print_comparison, print_seed_means,  # noqa: E402
+                           print_seed_table, split_cifar10)
 from lwf_ewc_reference import mammoth_net, reference_classes  # noqa: E402
 
 LR, L2, BATCH = 0.1, 1e-5, 32  # best_args.py seq-cifar10 (lr, optim_wd as opt_wd), batch_size
@@ -155,7 +155,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import ctta
 
     classes, base, set_random_seed = reference_classes(args.reference)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -164,11 +163,7 @@ def main(argv=None) -> int:
     acc = {}
     for buf in buffers:
         for seed in seeds:
-            stream = ctta.streams.create("cifar10_ci", data_root=args.data_root, seed=seed,
-                                         class_order=list(range(10)), train_per_class=args.train_per_class,
-                                         test_per_class=args.test_per_class)
-            torch.manual_seed(seed)
-            init = ctta.backbones.create("resnet20_cifar", num_classes=10)
+            stream, init = split_cifar10(args, seed)
             out, secs, trained = {}, {}, None
             for r in runs:
                 t0 = time.time()
@@ -182,27 +177,10 @@ def main(argv=None) -> int:
                                               trained if r == "ref-shared" else None)
                 secs[r] = time.time() - t0
                 acc[(buf, seed, r)] = accuracies(out[r])
-            print(f"\n### icarl, buffer {buf}, seed {seed} (" + ", ".join(f"{r} {secs[r]:.0f} s" for r in runs) + ")")
-            print("| after task | " + " | ".join(f"{r} acc %" for r in runs) + " |")
-            print("|---" * (len(runs) + 1) + "|")
-            for t in range(TASKS):
-                print(f"| {t} | " + " | ".join(f"{acc[(buf, seed, r)][t]:.2f}" for r in runs) + " |")
+            print_seed_table(f"icarl, buffer {buf}, seed {seed}", acc, (buf, seed), runs, secs)
             if "ours" in out and "ref-shared" in out:
-                c = compare(out["ours"], out["ref-shared"])
-                print("ours vs ref-shared, per task: identical argmax % " + " / ".join(f"{v:.2f}" for v in c[:, 0]) +
-                      "; max |score difference| " + " / ".join(f"{v:.1e}" for v in c[:, 1]), flush=True)
-    print("\n### Mean over seeds " + ",".join(map(str, seeds)) + " (per-seed values in brackets)")
-    print("| buffer | run | average incremental accuracy | final accuracy |")
-    print("|---|---|---|---|")
-    for buf in buffers:
-        for r in runs:
-            a = [acc[(buf, s, r)].mean() for s in seeds]
-            f = [acc[(buf, s, r)][-1] for s in seeds]
-
-            def cell(v):
-                return f"{np.mean(v):.2f} ({' / '.join(f'{u:.2f}' for u in v)})"
-
-            print(f"| {buf} | {r} | {cell(a)} | {cell(f)} |")
+                print_comparison("ours vs ref-shared", out["ours"], out["ref-shared"], what="score")
+    print_seed_means("buffer", [(b, runs) for b in buffers], seeds, acc)
     return 0
 
 

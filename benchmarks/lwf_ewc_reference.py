@@ -38,12 +38,12 @@ import time
 import types
 from argparse import Namespace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adab2n_reference import batches  # noqa: E402
-from der_reference import TASKS, FakeDataset, accuracies, compare, import_reference, run_ours  # noqa: E402
+from der_reference import (FakeDataset, accuracies, import_reference, print_comparison,  # noqa: E402
+                           print_seed_means, print_seed_table, run_ours, split_cifar10)
 
 #: the reference's models/config/*.yaml for seq-cifar10 (lwf: alpha and softmax_temp are its parser defaults)
 REF_HP = {"lwf": {"lr": 0.03, "alpha": 0.5, "softmax_temp": 2.0}, "ewc": {"lr": 0.1, "e_lambda": 10.0, "gamma": 1.0}}
@@ -183,7 +183,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import ctta
 
     ref = reference_classes(args.reference)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -192,11 +191,7 @@ def main(argv=None) -> int:
     for method in methods:
         names[method] = [r for r in list(VARIANTS[method]) + ["ref"] if args.runs is None or r in args.runs.split(",")]
         for seed in seeds:
-            stream = ctta.streams.create("cifar10_ci", data_root=args.data_root, seed=seed,
-                                         class_order=list(range(10)), train_per_class=args.train_per_class,
-                                         test_per_class=args.test_per_class)
-            torch.manual_seed(seed)
-            init = ctta.backbones.create("resnet20_cifar", num_classes=10)
+            stream, init = split_cifar10(args, seed)
             out, secs, gap = {}, {}, []
             for r in names[method]:
                 t0 = time.time()
@@ -207,32 +202,14 @@ def main(argv=None) -> int:
                     out[r] = run_ours(method, stream, model, seed, **OURS_HP[method], **VARIANTS[method][r])
                 secs[r] = time.time() - t0
                 acc[(method, seed, r)] = accuracies(out[r])
-            runs = names[method]
-            print(f"\n### {method}, seed {seed} (" + ", ".join(f"{r} {secs[r]:.0f} s" for r in runs) + ")")
-            print("| after task | " + " | ".join(f"{r} acc %" for r in runs) + " |")
-            print("|---" * (len(runs) + 1) + "|")
-            for t in range(TASKS):
-                print(f"| {t} | " + " | ".join(f"{acc[(method, seed, r)][t]:.2f}" for r in runs) + " |")
+            print_seed_table(f"{method}, seed {seed}", acc, (method, seed), names[method], secs)
             same = "ours" if "ours" in out else "ours-raw"
             if same in out and "ref" in out:
-                c = compare(out[same], out["ref"])
-                print(f"{same} vs ref, per task: identical argmax % " + " / ".join(f"{v:.2f}" for v in c[:, 0]) +
-                      "; max |logit difference| " + " / ".join(f"{v:.1e}" for v in c[:, 1]), flush=True)
+                print_comparison(f"{same} vs ref", out[same], out["ref"])
             if gap:
                 print("ref: stored logits vs eval-mode outputs on the training batches, max |difference| per task "
                       "1-4: " + " / ".join(f"{g:.1e}" for g in gap), flush=True)
-    print("\n### Mean over seeds " + ",".join(map(str, seeds)) + " (per-seed values in brackets)")
-    print("| method | run | average incremental accuracy | final accuracy |")
-    print("|---|---|---|---|")
-    for method in methods:
-        for r in names[method]:
-            a = [acc[(method, s, r)].mean() for s in seeds]
-            f = [acc[(method, s, r)][-1] for s in seeds]
-
-            def cell(v):
-                return f"{np.mean(v):.2f} ({' / '.join(f'{u:.2f}' for u in v)})"
-
-            print(f"| {method} | {r} | {cell(a)} | {cell(f)} |")
+    print_seed_means("method", [(m, names[m]) for m in methods], seeds, acc)
     return 0
 
 
