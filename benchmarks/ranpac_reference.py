@@ -48,45 +48,27 @@ import types
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import simplecil_reference  # noqa: E402  (its Feats, Images, DataManager)
+from simplecil_reference import Images  # noqa: E402
 
 VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=128, num_heads=4)
+
 TRAIN_SEED = 12345  # the global torch generator before the first-session training (dropout masks), both sides
 
 
-class Feats(nn.Module):
-    """The reference's ``backbone``: images -> our ViT's pooled features (``out_dim`` wide)."""
+class Feats(simplecil_reference.Feats):
+    """The reference's ``backbone``: images -> our ViT's pooled features (``out_dim`` wide), gradients off."""
 
     def __init__(self, clf):
-        super().__init__()
-        self.clf = clf.eval().requires_grad_(False)
-        self.out_dim = clf.feature_dim
-
-    def forward(self, x):
-        return self.clf.forward_features(x)
+        super().__init__(clf)
+        self.clf.requires_grad_(False)
 
 
-class Images(Dataset):
-    """(index, image, label) items, as the reference's datasets give them; ``labels`` as a NumPy array."""
-
-    def __init__(self, x, y):
-        self.x, self.labels = x, np.asarray(y)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return i, self.x[i], int(self.labels[i])
-
-
-class DataManager:
-    """The reference's data manager interface over our stream's sessions (labels as class-order positions)."""
-
-    def __init__(self, sessions, train, test, position):
-        self.sessions, self.train, self.test, self.position = sessions, train, test, position
-
-    def get_task_size(self, task):
-        return len(self.sessions[task])
+class DataManager(simplecil_reference.DataManager):
+    """SimpleCIL's data manager, whose training sessions carry their epochs (our batches, epoch by epoch)."""
 
     def get_dataset(self, indices, source, mode, appendent=None, ret_data=False):
         sizes = [int(v) for v in np.cumsum([len(s) for s in self.sessions])]
