@@ -30,7 +30,6 @@ logits of the head solved at the previous session's end (zeros in a frozen sessi
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
@@ -38,14 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.backbones.classifier import penultimate_features
-from ctta.backbones.peft import Adapter, Scaler, freeze, peft_parameters, vit_block_names
+from ctta.backbones.peft import freeze, peft_parameters
 from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
+from .common.first_session import FirstSessionTuning, add_ffn_adapters, penultimate_dim
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.lda import IncrementalLDA, select_ridge
-from .common.replay import GrowingStore
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +57,8 @@ def projection_seed(seed: int) -> int:
     return stable_seed(seed, "ranpac-projection")
 
 
-def add_ffn_adapters(model: nn.Module, bottleneck: int, scale: float, dropout: float) -> List[nn.Parameter]:
-    """AdaptFormer adapters beside every ViT block's MLP, as PILOT's ``backbone/vit_adapter.py`` (``ffn_option``
-    parallel, init ``lora``, ReLU, dropout, fixed output scale): ``x + mlp(norm2(x)) + s * up(drop(relu(down(x))))``
-    with ``x`` the block's stream after attention (the block's ``norm2`` moves inside the wrapped branch, so the
-    adapter reads ``x``); returns the adapters' parameters."""
-    for name in vit_block_names(model):
-        block = model.get_submodule(name)
-        width = block.mlp.fc2.out_features
-        ad = Adapter(nn.Sequential(block.norm2, block.mlp), width, bottleneck, mode="parallel")
-        ad.act = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
-        ad.scaler = Scaler(scale, learnable=False)
-        block.mlp, block.norm2 = ad.to(block.mlp.fc2.weight.device), nn.Identity()
-    return peft_parameters(model)
-
-
 @register
-class RanPAC(IncrementalStrategy):
+class RanPAC(FirstSessionTuning, IncrementalStrategy):
     """Random-projection ridge head on a (first-session adapted, then) frozen backbone. See the module docstring."""
 
     name = "ranpac"
@@ -98,23 +82,17 @@ class RanPAC(IncrementalStrategy):
         self.register_buffer("W_rand", torch.zeros(0))
         self.register_buffer("weight", torch.zeros(0))  # C x M ridge head
         self.chosen: List[float] = []  # lambda per session
-        self.store = GrowingStore()  # this session's features (or session 0's images while adapting)
+        self.setup_passes()
         self.adapting = first_session == "adapter"
         self.optimizer = None
         if self.adapting:
             params = add_ffn_adapters(self.model, int(bottleneck), float(adapter_scale), float(adapter_dropout))
             freeze(self.model, peft=True)
             dim = int(getattr(model, "feature_dim", 0) or penultimate_dim(self.model))
-            self.train_weight = nn.Parameter(torch.empty(n_cls, dim).uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim)))
-            self.train_sigma = nn.Parameter(torch.ones(1))
-            self.optimizer = torch.optim.SGD(params + [self.train_weight, self.train_sigma], lr=self.lr,
-                                             momentum=momentum, weight_decay=weight_decay)
+            self.setup_first_session(params, n_cls, dim, lr, momentum, weight_decay, min_lr)
         else:
             freeze(self.model)
         self.model.eval()
-        self._pass = None  # distinct samples per pass of the current session (None: every sample counts)
-        self._epochs = 1
-        self._done = 0
         self.remember_initial_state()
 
     # --- features and heads ------------------------------------------------------------------------------------
@@ -138,11 +116,6 @@ class RanPAC(IncrementalStrategy):
             return sigma * F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
         return h @ self.weight.T
 
-    def _train_logits(self, x: Tensor) -> Tensor:
-        """Session 0's training head: sigma * cos(features, weights) (PILOT's CosineLinear)."""
-        f = penultimate_features(self.model, x)
-        return self.train_sigma * F.normalize(f, dim=1) @ F.normalize(self.train_weight, dim=1).T
-
     def logits(self, x: Tensor) -> Tensor:
         if self.adapting:
             self.model.eval()
@@ -150,38 +123,9 @@ class RanPAC(IncrementalStrategy):
         return self.head_logits(self.features(x))
 
     # --- sessions -------------------------------------------------------------------------------------------------
-    def segment_start(self, segment: Any) -> None:
-        if getattr(segment, "kind", None) == "train":
-            self._epochs = int((getattr(segment, "meta", None) or {}).get("epochs", 1))
-            self._pass = int(segment.num_samples) // self._epochs
-
-    def begin_session(self, session: int) -> None:
-        self._done = 0
-
-    def _first_pass(self, b: int) -> slice:
-        """The rows of a batch of ``b`` that belong to the session's first pass (the head uses each image once)."""
-        start = self._done
-        self._done += b
-        if self._pass is None:
-            return slice(0, b)
-        return slice(0, max(0, min(b, self._pass - start)))
-
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         if self.adapting:
-            epoch = self._done // self._pass if self._pass else 0
-            lr = self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * epoch / self._epochs)) / 2
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            keep = self._first_pass(int(x.shape[0]))
-            self.model.train()
-            with torch.enable_grad():
-                logits = self.mask(self._train_logits(x))
-                F.cross_entropy(logits, y).backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.model.eval()
-            self.store.add(x[keep], y[keep])
-            return logits.detach()
+            return self.adapt_step(x, y)
         f = self.features(x)
         out = self.mask(self.head_logits(f))
         keep = self._first_pass(int(x.shape[0]))
@@ -193,7 +137,7 @@ class RanPAC(IncrementalStrategy):
             self.freeze_backbone()
         f, y = self.store.items()
         self.store.clear()
-        self._pass, self._epochs = None, 1
+        self.end_passes()
         if f.shape[0] == 0:
             return
         if self.M > 0 and self.W_rand.numel() == 0:
@@ -212,11 +156,7 @@ class RanPAC(IncrementalStrategy):
         freeze(self.model)
         self.model.eval()
         self.adapting = False
-        x, y = self.store.items()
-        feats = [self.features(x[i:i + self.feature_batch_size]) for i in range(0, x.shape[0], self.feature_batch_size)]
-        self.store.clear()
-        if feats:
-            self.store.add(torch.cat(feats), y)
+        self.stored_images_to_features(self.feature_batch_size)
 
     # --- state --------------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -225,15 +165,13 @@ class RanPAC(IncrementalStrategy):
         return peft_parameters(self.model) + [self.train_weight, self.train_sigma]
 
     def extra(self) -> Any:
-        return {"adapting": self.adapting, "chosen": list(self.chosen), "store": self.store.state(),
-                "pass": self._pass, "epochs": self._epochs, "done": self._done}
+        return {"adapting": self.adapting, "chosen": list(self.chosen), **self.passes_state()}
 
     def load_extra(self, state: Any) -> None:
         if not state:
             return
         self.chosen = list(state.get("chosen", []))
-        self.store.load_state(state.get("store"))
-        self._pass, self._epochs, self._done = state.get("pass"), int(state.get("epochs", 1)), int(state.get("done", 0))
+        self.load_passes_state(state)
         if self.first_session == "adapter":
             self.adapting = bool(state.get("adapting", False))
             freeze(self.model, peft=self.adapting)
@@ -245,9 +183,3 @@ class RanPAC(IncrementalStrategy):
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.stats.class_counts.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def penultimate_dim(model: nn.Module) -> int:
-    """Width of ``model``'s penultimate features (a probe on a zero image when the model does not say)."""
-    size = getattr(model, "input_size", None) or (3, 32, 32)
-    with torch.no_grad():
-        return int(penultimate_features(model.eval(), torch.zeros(1, *size)).shape[1])
