@@ -697,3 +697,106 @@ __all__ = ["Adapter", "AttentionProjections", "FiLM", "KVLoRA", "LoRALinear", "M
            "add_lora", "add_mora", "add_prefix", "count_trainable", "efficientnet_film_layers", "freeze",
            "head_parameter_names", "inject", "peft_modules", "peft_parameters", "trainable_parameters",
            "vit_block_names"]
+
+
+# --- SSF (scale and shift of features) and VPT (visual prompt tokens): APER's first-session PEFT ---------------------
+
+class SSF(PeftModule):
+    """SSF (Lian, Zhou, Feng, Wang; "Scaling & Shifting Your Features", NeurIPS 2022, arXiv 2210.08823):
+    ``base(x) * scale + shift`` per output channel (the last axis; axis 1 after a Conv2d), ``scale`` ~ N(1, 0.02) and
+    ``shift`` ~ N(0, 0.02) as LAMDA-PILOT's ``backbone/vit_ssf.py`` ``init_ssf_scale_shift`` (not the identity)."""
+
+    def __init__(self, base: nn.Module, channels: int, channel_dim: int = -1,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.base = base
+        self.channel_dim = int(channel_dim)
+        ref = next(iter(base.parameters()), torch.empty(0))
+        self.scale = nn.Parameter(torch.empty(channels, device=ref.device).normal_(1.0, 0.02, generator=generator))
+        self.shift = nn.Parameter(torch.empty(channels, device=ref.device).normal_(0.0, 0.02, generator=generator))
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.channel_dim == 1 and out.dim() > 2:
+            shape = [1, -1] + [1] * (out.dim() - 2)
+            return out * self.scale.view(shape) + self.shift.view(shape)
+        return out * self.scale + self.shift
+
+
+def _ssf_channels(m: nn.Module) -> Tuple[int, int]:
+    """(channels, channel axis) of a module SSF follows: Linear, LayerNorm or Conv2d."""
+    if isinstance(m, nn.Linear):
+        return m.out_features, -1
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels, 1
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        return int(m.normalized_shape[0]), -1
+    raise UnsupportedError(f"SSF needs a Linear, Conv2d or 1-axis LayerNorm, got {type(m).__name__}")
+
+
+def vit_ssf_layers(model: nn.Module) -> List[str]:
+    """The layers PILOT's SSF ViT (``backbone/vit_ssf.py``) follows with a scale and shift, in a timm ViT: the patch
+    projection (and patch norm, if any), each block's ``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
+    ``mlp.fc1``, ``mlp.fc2``, and the final ``norm``."""
+    blocks = vit_block_names(model)
+    prefix = blocks[0].rpartition(".")[0].rpartition("blocks")[0]
+    names = [prefix + "patch_embed.proj"]
+    if isinstance(getattr(model.get_submodule(prefix + "patch_embed"), "norm", None), nn.LayerNorm):
+        names.append(prefix + "patch_embed.norm")
+    for b in blocks:
+        names += [f"{b}.{s}" for s in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")]
+    if isinstance(getattr(model.get_submodule(prefix.rstrip(".")) if prefix else model, "norm", None), nn.LayerNorm):
+        names.append(prefix + "norm")
+    return names
+
+
+def add_ssf(model: nn.Module, select: Union[None, str, Sequence[str], Selector] = None,
+            generator: Optional[torch.Generator] = None) -> List[SSF]:
+    """Wrap the layers ``select`` names (default: :func:`vit_ssf_layers`, PILOT's placement) in :class:`SSF`, in
+    module order; returns the new modules (2 x channels parameters each)."""
+    if select is None:
+        wanted = set(vit_ssf_layers(model))
+        select = lambda name, m: name in wanted  # noqa: E731
+
+    def make(m: nn.Module) -> SSF:
+        c, dim = _ssf_channels(m)
+        return SSF(m, c, dim, generator)
+
+    names = inject(model, _selector(select, (nn.Linear, nn.Conv2d, nn.LayerNorm)), make)
+    if not names:
+        raise UnsupportedError(f"add_ssf found no layer matching {select!r} in {type(model).__name__}")
+    return [model.get_submodule(n) for n in names]
+
+
+class PromptTokens(PeftModule):
+    """VPT (Jia, Tang, Chen, Cardie, Belongie, Hariharan, Lim; "Visual Prompt Tuning", ECCV 2022, arXiv 2203.12119):
+    ``length`` learnable tokens appended after the token sequence (N x L x D) entering ``base`` and dropped from its
+    output (the first L tokens come out), as PILOT's ``backbone/vpt.py`` ``VPT_ViT.forward_features``; zero init as
+    there. Wrapping each block is VPT-deep, wrapping the block stack once is VPT-shallow."""
+
+    def __init__(self, base: nn.Module, length: int, dim: int) -> None:
+        super().__init__()
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ConfigError(f"prompt length must be a positive integer, got {length!r}")
+        self.base = base
+        ref = next(iter(base.parameters()), torch.empty(0))
+        self.tokens = nn.Parameter(torch.zeros(length, dim, device=ref.device))
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        n = x.shape[1]
+        x = torch.cat([x, self.tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+        return self.base(x, *args, **kwargs)[:, :n]
+
+
+def add_vpt(model: nn.Module, length: int = 5, deep: bool = True) -> List[PromptTokens]:
+    """VPT on a timm ViT: :class:`PromptTokens` around every block (``deep``) or around the block stack (shallow:
+    one set of tokens through all blocks); returns the new modules."""
+    blocks = vit_block_names(model)
+    dim = int(model.get_submodule(blocks[0]).norm1.normalized_shape[0])
+    targets = blocks if deep else [blocks[0].rpartition(".")[0]]
+    wanted = set(targets)
+    inject(model, lambda n, m: n in wanted, lambda m: PromptTokens(m, length, dim))
+    return [model.get_submodule(n) for n in targets]
+
+
+__all__ += ["PromptTokens", "SSF", "add_ssf", "add_vpt", "vit_ssf_layers"]
