@@ -1,8 +1,9 @@
-"""Memories of past labelled samples: a reservoir buffer (ER, ER-ACE, DER / DER++) and an unbounded store (joint
-training).
+"""Memories of past labelled samples: a reservoir buffer (ER, ER-ACE, DER / DER++), an unbounded store (joint
+training) and GDumb's greedy class-balanced memory.
 
-Both live on the device, allocate on the first batch, and take batches without a host sync: the only host-side
-state is the number of samples seen, which the batch shapes give.
+The first two live on the device, allocate on the first batch, and take batches without a host sync: the only
+host-side state is the number of samples seen, which the batch shapes give. The greedy memory reads each batch's
+labels on the host (its rule is per sample).
 """
 from __future__ import annotations
 
@@ -213,3 +214,75 @@ class GrowingStore(nn.Module):
         self.clear()
         if state["x"].numel():
             self.add(state["x"].to(self.x.device), state["y"].to(self.y.device))
+
+
+class GreedyClassBalancedBuffer(nn.Module):
+    """GDumb's greedy class-balancing sampler (Prabhu, Torr, Dokania, ECCV 2020, Alg. 1): a sample of class ``y``
+    enters while the memory has room; once it is full, only if ``y`` holds fewer than ``capacity / |classes seen|``
+    samples (``y`` counted among the seen), in the place of a uniformly drawn sample of the largest class (ties:
+    the lowest label).
+
+    Samples are offered one by one in batch order. The images live in one device buffer of ``capacity`` slots; the
+    labels and the per-class slot lists on the host (one host read of a batch's labels per batch); the eviction
+    draws come from the CPU generator given to ``add``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"buffer capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.slots: Dict[int, list] = {}  # class -> slots holding it, in insertion order
+        self.free = list(range(capacity))
+        self.register_buffer("x", torch.empty(0), persistent=False)  # content travels in ``state()``
+
+    def __len__(self) -> int:
+        return self.capacity - len(self.free)
+
+    def counts(self) -> Dict[int, int]:
+        """Samples held per class seen (a class whose samples were all evicted counts 0)."""
+        return {c: len(s) for c, s in self.slots.items()}
+
+    @torch.no_grad()
+    def add(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """Offer the batch ``(x, y)`` sample by sample to the greedy rule."""
+        if int(x.shape[0]) == 0:
+            return
+        if self.x.numel() == 0:
+            self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        writes: Dict[int, int] = {}  # slot -> the batch index written there (a later sample may evict an earlier)
+        for i, c in enumerate(y.tolist()):
+            held = self.slots.setdefault(int(c), [])
+            if self.free:
+                slot = self.free.pop(0)
+            elif len(held) < self.capacity / len(self.slots):
+                largest = max(self.slots, key=lambda k: (len(self.slots[k]), -k))
+                victims = self.slots[largest]
+                slot = victims.pop(int(torch.randint(len(victims), (1,), generator=generator)))
+            else:
+                continue
+            held.append(slot)
+            writes[slot] = i
+        if writes:
+            dev = self.x.device
+            into, take = torch.tensor(list(writes), device=dev), torch.tensor(list(writes.values()), device=x.device)
+            self.x.index_copy_(0, into, x.detach()[take].to(dev, self.x.dtype))
+
+    def items(self) -> Tuple[Tensor, Tensor]:
+        """Everything held, class by class (ascending labels), each class in insertion order."""
+        order = [(s, c) for c in sorted(self.slots) for s in self.slots[c]]
+        dev = self.x.device
+        if not order:
+            return self.x[:0], torch.empty(0, dtype=torch.long, device=dev)
+        idx = torch.tensor([s for s, _ in order], device=dev)
+        return self.x.index_select(0, idx), torch.tensor([c for _, c in order], dtype=torch.long, device=dev)
+
+    def state(self) -> Dict[str, Any]:
+        return {"x": self.x.clone(), "slots": {c: list(s) for c, s in self.slots.items()}, "free": list(self.free)}
+
+    def load_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        self.x = state["x"].clone().to(self.x.device)
+        self.slots = {int(c): list(s) for c, s in state["slots"].items()}
+        self.free = list(state["free"])
