@@ -72,6 +72,16 @@ def reset_head(weight: Tensor, bias: Optional[Tensor], seed: int) -> None:
         bias.zero_()
 
 
+def session_logits(f: Tensor, weight: Tensor, bias: Optional[Tensor], sessions: Tensor) -> Tensor:
+    """Logits of the rows ``weight`` (columns grouped by session, ``sessions`` the session of each row), one linear
+    map per session as the reference's per-session heads (``SimpleContinualLinear``) compute them."""
+    out = []
+    for k in torch.unique_consecutive(sessions).tolist():
+        rows = (sessions == k).nonzero().flatten()
+        out.append(F.linear(f, weight[rows], bias[rows] if bias is not None else None))
+    return torch.cat(out, dim=1)
+
+
 def session_norm_logits(logits: Tensor, sessions: Tensor, temperature: float) -> Tensor:
     """SLCA's logit normalisation: ``logits / (mean_k ||logits[:, session k]|| + 1e-7) / temperature``, the norm
     taken per session over its classes' columns (``sessions``: the session of each column, columns grouped)."""
@@ -187,8 +197,11 @@ class SLCA(IncrementalStrategy):
         held = [(p, p.detach().clone()) for p in (self.head_weight, self.head_bias) if p is not None]
         with torch.enable_grad():
             f = penultimate_features(self.model, x)
-            full = F.linear(f, self.head_weight, self.head_bias)
-            F.cross_entropy(full[:, idx], pos[y]).backward()  # the session's classes only
+            with torch.no_grad():
+                full = F.linear(f, self.head_weight, self.head_bias)
+            bias = self.head_bias[idx] if self.head_bias is not None else None
+            # the session's classes only: the reference's new head, logits[:, known:] (its rows, in class order)
+            F.cross_entropy(F.linear(f, self.head_weight[idx], bias), pos[y]).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
@@ -235,7 +248,7 @@ class SLCA(IncrementalStrategy):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.ca_epochs)
         g = torch.Generator(device=self.stats.covs.device).manual_seed(alignment_seed(self.seed, session))
         n, k = self.ca_samples, len(self.class_order)
-        scales = [1.0 - self.mean_decay + self.mean_decay * (int(s) + 1) / (session + 1) for s in sessions.tolist()]
+        scales = [(1.0 - self.mean_decay) + (int(s) + 1) / (session + 1) * self.mean_decay for s in sessions.tolist()]
         labels = torch.arange(k, device=dev).repeat_interleave(n)
         with torch.enable_grad():
             for _ in range(self.ca_epochs):
@@ -243,7 +256,7 @@ class SLCA(IncrementalStrategy):
                 perm = torch.randperm(data.shape[0], generator=g, device=g.device).to(dev)
                 data, targets = data[perm], labels[perm]
                 for i in range(k):
-                    logits = F.linear(data[i * n:(i + 1) * n], w, b)
+                    logits = session_logits(data[i * n:(i + 1) * n], w, b, sessions)
                     if self.logit_norm > 0:
                         logits = session_norm_logits(logits, sessions, self.logit_norm)
                     loss = F.cross_entropy(logits, targets[i * n:(i + 1) * n])
@@ -285,4 +298,4 @@ class SLCA(IncrementalStrategy):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-__all__ = ["SLCA", "alignment_seed", "session_norm_logits"]
+__all__ = ["SLCA", "alignment_seed", "session_logits", "session_norm_logits"]
