@@ -22,6 +22,12 @@ For each batch (the algorithm box of the paper, as the reference code does it):
 Prediction: steps 1-3 and the argmax over every class seen so far. The backbone never changes. The head is a fresh
 one (timm's ViT init, as the reference's new 10-class head; ``head_init: keep`` keeps the backbone's own).
 ``use_prompt_mask`` (off in the reference config) fixes training to slots ``[t k, (t + 1) k)`` of task t.
+
+Where the official JAX code (google-research/l2p@dd8836e ``models/vit.py``, ``configs/cifar100_l2p.py``) differs
+from PILOT: it prepends the prompts after the positional embedding, with none of their own (``prompt_pos: none``;
+with Adam the same as PILOT's but for initial prompts shifted by the [CLS] positional embedding), and its CIFAR-100
+config has length 10, top_k 4, pull_constraint_coeff 1.0, lr 0.03 on 8 devices x 16 images with gradient clipping at
+norm 1 (not implemented here). The defaults are PILOT's (= JH-LEE-KR's), whose figures the side-by-side run checks.
 """
 from __future__ import annotations
 
@@ -51,11 +57,14 @@ class L2P(PromptStrategy):
     def __init__(self, model: nn.Module, pool_size: Count = 10, length: Count = 5, top_k: Count = 5,
                  batchwise_prompt: bool = True, pull_constraint_coeff: NonNegative = 0.1, lr: Positive = 0.001875,
                  weight_decay: NonNegative = 0.0, head_type: Literal["prompt", "token", "token+prompt"] = "prompt",
-                 use_prompt_mask: bool = False, head_init: Literal["reset", "keep"] = "reset", seed: int = 0) -> None:
+                 use_prompt_mask: bool = False, prompt_pos: Literal["cls", "none"] = "cls",
+                 head_init: Literal["reset", "keep"] = "reset", seed: int = 0) -> None:
         super().__init__(model, lr, weight_decay, pull_constraint_coeff, head_init, seed)
         if head_type not in HEAD_TYPES:
             raise ConfigError(f"l2p: head_type must be one of {HEAD_TYPES}, got {head_type!r}")
-        self.head_type, self.use_prompt_mask = str(head_type), bool(use_prompt_mask)
+        if prompt_pos not in ("cls", "none"):
+            raise ConfigError(f"l2p: prompt_pos must be 'cls' or 'none', got {prompt_pos!r}")
+        self.head_type, self.use_prompt_mask, self.prompt_pos = str(head_type), bool(use_prompt_mask), str(prompt_pos)
         dim = int(self.model.feature_dim)
         g = torch.Generator().manual_seed(stable_seed(seed, "l2p-pool"))
         dev = self.head[0].device
@@ -70,7 +79,7 @@ class L2P(PromptStrategy):
                  if train and self.use_prompt_mask else None)
         prompts, _, pull = self.pool(query, fixed)  # B x top_k x length x D
         p = prompts.reshape(b, -1, prompts.shape[-1])
-        out = vit_blocks(self.model, insert_prompt_tokens(self.model, vit_embed(self.model, x), p, "cls"))
+        out = vit_blocks(self.model, insert_prompt_tokens(self.model, vit_embed(self.model, x), p, self.prompt_pos))
         n = int(getattr(getattr(self.model, "net", self.model), "num_prefix_tokens", 1))
         if self.head_type == "prompt":
             feature = out[:, n:n + p.shape[1]].mean(dim=1)

@@ -82,6 +82,9 @@ def test_prompted_forward_is_cls_prompts_patches_with_the_cls_position_and_mean_
     cls_head = copy.deepcopy(s)
     cls_head.head_type = "token"
     torch.testing.assert_close(cls_head.logits(x), net.head(out[:, 0]))
+    s.prompt_pos = "none"  # the official JAX code: prompts without a positional embedding
+    out = net.norm(net.blocks(torch.cat([cls, p, t + net.pos_embed[:, 1:]], 1)))
+    torch.testing.assert_close(s.logits(x), net.head(out[:, 1:1 + p.shape[1]].mean(1)))
 
 
 def test_a_step_minimises_session_masked_ce_minus_the_pull_term_with_adam():
