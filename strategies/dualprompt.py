@@ -24,8 +24,12 @@ For each batch:
 
 Where PILOT differs from the paper's prefix tuning: its ``EPrompt.forward`` turns the selected prefixes
 (layers, 2, B, ...) into (layers, B, 2, ...) with a ``reshape`` instead of a permute, which mixes the key and value
-halves across the samples of a batch; ours gives every sample its key half as keys and value half as values, as the
-paper, the official JAX code and PILOT's own G-prompt do (measured in benchmarks/RESULTS.md).
+halves across the samples of a batch (JH-LEE-KR/dualprompt-pytorch issue 8); ours gives every sample its key half as
+keys and value half as values, as the paper, the official JAX code (google-research/l2p@dd8836e
+``models/prompt.py``: the same reshape with its axes named the other way round, so it only merges top_k and
+length) and PILOT's own G-prompt do; measured: 0.02 / 0.1 points (benchmarks/RESULTS.md). The official CIFAR-100
+config (``configs/cifar100_dualprompt.py``) has pull_constraint_coeff 1.0 and lr 0.03 with per_device_batch_size 24 and
+gradient clipping at norm 1; the defaults are PILOT's (= JH-LEE-KR's), whose figures the side-by-side run checks.
 Layer indices at or beyond the ViT's depth are dropped (the reference's [2, 3, 4] on a 4-block ViT: [2, 3]).
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ one (timm's ViT init, as the reference's new 10-class head; ``head_init: keep`` 
 Where the official JAX code (google-research/l2p@dd8836e ``models/vit.py``, ``configs/cifar100_l2p.py``) differs
 from PILOT: it prepends the prompts after the positional embedding, with none of their own (``prompt_pos: none``;
 with Adam the same as PILOT's but for initial prompts shifted by the [CLS] positional embedding), and its CIFAR-100
-config has length 10, top_k 4, pull_constraint_coeff 1.0, lr 0.03 on 8 devices x 16 images with gradient clipping at
+config has length 10, top_k 4, pull_constraint_coeff 1.0, lr 0.03 with per_device_batch_size 16 and gradient clipping at
 norm 1 (not implemented here). The defaults are PILOT's (= JH-LEE-KR's), whose figures the side-by-side run checks.
 """
 from __future__ import annotations
