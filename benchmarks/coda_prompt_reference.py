@@ -15,8 +15,9 @@ reference's ``Learner`` and, per session, does what its ``incremental_train`` do
 - ``CodaPromptVitNet``'s hard-coded 768: ``fc`` = ``nn.Linear(128, 10)`` and ``prompt`` = its ``CodaPrompt(128,
   tasks, prompt_param, key_dim=128)``; its ``e_layers`` [0..4] stay (block 4 does not exist at depth 4, so blocks
   0-3 are prompted, as ours: ``prompt_layers`` null = 0-4 capped at the depth);
-- equal starts: its ``fc`` rows = our fresh head's rows in class order; its components / keys / attention vectors of
-  task t = ours (copied after its ``process_task_count`` re-drew them with its own Gram-Schmidt);
+- equal starts (``--inits ours``, the default): its ``fc`` rows = our fresh head's rows in class order; its
+  components / keys / attention vectors of task t = ours (copied after its ``process_task_count`` re-drew them with
+  its own Gram-Schmidt); ``--inits own``: its own draws under ``torch.manual_seed(--init-seed)``;
 - the loaders: its train loader yields our train segment's batches epoch by epoch (labels as class-order positions,
   as its data manager relabels; batch size divides the session, so its ``drop_last`` drops nothing);
 - timm 1.0's moved ``timm.models.layers.weight_init``: an alias; in its ViT module ``torch.zeros`` returns a copy
@@ -133,6 +134,7 @@ def run_reference(args: argparse.Namespace, stream: Any, ours: Any, head0: List[
               "scheduler": "cosine" if hp["cosine"] else "constant", "tuned_epoch": epochs,
               "nb_classes": len(order), "nb_tasks": len(sessions), "prompt_param": prompt_param,
               "backbone_type": "vit_base_patch16_224_coda_prompt", "model_name": "coda_prompt", "pretrained": False}
+    torch.manual_seed(args.init_seed)  # its own draws (--inits own): head, uniform pools, Gram-Schmidt
     learner = coda.Learner(config)
     learner.topk = 1
     net = learner._network
@@ -141,11 +143,14 @@ def run_reference(args: argparse.Namespace, stream: Any, ours: Any, head0: List[
     layers = [l for l in net.prompt.e_layers if l < VIT["depth"]]
     assert layers == ours.layers, (layers, ours.layers)
     pt = hp["pool_size"] // len(sessions)
-    with torch.no_grad():
-        net.fc.weight.copy_(head0[0][order])
-        net.fc.bias.copy_(head0[1][order])
+    if args.inits == "ours":
+        with torch.no_grad():
+            net.fc.weight.copy_(head0[0][order])
+            net.fc.bias.copy_(head0[1][order])
 
     def copy_task(t: int) -> None:
+        if args.inits == "own":
+            return
         with torch.no_grad():
             for layer in layers:
                 for k in ("p", "k", "a"):
@@ -191,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1, help="the stream's seed (class order, subsets, batches)")
+    ap.add_argument("--inits", choices=["ours", "own"], default="ours",
+                    help="ours: its head and each task's components start as ours; own: its own draws")
+    ap.add_argument("--init-seed", type=int, default=0, help="--inits own: torch.manual_seed before its learner")
     ap.add_argument("--set", action="append", default=[], help="ours' hyperparameter KEY=JSON (both sides)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
@@ -215,7 +223,8 @@ def main(argv=None) -> int:
     ref, order, ref_drift = run_reference(args, stream, ours, head0, starts, train, test, hp)
     t2 = time.time()
     print(f"cifar10_ci, class order {order.tolist()}, {sum(len(y) for s in train for _, y in s)} training samples "
-          f"(epochs {args.epochs}, batch {args.batch_size}), stream seed {args.seed}, hparams {hp}; "
+          f"(epochs {args.epochs}, batch {args.batch_size}), stream seed {args.seed}, inits {args.inits} "
+          f"(init seed {args.init_seed}), hparams {hp}; "
           f"ours {t1 - t0:.0f} s, reference {t2 - t1:.0f} s")
     print("| after session | test images | ours accuracy % | reference accuracy % | identical argmax % | "
           "max abs(logit difference) |")
