@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import ctta
-from conftest import stripe_data, two_session_stream
+from conftest import make_tiny, stripe_data, two_session_stream
 from ctta import strategies
 from ctta.backbones import create
-from ctta.errors import ConfigError
+from ctta.errors import ConfigError, UnsupportedError
 from strategies.common.prompt_pool import PromptPool, frozen_query, pull_term, select_top_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +135,8 @@ def test_deterministic_under_a_seed_and_reset_restores_the_initial_state():
     assert all(torch.equal(v, initial[k]) for k, v in a.state_dict().items())
     with pytest.raises(ConfigError):
         _l2p(head_type="gap")
+    with pytest.raises(UnsupportedError, match="timm VisionTransformer"):
+        strategies.create("l2p", make_tiny())
 
 
 def test_l2p_runs_a_two_session_stream_in_the_engine():

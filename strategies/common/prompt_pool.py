@@ -230,6 +230,7 @@ class PromptStrategy(IncrementalStrategy):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, pull_coeff: float, head_init: str,
                  seed: int) -> None:
         super().__init__(model, seed, mask_unseen=True)
+        _vit(self.model)  # a timm ViT, or a one-line UnsupportedError now
         if head_init == "reset":
             self.head_names = fresh_head(self.model, seed)
         elif head_init == "keep":
