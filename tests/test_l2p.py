@@ -131,6 +131,12 @@ def test_deterministic_under_a_seed_and_reset_restores_the_initial_state():
     _session(a, x, y)
     _session(b, x, y)
     assert torch.equal(a.predict(x), b.predict(x))
+    resumed = _l2p(seed=3)
+    resumed.load_checkpoint_state(copy.deepcopy(b.checkpoint_state()))  # Adam moments and sessions carried
+    x1, y1 = _data([2, 3], seed=1)
+    b.learn(x1[:8], y1[:8])
+    resumed.learn(x1[:8], y1[:8])
+    assert all(torch.equal(p, q) for p, q in zip(b.trainable_parameters(), resumed.trainable_parameters()))
     a.reset()
     assert all(torch.equal(v, initial[k]) for k, v in a.state_dict().items())
     with pytest.raises(ConfigError):

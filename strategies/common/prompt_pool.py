@@ -254,9 +254,11 @@ class PromptStrategy(IncrementalStrategy):
 
     # --- hooks of the methods -----------------------------------------------------------------------------------
     def prompted(self, x: Tensor, query: Tensor, train: bool) -> Tuple[Tensor, Tensor]:
+        """Logits of ``x`` with the prompts the query selects (``train``: the training selection) and the pull term."""
         raise NotImplementedError
 
     def logits(self, x: Tensor) -> Tensor:
+        """Prediction logits: the frozen query, then the prompted forward (no state change)."""
         self.model.eval()
         return self.prompted(x, frozen_query(self.model, x), False)[0]
 
@@ -267,6 +269,7 @@ class PromptStrategy(IncrementalStrategy):
             self._segment_classes = list(classes) if classes is not None else None
 
     def begin_session(self, session: int) -> None:
+        """A fresh Adam state and the session's class mask (from the segment's classes, else the labels seen)."""
         self.optimizer.state.clear()  # the reference's reinit_optimizer: a new Adam at every task
         dev = self.head[0].device
         self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
@@ -277,6 +280,7 @@ class PromptStrategy(IncrementalStrategy):
         self._segment_classes = None
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """One Adam step on ``CE(session-masked logits) - coeff * pull``; returns the seen-masked logits before it."""
         assert self._session_classes is not None
         self._session_classes.index_fill_(0, y, True)
         self.model.eval()
