@@ -17,21 +17,27 @@ replacing only what ties it to its data, hardware and downloads:
 - ``torch.manual_seed(alignment_seed(0, t))`` just before its ``_stage2_compact_classifier`` of session ``t``: its
   ``MultivariateNormal.sample`` and ``randperm`` draw from the global generator the numbers our alignment draws from
   its own generator with that seed;
-- the data manager and loaders: its training loader yields our train segment's batches, epoch by epoch (each epoch's
-  loader is iterated twice, for training and for its train-accuracy pass); the per-class loaders of
+- the data manager and loaders: its training loader yields our train segment's batches, epoch by epoch (its
+  train-accuracy pass in eval mode re-reads the epoch just trained); the per-class loaders of
   ``_compute_class_mean`` give the class's training images once, in our order; the test images are our eval
   segment's; labels as positions in our class order (as its data manager relabels); plain in-order batch
   iterators instead of torch DataLoaders (whose iterators draw a seed from the global generator: its test-accuracy
   pass between alignment epochs would shift the later epochs' draws);
 - timm 1.0's moved ``timm.models.layers.weight_init`` (imported by its ``backbone/linears.py``): an alias.
 
+``--official`` with ``--reference`` a ``git archive`` of GengDavid/SLCA@169d4e6 (the code of the paper's numbers): its
+``models/slca.py`` ``SLCA`` learner with ``exps/slca/slca_cifar.json``'s values (lr 0.01, weight decay 5e-4 and
+``bcb_lrscale`` 1/100 its module constants / defaults), driven the same way; stand-ins for its ``utils.inc_net.
+get_convnet`` (the same backbone, output ``{"features": ...}``) and its ``save_checkpoint`` (writes ``logs/``),
+``memory_per_class`` / ``fixed_memory`` given (its base learner reads them); its loaders' batch size is ours.
+
 Ours runs through ``ctta.strategies.create("slca", model, ca_epochs=...)`` on the ``cifar10_ci`` stream, driven
 segment by segment as the engine does. Epoch boundaries must fall on batch boundaries (2 x train_per_class divisible
 by the batch size), as the reference's per-epoch loader has them.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/slca_reference.py --reference /tmp/slca_ref \\
-        --vit /tmp/vit_cifar_small.pt --data-root ../shared/data/cifar10 --train-per-class 320 \\
-        --test-per-class 100 --epochs 2 --batch-size 64 --ca-epochs 5 --seed 1
+        --vit /tmp/vit_cifar_small.pt --data-root ../shared/data/cifar10 --train-per-class 256 \\
+        --test-per-class 100 --epochs 2 --batch-size 64 --ca-epochs 5 --seed 1      # + --official, /tmp/slca_off
 
 Prints per session both accuracies on the seen classes, identical argmaxes, the largest |logit difference|, the
 largest |difference| of the backbone's weights, and of the trained head, the class statistics and the aligned head
@@ -72,14 +78,25 @@ class Backbone(nn.Module):
         return self.net(self.normalize(x))
 
 
-class TwicePerEpochLoader(ranpac_reference.EpochLoader):
-    """The training loader: iterations 2e and 2e + 1 both yield epoch ``e``'s batches (its ``_run`` trains on the
-    loader, then computes the train accuracy on it again)."""
+class DictBackbone(Backbone):
+    """The official code's ``convnet``: the same backbone, its output as ``{"features": ...}``."""
+
+    def forward(self, x):
+        return {"features": super().forward(x)}
+
+
+class TrainLoader(ranpac_reference.EpochLoader):
+    """The training loader: each iteration while the network trains yields the next epoch's batches; an iteration
+    in eval mode (its train-accuracy pass after an epoch) yields the last trained epoch's again."""
+
+    def __init__(self, ds, batch_size, training):
+        super().__init__(ds, batch_size)
+        self.training = training
 
     def __iter__(self):
-        epoch = self.epoch // 2
-        self.epoch += 1
-        start = epoch * self.n
+        if self.training() or self.epoch == 0:
+            self.epoch += 1
+        start = (self.epoch - 1) * self.n
         for i in range(start, start + self.n, self.batch_size):
             j = min(i + self.batch_size, start + self.n)
             yield torch.arange(i, j), self.ds.x[i:j], torch.as_tensor(self.ds.labels[i:j])
@@ -108,7 +125,7 @@ class DataManager(ranpac_reference.DataManager):
 
     dataset_name = "cifar10_ci"
 
-    def get_dataset(self, indices, source, mode, appendent=None, ret_data=False):
+    def get_dataset(self, indices, source, mode, appendent=None, ret_data=False, with_raw=False):
         if source == "train" and mode == "test" and len(indices) == 1:
             c = int(indices[0])
             sizes = [int(v) for v in np.cumsum([len(s) for s in self.sessions])]
@@ -154,21 +171,30 @@ def run_ours(stream, model, **hp):
 
 
 def run_reference(args, stream, head0, train, test):
+    """PILOT's ``models/slca.py`` ``Learner`` or (``--official``) GengDavid/SLCA's ``models/slca.py`` ``SLCA``."""
     sys.path.insert(0, os.path.abspath(args.reference))
     import timm.layers.weight_init
 
     sys.modules.setdefault("timm.models.layers.weight_init", timm.layers.weight_init)  # moved in timm 1.0
     import utils.inc_net as inc  # noqa: E402  (the reference's)
 
-    inc.get_backbone = lambda a, pretrained=False: Backbone(make_model(args.vit))
+    if args.official:
+        inc.get_convnet = lambda cfg, pretrained=False: DictBackbone(make_model(args.vit))
+    else:
+        inc.get_backbone = lambda a, pretrained=False: Backbone(make_model(args.vit))
+    import models.base as base  # noqa: E402
     import models.slca as slca  # noqa: E402
     from ctta.strategies.slca import alignment_seed
 
+    Learner = slca.SLCA if args.official else slca.Learner
     slca.num_workers = 0
-    slca.DataLoader = lambda ds, batch_size, shuffle, num_workers: (
-        TwicePerEpochLoader(ds, batch_size) if isinstance(ds, EpochImages) else Batches(ds, batch_size))
+    batch = stream.segments[0].batch_size
+    learner = None
+    base.DataLoader = slca.DataLoader = lambda ds, batch_size, shuffle, num_workers: (
+        TrainLoader(ds, batch, lambda: learner._network.training) if isinstance(ds, EpochImages)
+        else Batches(ds, batch_size))
     order = list(stream.spec["class_order"])
-    stage1 = slca.Learner._stage1_training
+    stage1 = Learner._stage1_training
 
     def started_alike(self, train_loader, test_loader):  # the new head's rows = our initial rows of its classes
         rows = torch.tensor(order[self._known_classes:self._total_classes])
@@ -178,22 +204,30 @@ def run_reference(args, stream, head0, train, test):
             lin.bias.copy_(head0[1][rows])
         stage1(self, train_loader, test_loader)
 
-    slca.Learner._stage1_training = started_alike
-    stage2 = slca.Learner._stage2_compact_classifier
+    Learner._stage1_training = started_alike
+    stage2 = Learner._stage2_compact_classifier
 
     def seeded(self, task_size):
         torch.manual_seed(alignment_seed(0, self._cur_task))
         stage2(self, task_size)
 
-    slca.Learner._stage2_compact_classifier = seeded
+    Learner._stage2_compact_classifier = seeded
     position = torch.full((max(order) + 1,), -1, dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(len(order))
     sessions = stream.spec["sessions"]
     dm = DataManager(sessions, train, test, position)
-    learner = slca.Learner({"memory_size": 0, "device": [torch.device("cpu")], "backbone_type": "ours_vit",
-                            "batch_size": stream.segments[0].batch_size, "epochs": train[0][2], "lrate": 0.01,
-                            "lrate_decay": 0.1, "weight_decay": 5e-4, "milestones": [18],
-                            "ca_epochs": args.ca_epochs, "ca_with_logit_norm": 0.1, "seed": args.seed})
+    if args.official:  # its exps/slca/slca_cifar.json (epochs ours); lr 0.01 and weight decay 5e-4 are its constants
+        Learner.save_checkpoint = lambda self, *a, **k: None  # writes logs/ (no effect on the run)
+        learner = Learner({"memory_size": 0, "memory_per_class": 0, "fixed_memory": False,
+                           "device": [torch.device("cpu")], "convnet_type": "ours_vit",
+                           "model_name": "slca_cifar", "model_postfix": "side_by_side", "prefix": "reproduce",
+                           "epochs": train[0][2], "milestones": [18], "ca_epochs": args.ca_epochs,
+                           "ca_with_logit_norm": 0.1, "run_id": 0, "seed": args.seed})
+    else:  # its exps/slca.json (epochs, batch and ca_epochs ours)
+        learner = Learner({"memory_size": 0, "device": [torch.device("cpu")], "backbone_type": "ours_vit",
+                           "batch_size": batch, "epochs": train[0][2], "lrate": 0.01, "lrate_decay": 0.1,
+                           "weight_decay": 5e-4, "milestones": [18], "ca_epochs": args.ca_epochs,
+                           "ca_with_logit_norm": 0.1, "seed": args.seed})
     logits, snaps = [], []
     for t in range(len(sessions)):
         learner.incremental_train(dm)
@@ -202,18 +236,22 @@ def run_reference(args, stream, head0, train, test):
             logits.append(torch.cat([net(x)["logits"] for _, x, _ in learner.test_loader]))
         heads = net.fc.heads
         raw = net.fc.old_state_dict
-        snaps.append({"backbone": {n: p.detach().clone() for n, p in net.backbone.net.named_parameters()},
+        means, covs = ((learner._class_means, learner._class_covs) if args.official
+                       else (learner._class_means_slca, learner._class_covs_slca))
+        backbone = net.convnet if args.official else net.backbone
+        snaps.append({"backbone": {n: p.detach().clone() for n, p in backbone.net.named_parameters()},
                       "head": torch.cat([raw[f"heads.{k}.0.weight"] for k in range(len(heads))]),
                       "aligned": torch.cat([h[-1].weight.detach() for h in heads]),
-                      "means": torch.from_numpy(learner._class_means_slca).clone(),
-                      "covs": learner._class_covs_slca.clone()})
+                      "means": torch.from_numpy(means).clone(), "covs": covs.clone()})
         learner.after_task()
     return logits, snaps, torch.tensor(order)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reference", required=True, help="folder with PILOT's models/, utils/, backbone/")
+    ap.add_argument("--reference", required=True, help="folder with PILOT's models/, utils/, backbone/ (or, with "
+                    "--official, GengDavid/SLCA's models/, utils/, convs/)")
+    ap.add_argument("--official", action="store_true", help="--reference is GengDavid/SLCA (its SLCA learner)")
     ap.add_argument("--vit", required=True, help="the small pretrained ViT (benchmarks/pretrain_vit.py)")
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--train-per-class", type=int, default=320)

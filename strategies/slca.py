@@ -1,4 +1,4 @@
-"""SLCA: Slow Learner with Classifier Alignment, full fine-tuning of a pretrained backbone in class-incremental sessions.
+"""SLCA (Slow Learner with Classifier Alignment): a slowly fine-tuned pretrained backbone, a fast head, an aligned head.
 
 Zhang, Wang, Kang, Chen, Wei; "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a Pre-trained
 Model" (ICCV 2023, arXiv 2303.05118). Official code GengDavid/SLCA@169d4e6 (``models/slca.py``, ``models/base.py``
