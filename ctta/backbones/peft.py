@@ -699,6 +699,93 @@ __all__ = ["Adapter", "AttentionProjections", "FiLM", "KVLoRA", "LoRALinear", "M
            "vit_block_names"]
 
 
+# --- EASE: one adapter per task beside each block's MLP ---------------------------------------------------------------
+
+class Bottleneck(nn.Module):
+    """The adapter branch alone, ``s * up(act(down(x)))``: Kaiming-uniform (a = sqrt 5) down-projection, zero biases
+    and up-projection (so it adds 0 at first), ReLU then dropout (AdaptFormer / PILOT's ``init_option="lora"``)."""
+
+    def __init__(self, dim: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.down = torch.nn.utils.skip_init(nn.Linear, dim, bottleneck)  # no draw from the global generator
+        self.act = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        self.up = torch.nn.utils.skip_init(nn.Linear, bottleneck, dim)
+        self.scaler = Scaler(scale, learnable=False)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+            for p in (self.down.bias, self.up.weight, self.up.bias):
+                p.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scaler(self.up(self.act(self.down(x))))
+
+
+class AdapterSet(PeftModule):
+    """Several parallel bottleneck adapters beside one module, one per task (EASE's expandable subspaces):
+    ``base(x) + branch_k(x)`` with ``k = active`` (None: ``base(x)``, the pretrained model). :meth:`add` appends a
+    fresh :class:`Bottleneck`; the caller freezes the earlier ones."""
+
+    def __init__(self, base: nn.Module, dim: int, bottleneck: int = 64, scale: float = 0.1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+            raise ConfigError(f"adapter bottleneck must be a positive integer, got {bottleneck!r}")
+        self.base = base
+        self.dim, self.bottleneck, self.scale, self.dropout = int(dim), bottleneck, float(scale), float(dropout)
+        self.adapters = nn.ModuleList()
+        self.active: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def add(self, generator: Optional[torch.Generator] = None) -> Bottleneck:
+        """Append a fresh adapter (its down-projection drawn from ``generator``); returns it."""
+        ref = next(iter(self.base.parameters()), None)
+        ad = Bottleneck(self.dim, self.bottleneck, self.scale, self.dropout, generator)
+        self.adapters.append(ad.to(ref.device) if ref is not None else ad)
+        return ad
+
+    def set_count(self, n: int, generator: Optional[torch.Generator] = None) -> None:
+        """Grow (fresh adapters) or shrink to ``n`` adapters (to match a checkpoint before loading it)."""
+        while len(self.adapters) < n:
+            self.add(generator)
+        if len(self.adapters) > n:
+            self.adapters = nn.ModuleList(list(self.adapters)[:n])
+        if self.active is not None and self.active >= n:
+            self.active = None
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.active is None:
+            return out
+        return out + self.adapters[self.active](x)
+
+
+def add_ffn_adapter_sets(model: nn.Module, bottleneck: int = 64, scale: float = 0.1,
+                         dropout: float = 0.0) -> List[AdapterSet]:
+    """An empty :class:`AdapterSet` beside every ViT block's MLP (AdaptFormer's parallel placement, as PILOT's
+    ``vit_ease.Block``): ``x + mlp(norm2(x)) + branch_k(x)`` with ``x`` the stream after attention (the block's
+    ``norm2`` moves inside the wrapped branch so the adapter reads ``x``); returns the sets, in block order."""
+    sets = []
+    for name in vit_block_names(model):
+        block = model.get_submodule(name)
+        width = block.mlp.fc2.out_features
+        s = AdapterSet(nn.Sequential(block.norm2, block.mlp), width, bottleneck, scale, dropout)
+        block.mlp, block.norm2 = s, nn.Identity()
+        sets.append(s)
+    return sets
+
+
+def set_active_adapter(sets: Sequence[AdapterSet], index: Optional[int]) -> None:
+    """Route every set through its adapter ``index`` (None: none, the pretrained path)."""
+    for s in sets:
+        s.active = index
+
+
+__all__ += ["AdapterSet", "Bottleneck", "add_ffn_adapter_sets", "set_active_adapter"]
+
+
 # --- SSF (scale and shift of features) and VPT (visual prompt tokens): APER's first-session PEFT ---------------------
 
 class SSF(PeftModule):
