@@ -283,6 +283,7 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
                     ", ".join(summary["collapsed_segments"]))
     # cost of the whole run: a resumed run adds its part to the totals saved in the checkpoint
     summary.update(meter.summary(strategy.trainable_parameters()))
+    summary["stored_elements"] = int(strategy.stored_elements())
     summary["memory_kind"] = meter.memory_kind()
     summary["definitions"] = definitions_for(summary)
     result = RunResult(summary=summary, steps=recorder.steps(), segments=segments, out=out_path, groups=groups)

@@ -123,8 +123,8 @@ def aggregate(groups: Mapping[str, Sequence[RunData]]) -> tuple[pd.DataFrame, pd
         stds[label] = t.std(axis=0, ddof=1, numeric_only=True).fillna(0.0) if len(runs) > 1 else t.iloc[0] * 0.0
         counts[label] = len(runs)
     # domains first (in stream order), then the summary columns, whatever run had them first
-    tail = [c for c in ("mean", "forgetting", "avg inc acc", "last acc", "forgetting (avalanche)", "img/s")
-            if c in order]
+    tail = [c for c in ("mean", "forgetting", "avg inc acc", "last acc", "forgetting (avalanche)", "img/s",
+                        "peak MiB", "trainable (k)", "stored (k)") if c in order]
     order = [c for c in order if c not in tail] + tail
     mean = pd.DataFrame(means).T.reindex(columns=order)
     std = pd.DataFrame(stds).T.reindex(columns=order)

@@ -11,6 +11,30 @@ import torch
 from torch import nn
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: ``5`` into ``/proc/self/clear_refs``), so a run's peak is
+    its own, not that of a run before it in the same process; False where the system does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak_rss_mb() is not None
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident set size since its start or the last :func:`reset_peak_rss` (Linux ``VmHWM``),
+    MiB; None where ``/proc`` does not give it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -24,8 +48,11 @@ class CostMeter:
         self.seconds: Dict[str, float] = {"adapt": 0.0, "train": 0.0, "eval": 0.0}
         self.images: Dict[str, int] = {"adapt": 0, "train": 0, "eval": 0}
         self.steps: Dict[str, int] = {"adapt": 0, "train": 0, "eval": 0}
+        self._own_rss_peak = False  # CPU: the peak RSS was reset at the start of this run
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self._own_rss_peak = reset_peak_rss()
         self._t0 = 0.0
         self._peak_before = 0.0  # peak of the earlier part of a resumed run (same memory kind)
 
@@ -64,11 +91,18 @@ class CostMeter:
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
             return max(self._peak_before, torch.cuda.max_memory_allocated(self.device) / 2**20)
+        own = peak_rss_mb() if self._own_rss_peak else None
+        if own is not None:
+            return max(self._peak_before, own)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return max(self._peak_before, rss / 1024 if sys.platform != "darwin" else rss / 2**20)
 
     def memory_kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+        """``cuda_max_allocated``; ``process_peak_rss`` (reset at the run's start); ``process_peak_rss_since_start``
+        (the process's, where the peak cannot be reset: it includes earlier runs of the same process)."""
+        if self.device.type == "cuda":
+            return "cuda_max_allocated"
+        return "process_peak_rss" if self._own_rss_peak else "process_peak_rss_since_start"
 
     def summary(self, trainable: Iterable[nn.Parameter] = ()) -> Dict[str, float]:
         out: Dict[str, float] = {}

@@ -57,8 +57,12 @@ DEFINITIONS: Dict[str, str] = {
     "adapt_ms_per_step": "mean wall time of one adapt step (segment time / its steps), milliseconds",
     "train_ms_per_step": "mean wall time of one train step (segment time / its steps), milliseconds",
     "eval_ms_per_step": "mean wall time of one eval step (segment time / its steps), milliseconds",
-    "peak_memory_mb": "peak device memory: CUDA allocator peak on a GPU, process peak RSS on a CPU (MiB)",
+    "peak_memory_mb": "peak device memory: CUDA allocator peak on a GPU, process peak RSS on a CPU (MiB; reset at "
+                      "the run's start where Linux allows it, see memory_kind)",
     "trainable_parameters": "number of parameters the strategy's optimizer updates",
+    "stored_elements": "tensor elements the strategy keeps beyond the backbone weights it started from: memories "
+                       "(images x C x H x W, labels, logits), prompts, adapters, heads, prototypes, statistics, "
+                       "teacher copies, changed backbone weights",
     "adaptation_steps": "number of adapt and train steps taken (steps that may change the model)",
     "health": "diverged if any segment had a sample with non-finite logits, else collapsed if any segment's "
               "predictions collapsed, else ok; a run that is not ok is marked in every table",

@@ -10,6 +10,12 @@ import numpy as np
 import pandas as pd
 
 
+#: cost columns of the tables: (summary key, column, divisor): peak memory in MiB, parameter / element counts in
+#: thousands
+COST_COLUMNS = (("peak_memory_mb", "peak MiB", 1), ("trainable_parameters", "trainable (k)", 1e3),
+                ("stored_elements", "stored (k)", 1e3))
+
+
 def error_table(summaries: Mapping[str, Mapping]) -> pd.DataFrame:
     """Strategies as rows, domains as columns, then the mean: online error in %, as CTTA papers print it; last the
     run's ``status`` (ok / collapsed / diverged; unknown for a run written before health was recorded)."""
@@ -29,6 +35,9 @@ def error_table(summaries: Mapping[str, Mapping]) -> pd.DataFrame:
             row["img/s"] = s["adapt_images_per_s"]
         elif s.get("train_images_per_s") is not None:
             row["img/s"] = s["train_images_per_s"]
+        for key, label, scale in COST_COLUMNS:
+            if s.get(key) is not None:
+                row[label] = float(s[key]) / scale
         row["status"] = s.get("health") or "unknown"
         rows[strategy] = row
     return pd.DataFrame.from_dict(rows, orient="index")
@@ -56,7 +65,7 @@ PERCENT_METRICS = ("mean_error", "online_accuracy", "clean_accuracy_start", "cle
                    "average_incremental_accuracy", "last_accuracy", "average_anytime_accuracy")
 POINT_METRICS = ("source_forgetting", "forgetting_avalanche", "forgetting_max", "backward_transfer")
 UNITS = {"_images_per_s": "img/s", "_ms_per_step": "ms", "peak_memory_mb": "MiB", "trainable_parameters": "count",
-         "adaptation_steps": "count"}
+         "adaptation_steps": "count", "stored_elements": "count"}
 
 
 def metrics_table(summary: Mapping) -> pd.DataFrame:

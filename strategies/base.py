@@ -91,6 +91,37 @@ class Strategy(nn.Module):
             return []
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def stored_elements(self) -> int:
+        """Elements of every tensor the strategy keeps beyond the backbone weights it started from (the cost report's
+        "stored"): exemplar / replay memories (images, logits, labels), prompts, adapters, heads, prototypes, Gram
+        or covariance matrices, teacher copies; a backbone tensor counts once it differs from the configured start.
+
+        A submodule with its own ``stored_elements()`` (a memory buffer) answers for itself (the samples held, not
+        the rows allocated); a wrapped strategy's tensors are walked as the rest (a tensor shared with the host
+        counts once); tensors in plain attributes are not seen: override where a strategy keeps state outside
+        parameters and buffers."""
+        initial = (self._initial or {}).get("module") or {}
+        trained = {id(p) for p in self.trainable_parameters()}
+        params = {name for name, _ in self.named_parameters()}
+        total, answered = 0, []
+        for name, mod in self.named_modules():
+            if name and not isinstance(mod, Strategy) and callable(getattr(mod, "stored_elements", None)) \
+                    and not any(name.startswith(a) for a in answered):
+                total += int(mod.stored_elements())
+                answered.append(name + ".")
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if any(name.startswith(a) for a in answered):
+                continue
+            if name.startswith("model."):  # the backbone: only what changed from (or was added to) the start
+                ref = initial.get(name)
+                if ref is not None:
+                    if ref.shape == t.shape and torch.equal(ref.to(t.device), t):
+                        continue
+                elif name not in params or (not initial and id(t) not in trained):
+                    continue  # its non-persistent buffers; without a recorded start, its frozen weights
+            total += t.numel()
+        return total
+
     def remember_initial_state(self) -> None:
         """Keep the configured state so :meth:`reset` can return to it; call at the end of ``__init__``."""
         self._initial = copy.deepcopy(self.checkpoint_state())

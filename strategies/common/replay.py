@@ -15,6 +15,11 @@ from torch import Tensor, nn
 from ctta.errors import ConfigError
 
 
+def per_sample_elements(n: int, *tensors: Tensor) -> int:
+    """Elements of ``n`` rows of each of ``tensors`` (row-major memories; empty ones count 0)."""
+    return sum(n * (t[0].numel() if t.dim() else 1) for t in tensors if t.numel())
+
+
 class ReservoirBuffer(nn.Module):
     """Reservoir sampling (Vitter's algorithm R): after n samples were offered, each is held with probability
     ``capacity / n`` and the buffer never holds more than ``capacity``.
@@ -122,6 +127,10 @@ class ReservoirBuffer(nn.Module):
         n = len(self)
         return self.x[:n], self.y[:n]
 
+    def stored_elements(self) -> int:
+        """Elements held (images, labels, task ids, logits of the samples held; not the spare row): the cost report."""
+        return per_sample_elements(len(self), self.x, self.y, self.t, self.z)
+
     def tasks(self) -> Tensor:
         """The task id of every sample held (aligned with :meth:`items`)."""
         return self.t[:len(self)]
@@ -199,6 +208,10 @@ class GrowingStore(nn.Module):
     def items(self) -> Tuple[Tensor, Tensor]:
         return self.x[:self.size], self.y[:self.size]
 
+    def stored_elements(self) -> int:
+        """Elements held (images and labels of the samples stored, not the capacity allocated): the cost report."""
+        return per_sample_elements(self.size, self.x, self.y)
+
     def clear(self) -> None:
         self.size = 0
         self.x = torch.empty(0, device=self.x.device)
@@ -238,6 +251,10 @@ class GreedyClassBalancedBuffer(nn.Module):
 
     def __len__(self) -> int:
         return self.capacity - len(self.free)
+
+    def stored_elements(self) -> int:
+        """Elements held (images and labels of the samples stored): the cost report."""
+        return per_sample_elements(len(self), self.x) + len(self)
 
     def counts(self) -> Dict[int, int]:
         """Samples held per class seen (a class whose samples were all evicted counts 0)."""
