@@ -17,7 +17,8 @@ Algorithm (per session t, classes C_t):
    optimiser state per session. ``backbone_lr_scale`` 0 freezes the backbone (its ``fix_bcb``).
 2. Class statistics: after training, the features of the session's training images (eval mode, each image once)
    give each class of C_t a mean and a covariance + 1e-4 I (:class:`~strategies.common.gaussians.ClassGaussians`);
-   older classes keep the statistics of their own session (never recomputed).
+   older classes keep the statistics of their own session (never recomputed). The mean is taken in float64 (the
+   references' ``np.mean`` of float32 features sums in float32: <= 5e-7 of the mean apart side by side).
 3. Classifier alignment (t >= 1, ``ca_epochs`` > 0): starting from the trained head (rows of all seen classes),
    ``ca_epochs`` epochs of SGD (lr ``ca_lr``, momentum 0.9, weight decay 5e-4, cosine-annealed per epoch): each epoch
    draws ``ca_samples`` (256) features per seen class from N(s_c * mu_c, Sigma_c), with s_c = 1 - d + d (k_c + 1) /
@@ -26,6 +27,10 @@ Algorithm (per session t, classes C_t):
    the L2 norm of each session's logits) (``ca_with_logit_norm`` 0.1; 0: plain logits).
 4. Prediction: the aligned head (the trained one before the first alignment). The next session trains from the
    unaligned head, as the reference restores it (``fc.recall()`` in ``after_task``).
+
+The session's classes: the engine's train segment lists them (``meta["classes"]``); outside the engine, the labels
+of the session's batches as they appear. Logits in training and alignment are computed per session head (its rows,
+in learned order), as the reference's ``SimpleContinualLinear`` computes them (bit-identical side by side).
 
 Head: one head of all classes, unseen ones masked (``strategies/common/incremental.py``); ``head_init: reset``
 re-initialises it as the reference's new heads (trunc-normal std 0.02, bias 0; seeded), ``keep`` keeps the
