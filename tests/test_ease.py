@@ -207,3 +207,26 @@ def test_engine_runs_two_sessions_on_a_tiny_vit():
     assert len(evals) == 2 and evals["accuracy"].between(0, 1).all()
     assert s.sessions.session == 1 and s.num_subspaces == 2 and s.protos.shape[0] == 2
     assert s.owner.tolist() == [0, 0, 1, 1]
+
+
+def test_a_checkpoint_in_mid_session_resumes_bit_identically():
+    def start():
+        s = _ease(adapter_dropout=0.0)  # no dropout: the global generator plays no part
+        _session(s, [0, 1], 0)
+        x, y = _data([2, 3], 1)
+        s.segment_start(SimpleNamespace(kind="train", num_samples=len(y), meta={"epochs": 1, "classes": [2, 3]}))
+        s.learn(x[:8], y[:8])
+        return s, x, y
+
+    s, x, y = start()
+    state = copy.deepcopy(s.checkpoint_state())
+    s.learn(x[8:], y[8:])
+    s.close_session()
+    t = _ease(adapter_dropout=0.0)
+    t.load_checkpoint_state(state)
+    assert t.num_subspaces == 2 and t.sessions.in_session
+    t.learn(x[8:], y[8:])
+    t.close_session()
+    assert torch.equal(t.predict(x), s.predict(x))
+    for a, b in zip(s.sets, t.sets):
+        assert torch.equal(a.adapters[1].up.weight, b.adapters[1].up.weight)
