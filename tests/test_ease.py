@@ -230,3 +230,29 @@ def test_a_checkpoint_in_mid_session_resumes_bit_identically():
     assert torch.equal(t.predict(x), s.predict(x))
     for a, b in zip(s.sets, t.sets):
         assert torch.equal(a.adapters[1].up.weight, b.adapters[1].up.weight)
+
+
+def test_adapter_sets_read_the_stream_beside_the_mlp_and_route_by_index():
+    from ctta.backbones.peft import add_ffn_adapter_sets, set_active_adapter
+
+    model, plain = _vit(), _vit()
+    sets = add_ffn_adapter_sets(model, bottleneck=3, scale=0.1, dropout=0.1)
+    g = torch.Generator().manual_seed(0)
+    for s in sets:
+        s.add(g)
+        s.add(g)
+        for ad in s.adapters:
+            torch.nn.init.normal_(ad.up.weight, generator=g)
+    model.eval()
+    block, ref = model.net.blocks[0], plain.net.blocks[0]
+    z = torch.randn(2, 5, 16)
+    after_attn = z + ref.attn(ref.norm1(z))
+    for k in (0, 1):
+        set_active_adapter(sets, k)
+        ad = block.mlp.adapters[k]
+        expected = after_attn + ref.mlp(ref.norm2(after_attn)) + 0.1 * ad.up(torch.relu(ad.down(after_attn)))
+        torch.testing.assert_close(block(z), expected)  # AdaptFormer parallel: the adapter sees x, not norm2(x)
+    set_active_adapter(sets, None)
+    torch.testing.assert_close(block(z), ref(z))
+    assert not torch.equal(sets[0].adapters[0].down.weight, sets[0].adapters[1].down.weight)
+    assert torch.equal(sets[0].adapters[0].down.bias, torch.zeros(3))
