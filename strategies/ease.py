@@ -148,6 +148,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
                 ad.requires_grad_(i == index)
 
     def adapter_parameters(self, index: int) -> List[nn.Parameter]:
+        """The parameters of adapter ``index`` in every block."""
         return [p for s in self.sets for p in s.adapters[index].parameters()]
 
     def _reset_proxy_head(self, session: int) -> None:
@@ -178,6 +179,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
 
     # --- prediction ---------------------------------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
+        """The reweighted cosine ensemble over the subspaces with prototypes (zeros before the first session ends)."""
         k = self.protos.shape[0]
         if k == 0:
             return torch.zeros(x.shape[0], self.seen.num_classes, device=x.device)
@@ -196,6 +198,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
             self._segment_classes = list(classes) if classes is not None else None
 
     def begin_session(self, session: int) -> None:
+        """A new adapter (the earlier ones frozen), a fresh proxy head and optimizer, the session's class mask."""
         super().begin_session(session)
         while self.num_subspaces <= session:
             self._add_adapter(self.num_subspaces)
@@ -217,12 +220,14 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
         return mask_logits(super()._train_logits(x), self._session_classes)
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """One SGD step of the newest adapter and the proxy head; returns the proxy logits before it."""
         if self._session_classes is None:  # a resumed or hand-driven session without begin_session
             self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=y.device)
         self._session_classes.index_fill_(0, y, True)
         return self.adapt_step(x, y)
 
     def end_session(self, session: int) -> None:
+        """Freeze the adapter; prototypes of the new classes in every subspace, then the complement."""
         self._trainable_adapter(None)
         x, y = self.store.items()
         self.store.clear()
@@ -252,6 +257,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
 
     # --- state --------------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> List[nn.Parameter]:
+        """The newest adapter and the proxy head (what a session trains)."""
         return self.adapter_parameters(self.num_subspaces - 1) + [self.train_weight, self.train_sigma]
 
     def extra(self) -> Any:
