@@ -16,7 +16,8 @@ Class-Incremental Learning" (arXiv 2407.06136; code: github.com/xiaojieli0903/Ma
   features once, ``get_inc_memory``, and then trains ``step_list`` steps on them), and at the end of the session (the
   first prediction after it) the novel branch alone is trained for ``inc_steps`` steps on them plus one mean feature
   per base class and per earlier novel class (the official ``mean_neck_feat`` memory), reshuffled after each pass
-  with the incomplete last batch dropped (the official loader: shuffle, ``drop_last``), with the DR loss
+  with the incomplete last batch dropped (the official loader: shuffle, ``drop_last``), at the official schedule
+  (warm-up, cosine, ``inc_cooldown`` last steps at 0.001 lr; :meth:`MambaFSCIL._lr_at`), with the DR loss
   (class-balanced target lengths, feature mixup) and the class-sensitive selective-scan losses: suppression (the
   novel branch's gate ``z`` pushed to zero on base classes, slightly away from zero on novel ones) and separation
   (the batch-mean input-dependent scan parameters delta, B, C of base and novel samples decorrelated).
@@ -35,9 +36,9 @@ shared SSM per branch), sums the four outputs and averages them over positions; 
 pooled map. ``pooled`` (fallback for backbones without a map) has each branch's MLP map the pooled feature to
 ``num_tokens`` tokens, scanned forwards and backwards. ``auto``: ``map`` when the backbone gives one.
 
-Remaining deviations: the four gate tensors ``z`` are summed after realigning their token axis (the official code
-flips the channel axis of the two backward gates, which looks unintended; it only changes the suppression loss's
-norm); the scan parameters for the separation loss come from the first (row-forward) direction, as in the official
+Remaining deviations: the four gate tensors ``z`` are summed after realigning their token axis (``gate_flip=tokens``;
+the official code flips the channel axis of the two backward gates, which looks unintended; it only changes the
+suppression loss's norm; ``gate_flip=channels`` does as the official code); the scan parameters for the separation loss come from the first (row-forward) direction, as in the official
 code; the stored few-shot features and class means are the ``grid`` x ``grid`` pooled maps, not the full maps.
 Feature mixup (the mix partner and the coin flip) is drawn over the whole batch (official: per GPU). The final
 base prototypes are means over the base inputs as the stream gave them (official: the train set through the
@@ -74,9 +75,10 @@ class SSMBranch(nn.Module):
     """One branch: MLP (Linear-LayerNorm-LeakyReLU-Linear) from the pooled feature to ``num_tokens`` tokens plus a
     positional embedding, a selective SSM scanned forwards and backwards, mean over tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, **ssm: Any) -> None:
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, gate_flip: str = "tokens",
+                 **ssm: Any) -> None:
         super().__init__()
-        self.num_tokens, self.out_dim = int(num_tokens), int(out_dim)
+        self.num_tokens, self.out_dim, self.gate_axis = int(num_tokens), int(out_dim), _gate_axis(gate_flip)
         self.mlp = nn.Sequential(nn.Linear(in_dim, mid_dim), nn.LayerNorm(mid_dim), nn.LeakyReLU(0.1),
                                  nn.Linear(mid_dim, self.num_tokens * self.out_dim, bias=False))
         self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, self.num_tokens, self.out_dim), std=0.02))
@@ -87,8 +89,14 @@ class SSMBranch(nn.Module):
         y_fwd, z_fwd, params = self.ssm(tokens)
         y_bwd, z_bwd, _ = self.ssm(tokens.flip(1))
         y = y_fwd + y_bwd.flip(1)
-        z = z_fwd + z_bwd.flip(-1)
+        z = z_fwd + z_bwd.flip(self.gate_axis)
         return y.mean(dim=1), z, params
+
+
+def _gate_axis(gate_flip: str) -> int:
+    """The axis along which a backward scan's gate (batch, channels, tokens) is flipped before the sum: ``tokens``
+    realigns its tokens (ours), ``channels`` reverses its channels (what the official code's ``flip([1])`` does)."""
+    return -1 if gate_flip == "tokens" else 1
 
 
 def _transpose_tokens(t: Tensor, grid: int, dim: int) -> Tensor:
@@ -103,9 +111,10 @@ class MapSSMBranch(nn.Module):
     LayerNorm over (channels, grid, grid) - LeakyReLU(0.1) - 1x1 conv) + positional embedding, one selective SSM
     scanned over rows forwards/backwards and columns forwards/backwards, the four outputs summed, mean over tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, grid: int, **ssm: Any) -> None:
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, grid: int, gate_flip: str = "tokens",
+                 **ssm: Any) -> None:
         super().__init__()
-        self.grid, self.out_dim = int(grid), int(out_dim)
+        self.grid, self.out_dim, self.gate_axis = int(grid), int(out_dim), _gate_axis(gate_flip)
         self.proj = nn.Sequential(nn.Conv2d(in_dim, mid_dim, 1, bias=True), nn.LayerNorm([mid_dim, grid, grid]),
                                   nn.LeakyReLU(0.1), nn.Conv2d(mid_dim, self.out_dim, 1, bias=False))
         self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, grid * grid, self.out_dim), std=0.02))
@@ -120,7 +129,7 @@ class MapSSMBranch(nn.Module):
         y_v, z_v, _ = self.ssm(cols)
         y_vf, z_vf, _ = self.ssm(cols.flip(1))
         y = y_h + y_hf.flip(1) + _transpose_tokens(y_v + y_vf.flip(1), g, 1)
-        z = z_h + z_hf.flip(-1) + _transpose_tokens(z_v + z_vf.flip(-1), g, 2)
+        z = z_h + z_hf.flip(self.gate_axis) + _transpose_tokens(z_v + z_vf.flip(self.gate_axis), g, 2)
         return y.mean(dim=1), z, params
 
 
@@ -130,16 +139,16 @@ class DualSelectiveProjector(nn.Module):
     mean), otherwise a pooled feature vector (branches :class:`SSMBranch`)."""
 
     def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, grid: Optional[int] = None,
-                 **ssm: Any) -> None:
+                 gate_flip: str = "tokens", **ssm: Any) -> None:
         super().__init__()
         self.grid = grid
         self.residual_proj = nn.Linear(in_dim, out_dim, bias=False) if out_dim != in_dim else nn.Identity()
         if grid:
-            self.base: nn.Module = MapSSMBranch(in_dim, out_dim, mid_dim, grid, **ssm)
-            self.novel: nn.Module = MapSSMBranch(in_dim, out_dim, mid_dim, grid, **ssm)
+            self.base: nn.Module = MapSSMBranch(in_dim, out_dim, mid_dim, grid, gate_flip, **ssm)
+            self.novel: nn.Module = MapSSMBranch(in_dim, out_dim, mid_dim, grid, gate_flip, **ssm)
         else:
-            self.base = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
-            self.novel = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, **ssm)
+            self.base = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, gate_flip, **ssm)
+            self.novel = SSMBranch(in_dim, out_dim, mid_dim, num_tokens, gate_flip, **ssm)
         self.novel.ssm.zero_gate()
 
     def forward(self, f: Tensor, use_novel: bool = True) -> Dict[str, Any]:
@@ -208,6 +217,7 @@ class MambaFSCIL(IncrementalStrategy):
                  num_tokens: Count = 4, out_dim: Optional[Count] = None, mid_dim: Optional[Count] = None,
                  d_state: Count = 256, dt_rank: Optional[Count] = None, d_conv: Count = 4, expand: Positive = 1.0,
                  inc_lr: Positive = 0.25, inc_steps: Count = 200, inc_batch_size: Count = 64, inc_warmup: NonNegInt = 5,
+                 inc_cooldown: NonNegInt = 5, gate_flip: Literal["tokens", "channels"] = "tokens",
                  feature_mixup: Unit = 0.5, mixup_prob: Unit = 0.75, balanced_targets: bool = True,
                  supp_weight: NonNegative = 100.0, supp_novel_weight: NonNegative = 1e-5,
                  sep_weight: NonNegative = 1e-3, loss_chunk: Count = 8, proto_ema: Unit = 0.01,
@@ -230,6 +240,7 @@ class MambaFSCIL(IncrementalStrategy):
         self.lr, self.momentum, self.weight_decay, self.dr_weight = lr, momentum, weight_decay, dr_weight
         self.inc_lr, self.inc_steps, self.inc_batch_size, self.inc_warmup = inc_lr, int(inc_steps), inc_batch_size, \
             int(inc_warmup)
+        self.inc_cooldown = int(inc_cooldown)
         self.feature_mixup, self.mixup_prob, self.balanced_targets = feature_mixup, mixup_prob, bool(balanced_targets)
         self.supp_weight, self.supp_novel_weight, self.sep_weight = supp_weight, supp_novel_weight, sep_weight
         self.loss_chunk = int(loss_chunk)
@@ -239,7 +250,7 @@ class MambaFSCIL(IncrementalStrategy):
         with torch.random.fork_rng(devices=[]):  # the projector and ETF depend on the seed only
             torch.manual_seed(stable_seed(seed, "mamba_fscil"))
             self.projector = DualSelectiveProjector(d, out_dim, int(mid_dim) if mid_dim else 2 * d, num_tokens,
-                                                    grid=self.grid, d_state=d_state, dt_rank=dt_rank or d_state,
+                                                    grid=self.grid, gate_flip=gate_flip, d_state=d_state, dt_rank=dt_rank or d_state,
                                                     d_conv=d_conv, expand=expand, backend=backend)
             self.head = ETFClassifier(out_dim, k, torch.Generator().manual_seed(stable_seed(seed, "etf")))
         feat_shape = (d, self.grid, self.grid) if self.grid else (d,)  # what _features gives per sample
@@ -390,11 +401,18 @@ class MambaFSCIL(IncrementalStrategy):
         log.debug("mamba_fscil: base prototypes recomputed with the final backbone from %d inputs", total)
 
     def _lr_at(self, step: int) -> float:
-        """Linear warm-up from 0.1 lr, then cosine to 0.01 lr (the official incremental schedule, no cool-down)."""
-        if step < self.inc_warmup:
-            return self.inc_lr * (0.1 + 0.9 * step / self.inc_warmup)
-        t = (step - self.inc_warmup) / max(1, self.inc_steps - self.inc_warmup)
-        return self.inc_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+        """The official incremental schedule (mmcls ``CosineAnnealingCooldownLrUpdaterHook`` under mmcv's linear
+        warm-up, the runner's iteration counted from 1 as ``fscil.py`` steps it before the hook): cosine from lr to
+        0.01 lr over ``inc_steps - inc_cooldown`` iterations, the first ``inc_warmup - 1`` scaled by
+        ``0.1 + 0.9 * it / inc_warmup``, the last ``inc_cooldown`` at 0.001 lr."""
+        it, span = step + 1, self.inc_steps - self.inc_cooldown
+        low = 0.01 * self.inc_lr
+        if it > span:
+            return 0.1 * low
+        lr = low + 0.5 * (self.inc_lr - low) * (1 + math.cos(math.pi * it / max(span, 1)))
+        if it < self.inc_warmup:
+            lr *= 0.1 + 0.9 * it / self.inc_warmup
+        return lr
 
     def train_novel(self, session: int) -> None:
         """Train the novel branch on this session's features + one mean feature per earlier class."""

@@ -247,8 +247,10 @@ def _novel_losses(**kw):
 def test_gradient_clipping_keeps_the_full_suppression_weight_finite():
     """At tiny widths the suppression term (weight 100, ||z|| / numel) blows the bilinear gate up at lr 0.25 (the
     same happens on CIFAR-10 with ResNet-20); inc_grad_clip (the official grad_clip hook) keeps it bounded."""
-    assert not torch.isfinite(_novel_losses(supp_weight=100.0)).all()
-    clipped = _novel_losses(supp_weight=100.0, inc_grad_clip=1.0)
+    # 20 steps, no cool-down (the default 5 steps at 0.001 lr would be a quarter of the run)
+    run = dict(supp_weight=100.0, inc_steps=20, inc_cooldown=0)
+    assert not torch.isfinite(_novel_losses(**run)).all()
+    clipped = _novel_losses(**run, inc_grad_clip=1.0)
     assert torch.isfinite(clipped).all() and clipped.max() < 20
 
 
@@ -413,3 +415,48 @@ def test_digits_fscil_with_epochs_keeps_each_sample_once(monkeypatch):
                         lambda k: sizes["novel"].append(sum(f.shape[0] for f, _ in strategy._pending)) or novel_fn(k))
     ctta.run(stream, strategy, device="cpu", progress=False)
     assert sizes == {"base": [60], "novel": [10, 10]}
+
+
+def test_incremental_lr_is_the_official_warmup_cosine_cooldown_schedule():
+    """fscil.py steps its runner before the lr hook (iterations 1..200); mmcv's linear warm-up scales iterations 1-4
+    by 0.1 + 0.9 * it / 5; cosine 0.25 -> 0.0025 over 195 iterations; the last 5 at 0.00025. Hand-computed."""
+    s = MambaFSCIL(make_tiny(), inc_lr=0.25, inc_steps=200, inc_warmup=5, inc_cooldown=5, d_state=4)
+
+    def regular(it):
+        return 0.0025 + 0.5 * (0.25 - 0.0025) * (1 + math.cos(math.pi * it / 195))
+
+    assert s._lr_at(0) == pytest.approx(regular(1) * 0.28)  # not 0.1 x lr: the first iteration is it = 1
+    assert s._lr_at(3) == pytest.approx(regular(4) * 0.82)
+    assert s._lr_at(4) == pytest.approx(regular(5))  # warm-up over at it = 5
+    assert s._lr_at(194) == pytest.approx(0.0025)  # it = 195: the end of the cosine
+    assert [s._lr_at(k) for k in range(195, 200)] == pytest.approx([0.00025] * 5)  # cool-down
+    flat = MambaFSCIL(make_tiny(), inc_lr=0.25, inc_steps=10, inc_warmup=0, inc_cooldown=0, d_state=4)
+    assert flat._lr_at(9) == pytest.approx(0.0025)
+
+
+def test_gate_flip_channels_reverses_the_backward_gates_channels():
+    """gate_flip='channels' sums the four gates as the official MambaNeck does (backward gates' channel axis
+    reversed); 'tokens' realigns their tokens; the outputs y and the scan parameters do not depend on it."""
+    torch.manual_seed(0)
+    tok = MapSSMBranch(5, 6, 7, grid=2, d_state=4, dt_rank=2, d_conv=2)
+    chan = MapSSMBranch(5, 6, 7, grid=2, d_state=4, dt_rank=2, d_conv=2, gate_flip="channels")
+    chan.load_state_dict(tok.state_dict())
+    m = torch.randn(3, 5, 2, 2)
+    with torch.no_grad():
+        y_t, z_t, p_t = tok(m)
+        y_c, z_c, p_c = chan(m)
+        tokens = tok.proj(m).flatten(2).transpose(1, 2) + tok.pos_embed
+        cols = tokens.unflatten(1, (2, 2)).transpose(1, 2).flatten(1, 2)
+        z = [tok.ssm(t)[1] for t in (tokens, tokens.flip(1), cols, cols.flip(1))]  # each (b, channels, tokens)
+
+    def t(g):  # column-major -> row-major token order
+        return g.unflatten(2, (2, 2)).transpose(2, 3).flatten(2)
+
+    torch.testing.assert_close(z_c, z[0] + z[1].flip(1) + t(z[2]) + t(z[3].flip(1)))
+    torch.testing.assert_close(z_t, z[0] + z[1].flip(2) + t(z[2]) + t(z[3].flip(2)))
+    assert not torch.allclose(z_c, z_t)
+    torch.testing.assert_close(y_c, y_t)
+    for k in p_t:
+        torch.testing.assert_close(p_c[k], p_t[k])
+    with pytest.raises(ConfigError):
+        ctta.strategies.create("mamba_fscil", make_tiny(), gate_flip="rows", d_state=4)
