@@ -32,7 +32,6 @@ first-pass images are kept until it ends.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, List, Literal
 
 import torch
@@ -43,6 +42,7 @@ from ctta.backbones.peft import add_ssf, add_vpt, freeze, head_parameter_names, 
 from ctta.hparams import Count, Momentum, NonNegative, Positive, Unit
 
 from .base import register
+from .common.ema import frozen_copy
 from .common.first_session import FirstSessionTuning, add_ffn_adapters, penultimate_dim
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.prototypes import PrototypeMemory, cosine_logits
@@ -67,7 +67,7 @@ class APER(FirstSessionTuning, IncrementalStrategy):
         self.feature_batch_size = int(feature_batch_size)
         n_cls = num_outputs(model)
         dim = int(getattr(model, "feature_dim", 0) or penultimate_dim(self.model))
-        self.pretrained = freeze_copy(self.model)  # branch 1: the pretrained model, never tuned
+        self.pretrained = frozen_copy(self.model).eval()  # branch 1: the pretrained model, never tuned
         self.setup_passes()
         params = self.add_peft(int(bottleneck), float(adapter_scale), float(adapter_dropout), int(prompt_tokens))
         self.set_tuning(True)
@@ -157,8 +157,3 @@ class APER(FirstSessionTuning, IncrementalStrategy):
         self.adapting = bool(state.get("adapting", False))
         self.set_tuning(self.adapting)
 
-
-def freeze_copy(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode deep copy of ``model`` (the pretrained branch)."""
-    twin = copy.deepcopy(model).eval()
-    return twin.requires_grad_(False)
