@@ -180,6 +180,7 @@ class CodaPrompt(IncrementalStrategy):
         self._train_only(task)
 
     def _train_only(self, task: int) -> None:
+        """Gradients on for task ``task``'s slices only (earlier and later ones frozen)."""
         for p in self.prompt.parameters():
             p.requires_grad_(False)
         for layer in self.layers:
@@ -237,6 +238,7 @@ class CodaPrompt(IncrementalStrategy):
         self._epochs = self._epoch_samples = 0
 
     def _set_lr(self) -> None:
+        """The reference's per-epoch cosine rate for the next batch (epoch from the samples learned this session)."""
         epoch = min(self._done // self._epoch_samples, self._epochs - 1) if self._epochs > 0 else 0
         factor = epoch_cosine(epoch, self._epochs) if self.cosine else 1.0
         for group in self.optimizer.param_groups:
