@@ -33,6 +33,17 @@ from harness import corruption_domains, model_factory, stream_arguments  # noqa:
 from reference_agreement import _Call, import_reference  # noqa: E402
 
 
+def split(model, arch_name=None, dataset_name=None):
+    """The reference's encoder / fc split, ours: pooled features and the linear head."""
+    return _Call(model, "forward_features"), getattr(model.net, getattr(model.net, "head_attr", "linear"))
+
+
+def use_our_split() -> None:
+    """The reference's ``models.model.split_up_model`` (its ``BaseModel`` calls it) replaced by :func:`split`; call
+    after ``import_reference``."""
+    sys.modules["models.model"].split_up_model = split
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="the reference checkout's classification/ folder")
@@ -48,11 +59,7 @@ def main(argv=None) -> int:
     conf, registry = import_reference(ref_root, args.stand_ins)
     from augmentations.transforms_adacontrast import get_augmentation_versions  # the reference's
 
-    def split(model, arch_name=None, dataset_name=None):
-        """The reference's encoder / fc split, ours: pooled features and the linear head."""
-        return _Call(model, "forward_features"), getattr(model.net, getattr(model.net, "head_attr", "linear"))
-
-    sys.modules["models.model"].split_up_model = split
+    use_our_split()
     domains = corruption_domains(args)
     make_model = model_factory(args)
     cfg = conf.cfg.clone()

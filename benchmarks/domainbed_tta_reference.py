@@ -29,6 +29,7 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
@@ -86,6 +87,30 @@ class Featurizer(nn.Module):
         return self.model.forward_features(x)
 
 
+def ours_arguments(method: str, filter_k: int, lr: float, theta: float, seed: int) -> Tuple[str, Dict[str, Any]]:
+    """Our strategy and hyperparameters for the official ``method`` (t3a, shot, shotim): T3A with ``filter_k``;
+    SHOT / SHOT-IM as the T3A repository's (BatchNorm on source statistics, Adam at ``lr``, ``theta`` for SHOT's
+    pseudo-label term, 0 for SHOT-IM, confidence threshold 0.9)."""
+    if method == "t3a":
+        return "t3a", {"filter_k": filter_k}
+    return "shot", {"bn": "source", "optimizer": "adam", "lr": lr, "cls_par": theta if method == "shot" else 0.0,
+                    "threshold": 0.9, "seed": seed}
+
+
+def official(ref, method: str, make_model, filter_k: int, lr: float, theta: float) -> nn.Module:
+    """The official ``T3A`` / ``SHOT`` / ``SHOTIM`` of module ``ref`` around a fresh model from ``make_model``, with
+    DomainBed's hparams (T3A: ``filter_K``; SHOT: lr, no weight decay, alpha 1, gamma 1, beta 0.9, ``theta``);
+    called per batch as ``algorithm(x, adapt=True)``."""
+    if method == "t3a":
+        return ref.T3A((3, 32, 32), 10, 1, {"filter_K": filter_k, "cached_loader": False},
+                       Trained(make_model().requires_grad_(False)))
+    trained = Trained(make_model())
+    trained.hparams = {"lr": lr, "weight_decay": 0.0}
+    cls = ref.SHOT if method == "shot" else ref.SHOTIM
+    return cls((3, 32, 32), 10, 1, {"alpha": 1.0, "gamma": 1, "beta": 0.9,
+                                    "theta": theta if method == "shot" else 0.0, "cached_loader": False}, trained)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="path of matsuolab/T3A's domainbed/adapt_algorithms.py")
@@ -106,19 +131,14 @@ def main(argv=None) -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if method == "t3a":
             for k in [int(v) for v in args.filter_k.split(",")]:
-                ours = ctta.strategies.create("t3a", make_model(), filter_k=k)
-                theirs = ref.T3A((3, 32, 32), 10, 1, {"filter_K": k, "cached_loader": False},
-                                 Trained(make_model().requires_grad_(False)))
-                runs.append((f"t3a filter_k {k}", ours, theirs))
+                name, kwargs = ours_arguments(method, k, args.lr, args.theta, args.seed)
+                ours = ctta.strategies.create(name, make_model(), **kwargs)
+                runs.append((f"t3a filter_k {k}", ours, official(ref, method, make_model, k, args.lr, args.theta)))
         elif method in ("shot", "shotim"):
             theta = args.theta if method == "shot" else 0.0
-            ours = ctta.strategies.create("shot", make_model(), bn="source", optimizer="adam", lr=args.lr,
-                                          cls_par=theta, threshold=0.9, seed=args.seed)
-            trained = Trained(make_model())
-            trained.hparams = {"lr": args.lr, "weight_decay": 0.0}
-            cls = ref.SHOT if method == "shot" else ref.SHOTIM
-            theirs = cls((3, 32, 32), 10, 1, {"alpha": 1.0, "gamma": 1, "beta": 0.9, "theta": theta,
-                                              "cached_loader": False}, trained)
+            name, kwargs = ours_arguments(method, 0, args.lr, args.theta, args.seed)
+            ours = ctta.strategies.create(name, make_model(), **kwargs)
+            theirs = official(ref, method, make_model, 0, args.lr, args.theta)
             runs.append((f"{method} lr {args.lr:g}" + (f" theta {theta:g}" if theta else ""), ours, theirs))
         else:
             ap.error(f"unknown method {method!r}: t3a, shot, shotim")

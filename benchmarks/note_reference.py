@@ -122,6 +122,16 @@ def reference_note(ref_root: str, model: nn.Module, lr: float, seed: int):
     return ref, conf
 
 
+def note_step(ref, rec: Recorder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One online batch of TTAB's NOTE: its ``adapt_and_eval`` (non-episodic), and the prediction it hands its
+    metrics (``rec`` stands in for metrics, model selection, logger and timer)."""
+    from ttab.api import Batch
+
+    ref.adapt_and_eval(episodic=False, metrics=rec, model_selection_method=rec, current_batch=Batch(x, y),
+                       previous_batches=[], logger=rec, timer=rec)
+    return rec.yhat
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="the folder holding TTAB's ttab package")
@@ -136,7 +146,6 @@ def main(argv=None) -> int:
 
     ours = ctta.strategies.create("note", make_model(), lr=args.lr, seed=args.seed)
     ref, conf = reference_note(args.reference, make_model(), args.lr, args.seed)
-    from ttab.api import Batch
 
     source = make_model()
     bn = ctta.strategies.create("bn", make_model())
@@ -155,9 +164,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             o = ours.adapt(x)
             t1 = time.time()
-            ref.adapt_and_eval(episodic=False, metrics=rec, model_selection_method=rec, current_batch=Batch(x, y),
-                               previous_batches=[], logger=rec, timer=rec)
-            r = rec.yhat
+            r = note_step(ref, rec, x, y)
             t_r, t_o = t_r + time.time() - t1, t_o + t1 - t0
             with torch.no_grad():
                 preds = (source(x).argmax(1), bn.adapt(x).argmax(1), o.argmax(1), r.argmax(1))

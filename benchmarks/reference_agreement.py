@@ -352,6 +352,26 @@ def _compare_santa_start(ours, ref) -> None:
           f"; anchor weights bit-identical {anchor}", flush=True)
 
 
+def build_reference(registry, method: str, cfg, model: nn.Module):
+    """The reference's method object around ``model``, with the two fixes its code needs off CUDA at 8b2ed63: CMF
+    puts its class-probability average on CUDA (``.cuda()``, made on the CPU here), RoTTA calls
+    ``loss_calculation(x)``, which takes no argument outside CUDA autocast (called without it). A method not in
+    ``REFERENCE`` (e.g. memo, adacontrast) is looked up under its own name."""
+    cls = registry.get(REFERENCE[method][0] if method in REFERENCE else method)
+    if method == "cmf":
+        cuda, torch.Tensor.cuda = torch.Tensor.cuda, lambda t, *a, **k: t
+        try:
+            ref = cls(cfg=cfg, model=model, num_classes=10)
+        finally:
+            torch.Tensor.cuda = cuda
+    else:
+        ref = cls(cfg=cfg, model=model, num_classes=10)
+    if method == "rotta":
+        ref_loss = ref.loss_calculation
+        ref.loss_calculation = lambda *_: ref_loss()
+    return ref
+
+
 def run_method(method: str, args, conf, registry, ref_root: str, domains, make_model) -> List[dict]:
     import ctta
 
@@ -390,14 +410,7 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
     if method in ("rmt", "santa"):
         _reference_source_inputs(ours, ref_model, cfg, method)
         torch.manual_seed(args.seed)  # its projector's init: ours draws it under torch.manual_seed(seed)
-    if method == "cmf":  # at 8b2ed63 it puts its class-probability average on CUDA (.cuda()): made on the CPU here
-        cuda, torch.Tensor.cuda = torch.Tensor.cuda, lambda t, *a, **k: t
-        try:
-            ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
-        finally:
-            torch.Tensor.cuda = cuda
-    else:
-        ref = registry.get(REFERENCE[method][0])(cfg=cfg, model=ref_model, num_classes=10)
+    ref = build_reference(registry, method, cfg, ref_model)
     if method == "rmt":
         _compare_rmt_start(ours, ref)
         if args.rmt_our_view:  # diagnostic: the reference's view made by our TTAAugment (same seed, same draws)
@@ -418,14 +431,11 @@ def run_method(method: str, args, conf, registry, ref_root: str, domains, make_m
         view = TTAAugment(AugmentConfig(padding="reflect", blur=False, noise_std=0.0), seed=args.seed,
                           draw_order="torchvision")
         ref.tta_transform = lambda x: view(x, 1)
-    if method == "rotta":  # at 8b2ed63 it calls loss_calculation(x), which takes no argument, off CUDA autocast
-        ref_loss = ref.loss_calculation
-        ref.loss_calculation = lambda *_: ref_loss()
-        if args.rotta_our_view:  # its strong view made by our augmentation code, drawn alike: isolates that code
-            from ctta.strategies.common import AugmentConfig, TTAAugment
+    if method == "rotta" and args.rotta_our_view:  # its strong view made by our augmentation code, drawn alike
+        from ctta.strategies.common import AugmentConfig, TTAAugment
 
-            view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
-            ref.transform = lambda images: view(images, 1)
+        view = TTAAugment(AugmentConfig(), seed=args.seed, draw_order="torchvision")
+        ref.transform = lambda images: view(images, 1)
     print(f"\n### {method}: {settings_line(method, cfg, ours, ref)}", flush=True)
     ours_form, ref_form = _as_compared(method)
     ref_resets, ours_resets = [0], [0]

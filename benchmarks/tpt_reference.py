@@ -68,6 +68,68 @@ class ReferenceView(nn.Module):
         self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
 
 
+def clip_templates(method: str):
+    """Our backbone's prompts: TPT's single "photo" template; VTE: the reference's ``cifar10_templates``
+    (``datasets/prompts.py`` of the checkout ``import_reference`` put on the path), its ensemble."""
+    if method == "vte":
+        import datasets.prompts as ref_prompts
+
+        return list(ref_prompts.cifar10_templates)
+    return "photo"
+
+
+def ours_clip_spec(weights: str, method: str, templates) -> dict:
+    """Our CLIP backbone's options: the in-house checkpoint, CIFAR-10 class names (text kept for TPT's prompt
+    tuning), as ``ctta.backbones.create("clip", **spec)`` or a config's ``backbone`` section take them."""
+    return {"num_classes": 10, "checkpoint": weights, "class_names": "cifar10", "templates": templates,
+            "keep_text": method == "tpt"}
+
+
+def ours_clip(weights: str, method: str, templates) -> nn.Module:
+    """Our CLIP backbone (:func:`ours_clip_spec`), in eval mode."""
+    import ctta
+
+    return ctta.backbones.create("clip", **ours_clip_spec(weights, method, templates)).eval()
+
+
+def reference_clip_method(method: str, weights: str, conf, registry, ref_root: str, n_views: int, seed: int,
+                          lr, norm: nn.Module):
+    """The reference's TPT (its ``ClipTestTimePromptTuning``) or VTE (its ``ZeroShotCLIP``) around a fresh copy of
+    the in-house CLIP, with its config (``cfgs/imagenet_c/<method>.yaml``), and that config."""
+    from ctta.backbones.clip import load_open_clip_checkpoint
+    import models.custom_clip as custom_clip  # the reference's
+
+    clip_model, tokenizer = load_open_clip_checkpoint(weights)
+    custom_clip.get_tokenizer = lambda name: tokenizer
+    cfg = conf.cfg.clone()
+    cfg.merge_from_file(os.path.join(ref_root, "cfgs", "imagenet_c", f"{method}.yaml"))
+    cfg.CORRUPTION.DATASET = "cifar10_c"
+    cfg.TEST.N_AUGMENTATIONS = n_views
+    cfg.RNG_SEED = seed
+    if lr is not None:
+        cfg.OPTIM.LR = lr
+    if method == "vte":
+        import models.model as ref_model
+
+        ref_model.get_tokenizer = lambda name: tokenizer
+        model = ref_model.ZeroShotCLIP(cfg, clip_model.eval(), "cpu", norm)
+        return registry.get("vte")(cfg=cfg, model=model, num_classes=10), cfg
+    model = custom_clip.ClipTestTimePromptTuning(ReferenceView(clip_model).eval(), norm, "inhouse", "cifar10_c",
+                                                 n_ctx=cfg.TPT.N_CTX, ctx_init=cfg.TPT.CTX_INIT,
+                                                 class_token_pos=cfg.TPT.CLASS_TOKEN_POS)
+    return registry.get("tpt")(cfg=cfg, model=model, num_classes=10), cfg
+
+
+def reference_views(n_views: int):
+    """The reference's ``AugMixAugmenter`` as its data loader builds it for CIFAR with CLIP: the image itself and
+    ``n_views - 1`` crop + flip views (no AugMix), each a tensor from a PIL image."""
+    from augmentations.transforms_augmix import AugMixAugmenter
+    from torchvision import transforms
+
+    return AugMixAugmenter(None, transforms.Compose([transforms.ToTensor()]), dataset_name="cifar10_c",
+                           n_views=n_views - 1, use_augmix=False)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="the reference checkout's classification/ folder")
@@ -81,51 +143,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import ctta
-    from ctta.backbones.clip import load_open_clip_checkpoint
     from PIL import Image
     from ctta.strategies.common.confident_views import views_with_original
-    from torchvision import transforms
 
     ref_root = os.path.abspath(args.reference)
     conf, registry = import_reference(ref_root, args.stand_ins)
-    import models.custom_clip as custom_clip  # the reference's
-    from augmentations.transforms_augmix import AugMixAugmenter
 
     method = args.method
-    templates = "photo"
-    if method == "vte":  # the reference's ZeroShotCLIP ensembles the data set's CLIP templates (PROMPT_MODE ensemble)
-        import datasets.prompts as ref_prompts
-        import models.model as ref_model
-
-        templates = list(ref_prompts.cifar10_templates)
-
+    templates = clip_templates(method)
     domains = corruption_domains(args, batch_size=1)
 
     extra = {"lr": args.lr} if args.lr is not None and method == "tpt" else {}
 
     def ours_model() -> nn.Module:
-        return ctta.backbones.create("clip", num_classes=10, checkpoint=args.weights, class_names="cifar10",
-                                     templates=templates, keep_text=method == "tpt").eval()
+        return ours_clip(args.weights, method, templates)
 
     def reference_method(seed: int):
-        clip_model, tokenizer = load_open_clip_checkpoint(args.weights)
-        custom_clip.get_tokenizer = lambda name: tokenizer
-        cfg = conf.cfg.clone()
-        cfg.merge_from_file(os.path.join(ref_root, "cfgs", "imagenet_c", f"{method}.yaml"))
-        cfg.CORRUPTION.DATASET = "cifar10_c"
-        cfg.TEST.N_AUGMENTATIONS = args.n_views
-        cfg.RNG_SEED = seed
-        if args.lr is not None:
-            cfg.OPTIM.LR = args.lr
-        norm = ours_model().normalize  # CLIP's mean / std, as the reference's normalisation inside the model
-        if method == "vte":
-            ref_model.get_tokenizer = lambda name: tokenizer
-            model = ref_model.ZeroShotCLIP(cfg, clip_model.eval(), "cpu", norm)
-            return registry.get("vte")(cfg=cfg, model=model, num_classes=10), cfg
-        model = custom_clip.ClipTestTimePromptTuning(ReferenceView(clip_model).eval(), norm, "inhouse", "cifar10_c",
-                                                     n_ctx=cfg.TPT.N_CTX, ctx_init=cfg.TPT.CTX_INIT,
-                                                     class_token_pos=cfg.TPT.CLASS_TOKEN_POS)
-        return registry.get("tpt")(cfg=cfg, model=model, num_classes=10), cfg
+        return reference_clip_method(method, args.weights, conf, registry, ref_root, args.n_views, seed, args.lr,
+                                     ours_model().normalize)
 
     def to_pil(x: torch.Tensor) -> Image.Image:
         return Image.fromarray((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
@@ -138,8 +173,7 @@ def main(argv=None) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         ours = ctta.strategies.create(method, ours_model(), n_views=args.n_views, seed=seed, **extra)
         ref, cfg = reference_method(seed)
-        augmenter = AugMixAugmenter(None, transforms.Compose([transforms.ToTensor()]), dataset_name="cifar10_c",
-                                    n_views=cfg.TEST.N_AUGMENTATIONS - 1, use_augmix=False)
+        augmenter = reference_views(cfg.TEST.N_AUGMENTATIONS)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)

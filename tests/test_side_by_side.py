@@ -97,3 +97,54 @@ def test_reference_side_matches_ours_on_the_same_images(tmp_path):
     ref = sbs.run_reference(files, "bn", str(REFERENCE), str(STAND_INS), backbone="tiny_cnn", batch_size=4, seed=3)
     assert ref["images"] == ours["images"] == 16 and ref["batches"] == 4
     assert ref["errors"] == ours["errors"]
+
+
+def test_external_reference_loop_times_a_per_batch_step(tmp_path):
+    sbs = _script()
+    doms, files = _domains(tmp_path, sbs)
+    torch.manual_seed(3)
+    import ctta
+
+    model = ctta.backbones.create("tiny_cnn", num_classes=10).eval()
+    calls = []
+
+    def step(x, y):
+        calls.append((x.shape[0], x.dtype, float(x.max())))
+        with torch.no_grad():
+            return model(x)
+
+    res = sbs.run_external(files, step, batch_size=3)
+    assert res["errors"] == {"d0": 3, "d1": 3} and res["images"] == 16 and res["batches"] == 6
+    assert [c[0] for c in calls] == [3, 3, 2] * 2 and all(c[1] == torch.float32 and c[2] <= 1 for c in calls)
+    assert res["loop_seconds"] > 0 and res["loop_cpu_seconds"] > 0
+    assert set(sbs.EXTERNAL) == {"note", "t3a", "shot"}
+
+
+def test_ours_setup_matches_the_agreement_runs():
+    import argparse
+
+    sbs = _script()
+    opts = argparse.Namespace(data_root="/data", source_samples=100, warmup_samples=50, clip_weights="/clip.pt",
+                              reference="", stand_ins="")
+    assert sbs.ours_setup("rmt", opts) == (None, None, {"source_data": "/data", "source_samples": 100,
+                                                         "warmup_samples": 50})
+    assert sbs.ours_setup("santa", opts)[2] == {"source_data": "/data", "source_samples": 100}
+    assert sbs.ours_setup("shot", opts)[2] == {"bn": "source", "optimizer": "adam", "lr": 1e-4, "cls_par": 0.1,
+                                               "threshold": 0.9}
+    assert sbs.ours_setup("t3a", opts)[2] == {"filter_k": 100}
+    backbone, options, over = sbs.ours_setup("tpt", opts)
+    assert backbone == "clip" and options["checkpoint"] == "/clip.pt" and options["keep_text"] and over["n_views"] == 64
+    assert sbs.ours_setup("bn", opts) == (None, None, {})
+    cfg = sbs.experiment_config([], "tpt", backbone, "ignored.th", 1, 1, "cpu", over, options)
+    assert cfg["backbone"]["name"] == "clip" and "weights" not in cfg["backbone"]
+
+
+def test_step_zero_column_in_the_table():
+    sbs = _script()
+    rows = [{"side": side, "method": "rmt", "precision": "fp32", "images": 100, "errors": {"a": 3},
+             "wall_seconds": 10.0, "cpu_seconds": 5.0, "loop_seconds": 2.0, "loop_cpu_seconds": 2.0,
+             "rss_peak_mb": 500.0, "warmup_seconds": w, "warmup_cpu_seconds": w / 2} for side, w in
+            (("ours", 3.0), ("ref", 4.0))]
+    summary = sbs.summarise(rows)
+    assert summary[0]["warmup_s"] == 3.0 and summary[1]["warmup_cpu_s"] == 2.0
+    assert "| 3.0 (1.5) |" in sbs.table(summary) and "step 0 on source data" in sbs.table(summary)
