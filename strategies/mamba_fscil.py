@@ -36,9 +36,11 @@ shared SSM per branch), sums the four outputs and averages them over positions; 
 pooled map. ``pooled`` (fallback for backbones without a map) has each branch's MLP map the pooled feature to
 ``num_tokens`` tokens, scanned forwards and backwards. ``auto``: ``map`` when the backbone gives one.
 
-Remaining deviations: the four gate tensors ``z`` are summed after realigning their token axis (``gate_flip=tokens``;
-the official code flips the channel axis of the two backward gates, which looks unintended; it only changes the
-suppression loss's norm; ``gate_flip=channels`` does as the official code); the scan parameters for the separation loss come from the first (row-forward) direction, as in the official
+Gate sum (``gate_flip``): the suppression loss's ``z`` is the sum of the four scans' gates; ``channels`` (default)
+does as the official code, whose ``C_hf.flip([1])`` on a (batch, channels, tokens) gate reverses the backward gates'
+channels (likely unintended, but it decides how strong the suppression is: with ``tokens``, the gates realigned
+along their tokens, the suppression silences the novel branch on digits_fscil, benchmarks/RESULTS.md "Mamba-FSCIL
+against the official code"). Remaining deviations: the scan parameters for the separation loss come from the first (row-forward) direction, as in the official
 code; the stored few-shot features and class means are the ``grid`` x ``grid`` pooled maps, not the full maps.
 Feature mixup (the mix partner and the coin flip) is drawn over the whole batch (official: per GPU). The final
 base prototypes are means over the base inputs as the stream gave them (official: the train set through the
@@ -75,7 +77,7 @@ class SSMBranch(nn.Module):
     """One branch: MLP (Linear-LayerNorm-LeakyReLU-Linear) from the pooled feature to ``num_tokens`` tokens plus a
     positional embedding, a selective SSM scanned forwards and backwards, mean over tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, gate_flip: str = "tokens",
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, gate_flip: str = "channels",
                  **ssm: Any) -> None:
         super().__init__()
         self.num_tokens, self.out_dim, self.gate_axis = int(num_tokens), int(out_dim), _gate_axis(gate_flip)
@@ -94,8 +96,8 @@ class SSMBranch(nn.Module):
 
 
 def _gate_axis(gate_flip: str) -> int:
-    """The axis along which a backward scan's gate (batch, channels, tokens) is flipped before the sum: ``tokens``
-    realigns its tokens (ours), ``channels`` reverses its channels (what the official code's ``flip([1])`` does)."""
+    """The axis along which a backward scan's gate (batch, channels, tokens) is flipped before the sum: ``channels``
+    reverses its channels (what the official code's ``flip([1])`` does), ``tokens`` realigns its tokens."""
     return -1 if gate_flip == "tokens" else 1
 
 
@@ -111,7 +113,7 @@ class MapSSMBranch(nn.Module):
     LayerNorm over (channels, grid, grid) - LeakyReLU(0.1) - 1x1 conv) + positional embedding, one selective SSM
     scanned over rows forwards/backwards and columns forwards/backwards, the four outputs summed, mean over tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, grid: int, gate_flip: str = "tokens",
+    def __init__(self, in_dim: int, out_dim: int, mid_dim: int, grid: int, gate_flip: str = "channels",
                  **ssm: Any) -> None:
         super().__init__()
         self.grid, self.out_dim, self.gate_axis = int(grid), int(out_dim), _gate_axis(gate_flip)
@@ -139,7 +141,7 @@ class DualSelectiveProjector(nn.Module):
     mean), otherwise a pooled feature vector (branches :class:`SSMBranch`)."""
 
     def __init__(self, in_dim: int, out_dim: int, mid_dim: int, num_tokens: int, grid: Optional[int] = None,
-                 gate_flip: str = "tokens", **ssm: Any) -> None:
+                 gate_flip: str = "channels", **ssm: Any) -> None:
         super().__init__()
         self.grid = grid
         self.residual_proj = nn.Linear(in_dim, out_dim, bias=False) if out_dim != in_dim else nn.Identity()
@@ -217,7 +219,7 @@ class MambaFSCIL(IncrementalStrategy):
                  num_tokens: Count = 4, out_dim: Optional[Count] = None, mid_dim: Optional[Count] = None,
                  d_state: Count = 256, dt_rank: Optional[Count] = None, d_conv: Count = 4, expand: Positive = 1.0,
                  inc_lr: Positive = 0.25, inc_steps: Count = 200, inc_batch_size: Count = 64, inc_warmup: NonNegInt = 5,
-                 inc_cooldown: NonNegInt = 5, gate_flip: Literal["tokens", "channels"] = "tokens",
+                 inc_cooldown: NonNegInt = 5, gate_flip: Literal["channels", "tokens"] = "channels",
                  feature_mixup: Unit = 0.5, mixup_prob: Unit = 0.75, balanced_targets: bool = True,
                  supp_weight: NonNegative = 100.0, supp_novel_weight: NonNegative = 1e-5,
                  sep_weight: NonNegative = 1e-3, loss_chunk: Count = 8, proto_ema: Unit = 0.01,

@@ -256,9 +256,9 @@ def test_gradient_clipping_keeps_the_full_suppression_weight_finite():
 
 def test_map_branch_scans_rows_and_columns_both_ways():
     """The four directions make the branch (without positional embedding) invariant to transposing the grid and to
-    rotating it by 180 degrees; the gate follows the tokens (transposed / reversed with them)."""
+    rotating it by 180 degrees; with gate_flip='tokens' the gate follows the tokens (transposed / reversed with them)."""
     torch.manual_seed(0)
-    branch = MapSSMBranch(5, 6, 7, grid=3, d_state=4, dt_rank=2, d_conv=2)
+    branch = MapSSMBranch(5, 6, 7, grid=3, d_state=4, dt_rank=2, d_conv=2, gate_flip="tokens")
     with torch.no_grad():
         branch.pos_embed.zero_()
         m = torch.randn(2, 5, 3, 3)
@@ -438,8 +438,8 @@ def test_gate_flip_channels_reverses_the_backward_gates_channels():
     """gate_flip='channels' sums the four gates as the official MambaNeck does (backward gates' channel axis
     reversed); 'tokens' realigns their tokens; the outputs y and the scan parameters do not depend on it."""
     torch.manual_seed(0)
-    tok = MapSSMBranch(5, 6, 7, grid=2, d_state=4, dt_rank=2, d_conv=2)
-    chan = MapSSMBranch(5, 6, 7, grid=2, d_state=4, dt_rank=2, d_conv=2, gate_flip="channels")
+    tok = MapSSMBranch(5, 6, 7, grid=2, d_state=4, dt_rank=2, d_conv=2, gate_flip="tokens")
+    chan = MapSSMBranch(5, 6, 7, grid=2, d_state=4, dt_rank=2, d_conv=2)  # the default: as the official code
     chan.load_state_dict(tok.state_dict())
     m = torch.randn(3, 5, 2, 2)
     with torch.no_grad():
