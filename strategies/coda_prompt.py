@@ -29,7 +29,7 @@ head) plus
 ``ortho_mu * sum_l (||K K^T - I||^2 + ||A A^T - I||^2 + ||P P^T - I||^2)`` (means over entries, on the train-time
 slices ``0 .. t``; :func:`ortho_penalty`). Adam (lr 1e-3, no weight decay) over the components and the head, a new
 one per task, and per epoch the reference's cosine ``lr * cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` (its scheduler
-repeats epoch 0's rate once; :func:`strategies.coso.epoch_cosine`, the same schedule). Prediction: all components of
+repeats epoch 0's rate once; :func:`strategies.common.optim.epoch_cosine`, the same schedule). Prediction: all components of
 the tasks so far, classes seen so far.
 
 Head: the reference's ``nn.Linear(width, classes)`` drawn at construction (``head_init: fresh``, torch's default
@@ -57,9 +57,9 @@ from ctta.hparams import Count, NonNegative, NonNegInt, Positive
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, mask_logits
+from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits
+from .common.optim import epoch_cosine
 from .common.prompt_pool import frozen_query, vit_blocks, vit_classify, vit_embed
-from .coso import epoch_cosine, fresh_linear_
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from typing import Annotated, Any, List, Literal, Optional, Sequence, Union
 
 import torch
@@ -47,28 +46,11 @@ from ctta.hparams import Count, NonNegative, Positive, Range, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, mask_logits
+from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits
+from .common.optim import epoch_cosine  # noqa: F401  (re-exported: tests and users import it from here)
 from .common.subspace import SubspaceAdamW
 
 log = logging.getLogger(__name__)
-
-
-def epoch_cosine(epoch: int, epochs: int) -> float:
-    """The official CoSO rate factor in epoch ``epoch`` (0-based) of ``epochs``: ``cos(99 pi (e - 1) / (200 (K - 1)))``,
-    1 in epochs 0 and 1 (its scheduler's first step repeats epoch 0's rate); 1 when K <= 1."""
-    if epochs <= 1:
-        return 1.0
-    return math.cos(99 * math.pi * (min(max(epoch, 1), epochs - 1) - 1) / (200 * (epochs - 1)))
-
-
-@torch.no_grad()
-def fresh_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
-    """Re-draw ``layer`` as ``nn.Linear``'s default init: weight and bias uniform in +-1/sqrt(in_features)
-    (kaiming-uniform with a = sqrt(5)), from ``generator``."""
-    bound = 1.0 / math.sqrt(layer.in_features)
-    for p in (layer.weight, layer.bias):
-        if p is not None:
-            p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(p))
 
 
 @register

@@ -11,6 +11,7 @@ starts at the first ``learn`` after that; :meth:`SessionTracker.end_session` for
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -22,6 +23,16 @@ from ctta.backbones.classifier import last_linear
 from ..base import Strategy
 
 MASK_VALUE = float("-inf")
+
+
+@torch.no_grad()
+def fresh_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
+    """Re-draw ``layer`` as ``nn.Linear``'s default init: weight and bias uniform in +-1/sqrt(in_features)
+    (kaiming-uniform with a = sqrt(5)), from ``generator``."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    for p in (layer.weight, layer.bias):
+        if p is not None:
+            p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(p))
 
 
 class SeenClasses(nn.Module):
