@@ -148,3 +148,20 @@ def test_step_zero_column_in_the_table():
     summary = sbs.summarise(rows)
     assert summary[0]["warmup_s"] == 3.0 and summary[1]["warmup_cpu_s"] == 2.0
     assert "| 3.0 (1.5) |" in sbs.table(summary) and "step 0 on source data" in sbs.table(summary)
+
+
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.mark.slow  # ~30 s: the CIFAR-10 train set is read for the 40 source images
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10 (RMT's source images)")
+def test_step_zero_is_timed_apart_from_the_loop(tmp_path):
+    sbs = _script()
+    doms, files = _domains(tmp_path, sbs)
+    over = {"source_data": str(CIFAR), "source_samples": 40, "source_batch": 20, "warmup_samples": 40}
+    res = sbs.run_ours(files[:1], "rmt", tmp_path / "run", backbone="tiny_cnn", batch_size=4, seed=3, overrides=over)
+    import ctta.strategies
+
+    assert ctta.strategies.STRATEGIES.get("rmt").ensure_ready.__name__ == "ensure_ready"  # the patch is undone
+    assert res["images"] == 8 and res["warmup_seconds"] > 0 and res["warmup_cpu_seconds"] > 0
+    assert 0 < res["loop_seconds"] and 0 < res["loop_cpu_seconds"]
