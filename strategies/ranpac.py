@@ -11,7 +11,8 @@ Algorithm (per session t):
 
 1. session 0 only, ``first_session: adapter``: train AdaptFormer-style adapters (bottleneck 64, ReLU, dropout 0.1,
    output scale 0.1, up-projection 0) beside each block's MLP, with a cosine head (sigma learnable) over the
-   session's classes, SGD (momentum 0.9, weight decay 5e-4), cosine-annealed per epoch; then freeze the backbone.
+   session's classes, SGD (momentum 0.9, weight decay 5e-4), cosine-annealed per epoch; then freeze the backbone
+   (``common/first_session.py``, shared with APER).
    ``none``: the backbone is frozen from the start (PILOT with ``_init_train`` skipped; the official ``ncm`` rows).
 2. session 0 end: draw ``W_rand`` (D x M, N(0, 1), seeded) once; ``M = 0``: no projection (``H = F``).
 3. ``H = relu(F W_rand)`` of the session's training features (one pass, the stream's order);
