@@ -236,8 +236,10 @@ def _run(stream: Stream, strategy: Strategy, device: str | torch.device | None, 
                     step += 1
                     bar.update(1)
             bar.close()
+            meter.note_trainable(strategy.trainable_parameters())  # before the session closes: a method may train
             strategy.segment_end(seg)  # inside the timing: end-of-session work (a retrain, an LDA solve) is cost too
             seconds = meter.stop(seg.kind, seg.num_samples, seg.num_batches)
+            meter.note_trainable(strategy.trainable_parameters())  # only some sessions, or only at their ends
             rec = acc.finish()
             recorder.add_segment(index, seg.name, seg.kind, seg.role, rec, seconds, meta=seg.meta, groups=seg.groups)
             if trackers:

@@ -54,12 +54,14 @@ class CostMeter:
         else:
             self._own_rss_peak = reset_peak_rss()
         self._t0 = 0.0
+        self.trainable_peak = 0  # the most parameters the strategy trained at any segment end
         self._peak_before = 0.0  # peak of the earlier part of a resumed run (same memory kind)
 
     def state_dict(self) -> Dict[str, object]:
         """The totals so far, for a checkpoint: a resumed run adds to them (:meth:`load_state_dict`)."""
         return {"seconds": dict(self.seconds), "images": dict(self.images), "steps": dict(self.steps),
-                "peak_memory_mb": self.peak_memory_mb(), "memory_kind": self.memory_kind()}
+                "peak_memory_mb": self.peak_memory_mb(), "memory_kind": self.memory_kind(),
+                "trainable_peak": self.trainable_peak}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Continue from the totals of :meth:`state_dict` (an interrupted run's time, images and steps)."""
@@ -67,6 +69,7 @@ class CostMeter:
             saved = state.get(name) or {}
             getattr(self, name).update({k: type(getattr(self, name)[k])(v) for k, v in saved.items()
                                         if k in getattr(self, name)})
+        self.trainable_peak = int(state.get("trainable_peak") or 0)
         if state.get("memory_kind") == self.memory_kind():  # a CUDA peak and a process RSS do not compare
             self._peak_before = float(state.get("peak_memory_mb") or 0.0)
 
@@ -104,6 +107,11 @@ class CostMeter:
             return "cuda_max_allocated"
         return "process_peak_rss" if self._own_rss_peak else "process_peak_rss_since_start"
 
+    def note_trainable(self, trainable: Iterable[nn.Parameter]) -> None:
+        """Keep the largest number of trainable parameters seen (called at each segment end: methods such as APER or
+        RanPAC train in the first session only and hold no optimizer at the run's end)."""
+        self.trainable_peak = max(self.trainable_peak, int(sum(p.numel() for p in trainable)))
+
     def summary(self, trainable: Iterable[nn.Parameter] = ()) -> Dict[str, float]:
         out: Dict[str, float] = {}
         for k in ("adapt", "train", "eval"):
@@ -112,7 +120,7 @@ class CostMeter:
                 out[f"{k}_ms_per_step"] = 1000 * self.seconds[k] / max(self.steps[k], 1)
                 out[f"{k}_seconds"] = float(self.seconds[k])
         out["peak_memory_mb"] = self.peak_memory_mb()
-        out["trainable_parameters"] = int(sum(p.numel() for p in trainable))
+        out["trainable_parameters"] = max(self.trainable_peak, int(sum(p.numel() for p in trainable)))
         out["adaptation_steps"] = self.steps["adapt"] + self.steps["train"]
         return out
 

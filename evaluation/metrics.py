@@ -59,7 +59,7 @@ DEFINITIONS: Dict[str, str] = {
     "eval_ms_per_step": "mean wall time of one eval step (segment time / its steps), milliseconds",
     "peak_memory_mb": "peak device memory: CUDA allocator peak on a GPU, process peak RSS on a CPU (MiB; reset at "
                       "the run's start where Linux allows it, see memory_kind)",
-    "trainable_parameters": "number of parameters the strategy's optimizer updates",
+    "trainable_parameters": "number of parameters the strategy's optimizer updates (the most at any segment end)",
     "stored_elements": "tensor elements the strategy keeps beyond the backbone weights it started from: memories "
                        "(images x C x H x W, labels, logits), prompts, adapters, heads, prototypes, statistics, "
                        "teacher copies, changed backbone weights",

@@ -108,3 +108,20 @@ def test_cpu_peak_is_reset_per_run():
     blob = torch.ones(64 * 2**20 // 4)
     assert meter.peak_memory_mb() >= small + 50  # the new allocation shows; the earlier one did not linger
     del blob
+
+
+def test_trainable_parameters_are_the_most_any_segment_trained():
+    """A method that trains in the first session only (and drops its optimizer) still reports what it trained."""
+    s = strategies.create("finetune", make_tiny(num_classes=4))
+    original, closed = s.close_session, []
+
+    def first_session_only():
+        original()
+        closed.append(True)
+
+    s.close_session = first_session_only
+    trained = s.trainable_parameters
+    s.trainable_parameters = lambda: [] if closed else trained()  # as if the optimizer went with session 0
+    res = ctta.run(_stream(), s, device="cpu", progress=False)
+    assert s.trainable_parameters() == []
+    assert res.summary["trainable_parameters"] == sum(p.numel() for p in s.model.parameters())
