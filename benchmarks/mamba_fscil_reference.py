@@ -36,11 +36,16 @@ Stand-ins (everything else is the reference's code):
 
 Checks: (1) the neck (base branch, novel branch with a random gate, output, gate ``z``, scan parameters) on the same
 weights and input; (2) the class-sensitive losses on the same features; (3) one incremental training step's parameter
-update; (4) the whole run: base session, then ``fscil`` (its own memories, loop, schedule, evaluation), all / base /
-novel accuracy per session on both sides. Usage::
+update; (``--ddp N``) one step of the reference on N gloo processes of 8 samples (DDP) against ours with
+``loss_chunk=8``; (4) the whole run: base session, then ``fscil`` (its own memories, loop, schedule, evaluation),
+all / base / novel accuracy per session on both sides, the reference once with its own base session and once from
+our weights at the end of ours; (``--noise-floor``) ours against itself from weights perturbed by 1e-6. Each for our
+``gate_flip`` values (``channels``: as the official code). Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/mamba_fscil_reference.py --reference /tmp/mfs_ref --mamba /tmp/mamba_v120 \\
-        --seeds 0 1 2
+        --components-only --ddp 2
+    OMP_NUM_THREADS=1 python benchmarks/mamba_fscil_reference.py --reference /tmp/mfs_ref --mamba /tmp/mamba_v120 \\
+        --skip-components --d-state 16 --grad-clip 1.0 --seeds 0 1 --noise-floor
 """
 from __future__ import annotations
 
@@ -56,7 +61,6 @@ import time
 import types
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -503,6 +507,19 @@ def noise_floor(args, seed: int, segs, rel: float = 1e-6) -> Tuple[float, float]
     return accs[0], accs[1]
 
 
+def incremental_noise_floor(after_base, segs, rel: float = 1e-6) -> List[Tuple[float, float, float]]:
+    """Our incremental sessions from the base session's end (``after_base``), the base-class means and few-shot
+    features as computed, but the novel branch's initial weights perturbed by ``rel`` (relative, Gaussian)."""
+    st = copy.deepcopy(after_base)
+    st.__dict__.pop("end_session", None)  # the snapshot's copy of the wrapper would train the original
+    g = torch.Generator().manual_seed(98)
+    with torch.no_grad():
+        for p in st.projector.novel.parameters():
+            p.mul_(1 + rel * torch.randn(p.shape, generator=g))
+    out = run_ours(st, segs[2:])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", required=True)
@@ -554,6 +571,10 @@ def main(argv=None) -> int:
             same, perturbed = noise_floor(args, seed, segs)
             print(f"seed {seed}: noise floor, our base session: {same:.2f} from the same weights, {perturbed:.2f} "
                   f"from weights x (1 + 1e-6 N(0, 1))", flush=True)
+            inc = incremental_noise_floor(box["st"], segs)
+            print(f"seed {seed}: noise floor, our incremental sessions from the same base weights, the novel "
+                  f"branch's initial weights x (1 + 1e-6 N(0, 1)) (gate_flip={args.gate_flip[-1]}): "
+                  f"{[tuple(round(v, 2) for v in r) for r in inc]}", flush=True)
     print("\n| seed | our gate_flip | session | ours all / base / novel | reference all / base / novel | "
           "reference from our base weights | diff all (own / shared base) |")
     print("|---|---|---|---|---|---|---|")
