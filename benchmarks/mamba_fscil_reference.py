@@ -210,7 +210,8 @@ def reference_cfgs(root: str, args, d: int, out_dim: int, store: Store, work_dir
     n_sessions = (K - BASE) // WAYS
     inc.update(dict(inc_start=BASE, inc_end=K, inc_step=WAYS, gpu_ids=[0], device="cpu", seed=seed,
                     work_dir=work_dir, step_list=(args.inc_steps,) * n_sessions, copy_list=(1,) * n_sessions,
-                    base_copy_list=(1,) * n_sessions, grad_clip=args.grad_clip or None))
+                    base_copy_list=(1,) * n_sessions, grad_clip=args.grad_clip or None,
+                    finetune_lr=float(getattr(args, "inc_lr", 0.25))))
     return base, inc
 
 
@@ -233,7 +234,8 @@ def make_ours(args, seed: int, stream: bool = True, **over):
     torch.manual_seed(seed)
     model = ctta.backbones.create("tiny_cnn", num_classes=K)
     hp = dict(lr=args.lr, d_state=args.d_state, backend="torch", seed=seed, inc_steps=args.inc_steps,
-              inc_batch_size=8, loss_chunk=8, inc_grad_clip=args.grad_clip or None, tokens="map", grid=2)
+              inc_batch_size=8, loss_chunk=8, inc_grad_clip=args.grad_clip or None, tokens="map", grid=2,
+              inc_lr=float(getattr(args, "inc_lr", 0.25)))
     hp.update(over)
     st = ctta.strategies.create("mamba_fscil", model, **hp)
     return stream, model, st
@@ -529,6 +531,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inc-steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--d-state", type=int, default=256)
+    ap.add_argument("--inc-lr", type=float, default=0.25, help="incremental lr, both sides (official finetune_lr)")
     ap.add_argument("--grad-clip", type=float, default=0.0, help="both sides (0: none, the official)")
     ap.add_argument("--skip-components", action="store_true")
     ap.add_argument("--components-only", action="store_true")
