@@ -114,21 +114,10 @@ class APER(FirstSessionTuning, IncrementalStrategy):
         """``scale * cos(f, prototype_c)``; zero for classes without a prototype (masked anyway)."""
         return cosine_logits(f, self.prototypes.means(), self.scale)
 
-    def logits(self, x: Tensor) -> Tensor:
-        if self.adapting:
-            self.model.eval()
-            return self._train_logits(x)
-        return self.head_logits(self.features(x))
-
-    # --- sessions -------------------------------------------------------------------------------------------------
-    def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.adapting:
-            return self.adapt_step(x, y)
-        f = self.features(x)
-        out = self.mask(self.head_logits(f))
-        keep = self._first_pass(int(x.shape[0]))
-        self.prototypes.update(f[keep], y[keep])
-        return out
+    # --- sessions (logits / learn_batch: FirstSessionTuning's) --------------------------------------------------------
+    def accumulate(self, f: Tensor, y: Tensor) -> None:
+        """First-pass features of a frozen-backbone batch update the class prototypes."""
+        self.prototypes.update(f, y)
 
     def end_session(self, session: int) -> None:
         if self.adapting:  # freeze the adapted backbone; session 0's prototypes from its final features

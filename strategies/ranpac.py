@@ -117,22 +117,7 @@ class RanPAC(FirstSessionTuning, IncrementalStrategy):
             return sigma * F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
         return h @ self.weight.T
 
-    def logits(self, x: Tensor) -> Tensor:
-        if self.adapting:
-            self.model.eval()
-            return self._train_logits(x)
-        return self.head_logits(self.features(x))
-
-    # --- sessions -------------------------------------------------------------------------------------------------
-    def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.adapting:
-            return self.adapt_step(x, y)
-        f = self.features(x)
-        out = self.mask(self.head_logits(f))
-        keep = self._first_pass(int(x.shape[0]))
-        self.store.add(f[keep], y[keep])
-        return out
-
+    # --- sessions (logits / learn_batch: FirstSessionTuning's; first-pass features go to the store) -------------------
     def end_session(self, session: int) -> None:
         if self.adapting:
             self.freeze_backbone()

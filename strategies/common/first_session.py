@@ -53,7 +53,8 @@ def penultimate_dim(model: nn.Module) -> int:
 class FirstSessionTuning:
     """Mixin: session-0 training of ``params`` with a cosine head, per-epoch cosine learning rate, first-pass images
     kept in ``store``. The host calls :meth:`setup_first_session` (or :meth:`setup_passes` alone when it does not
-    adapt) in its ``__init__`` and uses :meth:`adapt_step` as its session-0 ``learn_batch``."""
+    adapt) in its ``__init__``; it provides ``adapting``, ``features`` and ``head_logits`` and inherits ``logits`` /
+    ``learn_batch`` (or overrides them and uses :meth:`adapt_step` as its session-0 ``learn_batch``)."""
 
     def setup_passes(self) -> None:
         """The pass bookkeeping and the store (every host)."""
@@ -127,6 +128,30 @@ class FirstSessionTuning:
         self.model.eval()
         self.store.add(x[keep], y[keep])
         return logits.detach()
+
+    # --- the frozen-backbone sessions -------------------------------------------------------------------------------
+    def logits(self, x: Tensor) -> Tensor:
+        """While adapting, the training head's logits (eval mode); afterwards the host's ``head_logits`` of its
+        ``features``."""
+        if self.adapting:
+            self.model.eval()
+            return self._train_logits(x)
+        return self.head_logits(self.features(x))
+
+    def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """Session 0 while adapting: :meth:`adapt_step`; otherwise the masked head logits of the batch, and its
+        first-pass features handed to :meth:`accumulate`."""
+        if self.adapting:
+            return self.adapt_step(x, y)
+        f = self.features(x)
+        out = self.mask(self.head_logits(f))
+        keep = self._first_pass(int(x.shape[0]))
+        self.accumulate(f[keep], y[keep])
+        return out
+
+    def accumulate(self, f: Tensor, y: Tensor) -> None:
+        """Where the first-pass features of a frozen-backbone batch go (default: the session's store)."""
+        self.store.add(f, y)
 
     def stored_images_to_features(self, batch_size: int) -> None:
         """Replace the kept images by ``self.features`` of them (after the adaptation), ``batch_size`` at a time."""
