@@ -59,7 +59,7 @@ from ctta.seeding import stable_seed
 from .base import register
 from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits
 from .common.optim import epoch_cosine
-from .common.prompt_pool import frozen_query, vit_blocks, vit_classify, vit_embed
+from .common.prompt_pool import frozen_but_head, frozen_query, vit_blocks, vit_classify, vit_embed
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ class CodaPrompt(IncrementalStrategy):
             fresh_linear_(head, torch.Generator().manual_seed(stable_seed(seed, "coda-prompt-head")))
         elif head_init != "keep":
             raise ConfigError(f"coda_prompt: head_init must be 'fresh' or 'keep', got {head_init!r}")
-        self.model.requires_grad_(False)
-        params = dict(self.model.named_parameters())
-        self.head = [params[n] for n in self.head_names]
-        for p in self.head:
-            p.requires_grad_(True)
-        self.model.eval()  # frozen ViT; the reference's dropout and drop-path are 0
+        self.head = frozen_but_head(self.model, self.head_names)  # the reference's dropout and drop-path are 0
         width = self.model.get_submodule(f"{blocks[self.layers[0]]}.attn").qkv.out_features // 3
         key_dim = int(self.model.feature_dim)  # the query's width (the reference's key_d = 768 = ViT-B's width)
         ref = self.head[0]

@@ -42,6 +42,18 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     return x * torch.rsqrt(torch.clamp_min(square, eps))
 
 
+def frozen_but_head(model: nn.Module, head_names: Sequence[str]) -> List[nn.Parameter]:
+    """Freeze ``model`` (requires_grad off, eval mode: a frozen ViT) except the parameters named ``head_names``,
+    which it returns trainable."""
+    model.requires_grad_(False)
+    params = dict(model.named_parameters())
+    head = [params[n] for n in head_names]
+    for p in head:
+        p.requires_grad_(True)
+    model.eval()
+    return head
+
+
 @torch.no_grad()
 def frozen_query(model: nn.Module, x: Tensor) -> Tensor:
     """The query of prompt matching: the frozen model's pre-logits feature of ``x`` without any prompt (for a timm
@@ -237,12 +249,7 @@ class PromptStrategy(IncrementalStrategy):
             self.head_names = head_parameter_names(self.model)
         else:
             raise ConfigError(f"{self.name}: head_init must be 'reset' or 'keep', got {head_init!r}")
-        self.model.requires_grad_(False)
-        params = dict(self.model.named_parameters())
-        self.head = [params[n] for n in self.head_names]
-        for p in self.head:
-            p.requires_grad_(True)
-        self.model.eval()  # frozen ViT; the reference's dropout and drop-path are 0
+        self.head = frozen_but_head(self.model, self.head_names)  # the reference's dropout and drop-path are 0
         self.lr, self.weight_decay, self.pull_coeff = float(lr), float(weight_decay), float(pull_coeff)
         self._session_classes: Optional[Tensor] = None
         self._segment_classes: Optional[List[int]] = None
@@ -307,6 +314,6 @@ class PromptStrategy(IncrementalStrategy):
         self._segment_classes = state.get("segment_classes")
 
 
-__all__ = ["PromptPool", "PromptStrategy", "fresh_head", "frozen_query", "insert_prompt_tokens", "l2_normalize",
-           "prefix_attention", "pull_term", "select_top_k", "task_prompt_ids", "vit_blocks", "vit_classify",
+__all__ = ["PromptPool", "PromptStrategy", "fresh_head", "frozen_but_head", "frozen_query", "insert_prompt_tokens",
+           "l2_normalize", "prefix_attention", "pull_term", "select_top_k", "task_prompt_ids", "vit_blocks", "vit_classify",
            "vit_embed"]
