@@ -81,6 +81,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def tiny_vit(num_classes: int = 4):
+    """A 2-block, 16-wide timm ViT on 16 px images, seeded: the pretrained-model CL tests' backbone."""
+    from ctta.backbones import create
+
+    torch.manual_seed(0)
+    return create("vit_tiny_patch16_224", num_classes=num_classes, img_size=16, patch_size=4, depth=2, embed_dim=16,
+                  num_heads=2)
+
+
 def stripe_data(classes, n_per: int = 8, seed: int = 0, size: int = 32):
     """Separable tiny images for continual-learning tests: class c brightens channel c % 3 in a class band."""
     g = torch.Generator().manual_seed(seed)

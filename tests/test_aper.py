@@ -9,18 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import ctta
-from conftest import stripe_data, two_session_stream
+from conftest import stripe_data, tiny_vit, two_session_stream
 from ctta import strategies
-from ctta.backbones import create
 from ctta.backbones.peft import PromptTokens, SSF, add_ssf, add_vpt, vit_ssf_layers
 
 VARIANTS = ["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"]
 
 
-def _vit(num_classes: int = 4):
-    torch.manual_seed(0)
-    return create("vit_tiny_patch16_224", num_classes=num_classes, img_size=16, patch_size=4, depth=2, embed_dim=16,
-                  num_heads=2)
+_vit = tiny_vit
 
 
 def _data(classes, seed=0, n_per=8):

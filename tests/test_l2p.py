@@ -9,19 +9,15 @@ import torch
 import torch.nn.functional as F
 
 import ctta
-from conftest import make_tiny, stripe_data, two_session_stream
+from conftest import make_tiny, stripe_data, tiny_vit, two_session_stream
 from ctta import strategies
-from ctta.backbones import create
 from ctta.errors import ConfigError, UnsupportedError
 from strategies.common.prompt_pool import PromptPool, frozen_query, pull_term, select_top_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _vit(num_classes: int = 4):
-    torch.manual_seed(0)
-    return create("vit_tiny_patch16_224", num_classes=num_classes, img_size=16, patch_size=4, depth=2, embed_dim=16,
-                  num_heads=2)
+_vit = tiny_vit
 
 
 def _data(classes, n_per=8, seed=0):

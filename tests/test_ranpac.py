@@ -8,16 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import stripe_data
+from conftest import stripe_data, tiny_vit
 from ctta import strategies
-from ctta.backbones import create
 from strategies.common.lda import ridge_solution, select_ridge
 
 
-def _vit(num_classes: int = 4):
-    torch.manual_seed(0)
-    return create("vit_tiny_patch16_224", num_classes=num_classes, img_size=16, patch_size=4, depth=2, embed_dim=16,
-                  num_heads=2)
+_vit = tiny_vit
 
 
 def _data(classes, seed=0, n_per=8):

@@ -10,17 +10,13 @@ import torch.nn.functional as F
 from torch.distributions.multivariate_normal import MultivariateNormal
 
 import ctta
-from conftest import stripe_data, two_session_stream
+from conftest import stripe_data, tiny_vit, two_session_stream
 from ctta import strategies
-from ctta.backbones import create
 from ctta.strategies.common.gaussians import ClassGaussians
 from ctta.strategies.slca import session_logits, session_norm_logits
 
 
-def _vit(num_classes: int = 4):
-    torch.manual_seed(0)
-    return create("vit_tiny_patch16_224", num_classes=num_classes, img_size=16, patch_size=4, depth=2, embed_dim=16,
-                  num_heads=2)
+_vit = tiny_vit
 
 
 def _data(classes, n_per=8, seed=0):
