@@ -45,36 +45,13 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor, nn
 
-VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=128, num_heads=4)
-
-
-class EpochLoader:
-    """A train loader that yields the next epoch's batches (``(index, images, labels)``) each time it is iterated."""
-
-    def __init__(self, epochs: List[List[Tuple[Tensor, Tensor]]]) -> None:
-        self.epochs, self.done = epochs, 0
-
-    def __len__(self) -> int:
-        return len(self.epochs[0])
-
-    def __iter__(self):
-        batches = self.epochs[self.done]
-        self.done += 1
-        return iter([(None, x, y) for x, y in batches])
-
-
-def make_model(vit: str) -> nn.Module:
-    """Our small ViT (benchmarks/pretrain_vit.py's shape) with ``vit``'s weights, 10 outputs."""
-    from ctta.backbones import create
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return create("vit_tiny_patch16_224", num_classes=10, weights=vit or None, **VIT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from coso_reference import VIT, EpochLoader, make_model  # noqa: E402  (the small ViT, the epoch-by-epoch loader)
 
 
 def run_ours(stream: Any, method: str, model: nn.Module, hp: Dict[str, Any]):
