@@ -35,9 +35,11 @@ import sys
 import time
 import types
 from argparse import Namespace
+from typing import Any, List, Tuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adab2n_reference import batches  # noqa: E402  (one segment's batches, as that script feeds both sides)
@@ -117,6 +119,26 @@ class SharedDraws:
         return torch.randperm(n, generator=self.gen)[:size].numpy()
 
 
+def mammoth_loop(m: Any, stream: Any, fake: Any) -> List[Tuple[Tensor, Tensor]]:
+    """Drive a Mammoth model as its ``utils/training.py``: per train segment ``meta_begin_task``, ``meta_observe`` per
+    batch, ``meta_end_task``; per test segment an eval-mode pass. Returns (logits, labels) per test segment."""
+    out = []
+    for seg in stream.segments:
+        bs, x, y = batches(seg)
+        if seg.kind == "train":
+            m.meta_begin_task(fake)
+            m.net.train()
+            for xb, yb in bs:
+                m.meta_observe(xb, yb, xb)
+            m.meta_end_task(fake)
+        else:
+            m.net.eval()
+            with torch.no_grad():
+                out.append((torch.cat([m(xb) for xb, _ in bs]), y))
+            m.net.train()
+    return out
+
+
 def run_reference(method, stream, model, seed, ref, shared, buffer_size=500, batch=32):
     classes, buffer_module, set_random_seed = ref
     set_random_seed(seed)
@@ -139,20 +161,7 @@ def run_reference(method, stream, model, seed, ref, shared, buffer_size=500, bat
         fake = FakeDataset()
         m = classes[method](model, torch.nn.functional.cross_entropy, args, None, dataset=fake)
         m.device = torch.device("cpu")
-        out = []
-        for seg in stream.segments:
-            bs, x, y = batches(seg)
-            if seg.kind == "train":
-                m.meta_begin_task(fake)
-                m.net.train()
-                for xb, yb in bs:
-                    m.meta_observe(xb, yb, xb)
-                m.meta_end_task(fake)
-            else:
-                m.net.eval()
-                with torch.no_grad():
-                    out.append((torch.cat([m(xb) for xb, _ in bs]), y))
-                m.net.train()
+        out = mammoth_loop(m, stream, fake)
     finally:
         buffer_module.np, buffer_module.Buffer.add_data = original_np, original_add
     return out

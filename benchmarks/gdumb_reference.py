@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adab2n_reference import batches  # noqa: E402
-from der_reference import (FakeDataset, SharedDraws, accuracies, import_reference, print_comparison,  # noqa: E402
-                           print_seed_means, print_seed_table, run_ours, split_cifar10)
+from der_reference import (FakeDataset, SharedDraws, accuracies, import_reference, mammoth_loop,  # noqa: E402
+                           print_comparison, print_seed_means, print_seed_table, run_ours, split_cifar10)
 
 MAMMOTH = {"maxlr": 0.05, "minlr": 5e-4, "momentum": 0.9, "weight_decay": 1e-6, "cutmix_alpha": 1.0,
            "cutmix_prob": 0.5, "batch_size": 32, "clip": 0.0}  # ours with Mammoth's seq-cifar10 values
@@ -93,20 +92,7 @@ def run_reference(stream, model, seed, args, shared):
         m = gdumb_module.GDumb(model, torch.nn.functional.cross_entropy, margs, None, dataset=fake)
         m.end_task = types.MethodType(end_task, m)
         m.device = torch.device("cpu")
-        out = []
-        for seg in stream.segments:
-            bs, x, y = batches(seg)
-            if seg.kind == "train":
-                m.meta_begin_task(fake)
-                m.net.train()
-                for xb, yb in bs:
-                    m.meta_observe(xb, yb, xb)
-                m.meta_end_task(fake)
-            else:
-                m.net.eval()
-                with torch.no_grad():
-                    out.append((torch.cat([m(xb) for xb, _ in bs]), y))
-                m.net.train()
+        out = mammoth_loop(m, stream, fake)
     finally:
         buffer_module.np, buffer_module.Buffer.add_data, aug_module.np, aug_module.torch = saved
     return out
