@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ranpac_reference as rr  # noqa: E402  (its VIT, DataManager, EpochImages, EpochLoader, Feats, AdapterFeats)
 import simplecil_reference  # noqa: E402
+from harness import compare_session  # noqa: E402
 
 MODULE = {"adapter": "aper_adapter", "ssf": "aper_ssf", "vpt_shallow": "aper_vpt", "vpt_deep": "aper_vpt",
           "finetune": "aper_finetune"}
@@ -296,12 +297,10 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     acc_o, acc_r = [], []
     for t, ((_, y), o, r) in enumerate(zip(test, out, ref)):
-        seen = order[:r.shape[1]]
-        a_ours, a_ref = o.argmax(1), seen[r.argmax(1)]
-        acc_o.append(100 * float((a_ours == y).float().mean()))
-        acc_r.append(100 * float((a_ref == y).float().mean()))
-        print(f"| {t} | {len(y)} | {acc_o[-1]:.2f} | {acc_r[-1]:.2f} | "
-              f"{100 * float((a_ours == a_ref).float().mean()):.2f} | {float((o[:, seen] - r).abs().max()):.1e} |")
+        a_o, a_r, same, diff = compare_session(y, o, r, order)
+        acc_o.append(a_o)
+        acc_r.append(a_r)
+        print(f"| {t} | {len(y)} | {a_o:.2f} | {a_r:.2f} | {same:.2f} | {diff:.1e} |")
     print(f"average incremental accuracy: ours {np.mean(acc_o):.2f}, reference {np.mean(acc_r):.2f}; "
           f"last: ours {acc_o[-1]:.2f}, reference {acc_r[-1]:.2f}")
     d = max(abs(a - b) for a, b in zip(our_ce, ref_ce))

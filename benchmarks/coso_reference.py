@@ -41,6 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import compare_session  # noqa: E402
+
 VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=128, num_heads=4)
 
 
@@ -313,12 +316,9 @@ def main(argv=None) -> int:
               f"{sum(accs) / len(accs):.2f}, last accuracy {accs[-1]:.2f}")
         return 0
     for t, ((x, y), o, r) in enumerate(zip(test, out, ref)):
-        seen = order[:r.shape[1]]
-        a_ours, a_ref = o.argmax(1), seen[r.argmax(1)]
-        acc_o.append(100 * float((a_ours == y).float().mean()))
-        acc_r.append(100 * float((a_ref == y).float().mean()))
-        same = 100 * float((a_ours == a_ref).float().mean())
-        diff = float((o[:, seen] - r).abs().max())
+        a_o, a_r, same, diff = compare_session(y, o, r, order)
+        acc_o.append(a_o)
+        acc_r.append(a_r)
         rows.append({"session": t, "ours": acc_o[-1], "reference": acc_r[-1], "identical": same, "max_diff": diff})
         print(f"| {t} | {len(y)} | {acc_o[-1]:.2f} | {acc_r[-1]:.2f} | {same:.2f} | {diff:.1e} |")
     avg = (sum(acc_o) / len(acc_o), sum(acc_r) / len(acc_r))

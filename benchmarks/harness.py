@@ -1,5 +1,6 @@
-"""What the side-by-side reference scripts share: the model and stream arguments, and the generated CIFAR-10-C
-domains held in memory (each script then drives its reference its own way)."""
+"""What the side-by-side reference scripts share: the model and stream arguments, the generated CIFAR-10-C
+domains held in memory (each script then drives its reference its own way), and one class-incremental session's
+comparison."""
 from __future__ import annotations
 
 import argparse
@@ -55,3 +56,12 @@ def model_factory(args: argparse.Namespace):
 
 
 __all__ = ["CORRUPTIONS", "corruption_domains", "model_factory", "stream_arguments"]
+
+
+def compare_session(y: Tensor, ours: Tensor, ref: Tensor, order: Tensor) -> Tuple[float, float, float, float]:
+    """One class-incremental eval, ours (logits over every class) against the reference's (logits over the classes
+    seen, in class-order positions ``order``): accuracy % of each, identical argmax %, max abs logit difference."""
+    seen = order[:ref.shape[1]]
+    a_ours, a_ref = ours.argmax(1), seen[ref.argmax(1)]
+    return (100 * float((a_ours == y).float().mean()), 100 * float((a_ref == y).float().mean()),
+            100 * float((a_ours == a_ref).float().mean()), float((ours[:, seen] - ref).abs().max()))

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from coso_reference import VIT, EpochLoader, make_model  # noqa: E402  (the small ViT, the epoch-by-epoch loader)
+from harness import compare_session  # noqa: E402
 
 
 def run_ours(stream: Any, method: str, model: nn.Module, hp: Dict[str, Any]):
@@ -271,12 +272,9 @@ def main(argv=None) -> int:
     acc_o, acc_r, rows = [], [], []
     for t, (batches, o, r) in enumerate(zip(test, out, ref)):
         y = torch.cat([yb for _, yb in batches])
-        seen = order[:r.shape[1]]
-        a_ours, a_ref = o.argmax(1), seen[r.argmax(1)]
-        acc_o.append(100 * float((a_ours == y).float().mean()))
-        acc_r.append(100 * float((a_ref == y).float().mean()))
-        same = 100 * float((a_ours == a_ref).float().mean())
-        diff = float((o[:, seen] - r).abs().max())
+        a_o, a_r, same, diff = compare_session(y, o, r, order)
+        acc_o.append(a_o)
+        acc_r.append(a_r)
         rows.append({"session": t, "ours": acc_o[-1], "reference": acc_r[-1], "identical": same, "max_diff": diff})
         print(f"| {t} | {len(y)} | {acc_o[-1]:.2f} | {acc_r[-1]:.2f} | {same:.2f} | {diff:.1e} |")
     avg = (sum(acc_o) / len(acc_o), sum(acc_r) / len(acc_r))
