@@ -57,7 +57,7 @@ from ctta.hparams import Count, NonNegative, NonNegInt, Positive
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits
+from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits, train_segment_epochs
 from .common.optim import epoch_cosine
 from .common.prompt_pool import frozen_but_head, frozen_query, vit_blocks, vit_classify, vit_embed
 
@@ -211,12 +211,9 @@ class CodaPrompt(IncrementalStrategy):
 
     # --- sessions -----------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
-        if getattr(segment, "kind", None) == "train":
-            meta = getattr(segment, "meta", None) or {}
-            self._epochs = max(int(meta.get("epochs", 1)), 1)
-            self._epoch_samples = max(int(segment.num_samples) // self._epochs, 1)
-            classes = meta.get("classes")
-            self._segment_classes = list(classes) if classes is not None else None
+        info = train_segment_epochs(segment)
+        if info is not None:
+            self._epochs, self._epoch_samples, self._segment_classes = info
 
     def begin_session(self, session: int) -> None:
         if session > 0:

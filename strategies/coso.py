@@ -46,7 +46,7 @@ from ctta.hparams import Count, NonNegative, Positive, Range, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits
+from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits, train_segment_epochs
 from .common.optim import epoch_cosine  # noqa: F401  (re-exported: tests and users import it from here)
 from .common.subspace import SubspaceAdamW
 
@@ -118,12 +118,9 @@ class CoSO(IncrementalStrategy):
         return self.model(x)
 
     def segment_start(self, segment: Any) -> None:
-        if getattr(segment, "kind", None) == "train":
-            meta = getattr(segment, "meta", None) or {}
-            self._epochs = max(int(meta.get("epochs", 1)), 1)
-            self._epoch_samples = max(int(segment.num_samples) // self._epochs, 1)
-            classes = meta.get("classes")
-            self._segment_classes = list(classes) if classes is not None else None
+        info = train_segment_epochs(segment)
+        if info is not None:
+            self._epochs, self._epoch_samples, self._segment_classes = info
 
     def begin_session(self, session: int) -> None:
         dev = self.head[0].device

@@ -12,7 +12,7 @@ starts at the first ``learn`` after that; :meth:`SessionTracker.end_session` for
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,17 @@ def fresh_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
     for p in (layer.weight, layer.bias):
         if p is not None:
             p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(p))
+
+
+def train_segment_epochs(segment: Any) -> Optional[Tuple[int, int, Optional[List[int]]]]:
+    """For a train segment: (epochs it repeats, samples per epoch, its classes or None) from the stream's metadata;
+    None for any other segment (the per-epoch schedules of CoSO and CODA-Prompt read it)."""
+    if getattr(segment, "kind", None) != "train":
+        return None
+    meta = getattr(segment, "meta", None) or {}
+    epochs = max(int(meta.get("epochs", 1)), 1)
+    classes = meta.get("classes")
+    return epochs, max(int(segment.num_samples) // epochs, 1), (list(classes) if classes is not None else None)
 
 
 class SeenClasses(nn.Module):
