@@ -57,7 +57,7 @@ from ctta.hparams import Count, NonNegative, NonNegInt, Positive
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits, train_segment_epochs
+from .common.incremental import IncrementalStrategy, SessionClasses, fresh_linear_, mask_logits, train_segment_epochs
 from .common.optim import epoch_cosine
 from .common.prompt_pool import frozen_but_head, frozen_query, vit_blocks, vit_classify, vit_embed
 
@@ -144,8 +144,7 @@ class CodaPrompt(IncrementalStrategy):
         self.init_task_slices(0)
         self.optimizer = torch.optim.Adam(list(self.prompt.parameters()) + self.head, lr=lr, weight_decay=weight_decay)
         self.base_lr, self.cosine = float(lr), bool(cosine)
-        self._session_classes: Optional[Tensor] = None
-        self._segment_classes: Optional[List[int]] = None
+        self.session_classes = SessionClasses()
         self._epochs = 0  # epochs of the current session (0: unknown)
         self._epoch_samples = 0
         self._done = 0
@@ -211,22 +210,20 @@ class CodaPrompt(IncrementalStrategy):
 
     # --- sessions -----------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
+        self.session_classes.segment_start(segment)
         info = train_segment_epochs(segment)
         if info is not None:
-            self._epochs, self._epoch_samples, self._segment_classes = info
+            self._epochs, self._epoch_samples = info
 
     def begin_session(self, session: int) -> None:
         if session > 0:
             self.init_task_slices(session)
         self.optimizer.state.clear()  # the reference's new optimiser at every task
-        dev = self.head[0].device
-        self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
-        if self._segment_classes is not None:
-            self._session_classes[torch.tensor(self._segment_classes, device=dev)] = True
+        self.session_classes.begin(self.seen.num_classes, self.head[0].device)
         self._done = 0
 
     def end_session(self, session: int) -> None:
-        self._segment_classes = None
+        self.session_classes.segment = None
         self._epochs = self._epoch_samples = 0
 
     def _set_lr(self) -> None:
@@ -237,13 +234,12 @@ class CodaPrompt(IncrementalStrategy):
             group["lr"] = self.base_lr * factor
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        assert self._session_classes is not None
-        self._session_classes.index_fill_(0, y, True)
+        keep = self.session_classes.add(y)
         self.model.eval()
         self._set_lr()
         with torch.enable_grad():
             logits, ortho = self.prompted(x, True)
-            loss = F.cross_entropy(mask_logits(logits, self._session_classes), y) + ortho
+            loss = F.cross_entropy(mask_logits(logits, keep), y) + ortho
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -255,15 +251,12 @@ class CodaPrompt(IncrementalStrategy):
         return [self.slices(k, layer)[t] for layer in self.layers for k in ("p", "k", "a")] + self.head
 
     def extra(self) -> Any:
-        return {"session_classes": None if self._session_classes is None else self._session_classes.cpu(),
-                "segment_classes": self._segment_classes, "epochs": self._epochs,
+        return {**self.session_classes.state(), "epochs": self._epochs,
                 "epoch_samples": self._epoch_samples, "done": self._done}
 
     def load_extra(self, state: Any) -> None:
         state = state or {}
-        sc = state.get("session_classes")
-        self._session_classes = None if sc is None else sc.to(self.head[0].device)
-        self._segment_classes = state.get("segment_classes")
+        self.session_classes.load_state(state, self.head[0].device)
         self._epochs = int(state.get("epochs", 0))
         self._epoch_samples = int(state.get("epoch_samples", 0))
         self._done = int(state.get("done", 0))

@@ -46,7 +46,7 @@ from ctta.hparams import Count, NonNegative, Positive, Range, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, fresh_linear_, mask_logits, train_segment_epochs
+from .common.incremental import IncrementalStrategy, SessionClasses, fresh_linear_, mask_logits, train_segment_epochs
 from .common.optim import epoch_cosine  # noqa: F401  (re-exported: tests and users import it from here)
 from .common.subspace import SubspaceAdamW
 
@@ -105,8 +105,7 @@ class CoSO(IncrementalStrategy):
         self.energy_rule = str(energy_rule)
         self.temperature = float(temperature)
         self.cosine = bool(cosine)
-        self._session_classes: Optional[Tensor] = None
-        self._segment_classes: Optional[List[int]] = None
+        self.session_classes = SessionClasses()
         self._session_index: Optional[Tensor] = None  # the session's classes in the stream's order (its head rows)
         self._epochs = 0  # epochs of the current session (0: unknown)
         self._epoch_samples = 0  # samples per epoch
@@ -118,17 +117,17 @@ class CoSO(IncrementalStrategy):
         return self.model(x)
 
     def segment_start(self, segment: Any) -> None:
+        self.session_classes.segment_start(segment)
         info = train_segment_epochs(segment)
         if info is not None:
-            self._epochs, self._epoch_samples, self._segment_classes = info
+            self._epochs, self._epoch_samples = info
 
     def begin_session(self, session: int) -> None:
         dev = self.head[0].device
-        self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
+        self.session_classes.begin(self.seen.num_classes, dev)
         self._session_index = None
-        if self._segment_classes is not None:
-            self._session_index = torch.tensor(self._segment_classes, dtype=torch.long, device=dev)
-            self._session_classes[self._session_index] = True
+        if self.session_classes.segment is not None:
+            self._session_index = torch.tensor(self.session_classes.segment, dtype=torch.long, device=dev)
         self.optimizer.reset_group_state([0])  # the head restarts (official: a new head per task)
         self._done = 0
         self._set_lr()
@@ -136,7 +135,7 @@ class CoSO(IncrementalStrategy):
     def end_session(self, session: int) -> None:
         dims = self.optimizer.end_task(self.threshold, self.energy_rule)
         log.info("coso: historical subspace dimensions after session %d: %s", session, dims)
-        self._segment_classes = None
+        self.session_classes.segment = None
         self._session_index = None
         self._epochs = self._epoch_samples = 0
 
@@ -152,12 +151,11 @@ class CoSO(IncrementalStrategy):
             group["lr"] = base * factor
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        assert self._session_classes is not None
-        self._session_classes.index_fill_(0, y, True)
+        keep = self.session_classes.add(y)
         idx = self._session_index if self._rows else None
         if idx is not None and self._done == 0 and not bool((y[:, None] == idx[None]).any(1).all()):
             log.warning("coso: labels outside the train segment's classes %s; training on the masked full head",
-                        self._segment_classes)  # checked once per session (a host sync)
+                        self.session_classes.segment)  # checked once per session (a host sync)
             idx = self._session_index = None
         self.model.eval()
         self._set_lr()
@@ -171,7 +169,7 @@ class CoSO(IncrementalStrategy):
                     logits = self.model.forward_head(feats)
             else:
                 logits = self.model(x)
-                loss = F.cross_entropy(mask_logits(logits, self._session_classes) / self.temperature, y)
+                loss = F.cross_entropy(mask_logits(logits, keep) / self.temperature, y)
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -182,16 +180,13 @@ class CoSO(IncrementalStrategy):
         return self.targets + self.head
 
     def extra(self) -> Any:
-        return {"session_classes": None if self._session_classes is None else self._session_classes.cpu(),
-                "segment_classes": self._segment_classes, "epochs": self._epochs,
+        return {**self.session_classes.state(), "epochs": self._epochs,
                 "session_index": None if self._session_index is None else self._session_index.tolist(),
                 "epoch_samples": self._epoch_samples, "done": self._done}
 
     def load_extra(self, state: Any) -> None:
         state = state or {}
-        sc = state.get("session_classes")
-        self._session_classes = None if sc is None else sc.to(self.head[0].device)
-        self._segment_classes = state.get("segment_classes")
+        self.session_classes.load_state(state, self.head[0].device)
         si = state.get("session_index")
         self._session_index = None if si is None else torch.tensor(si, dtype=torch.long, device=self.head[0].device)
         self._epochs = int(state.get("epochs", 0))

@@ -55,7 +55,7 @@ from ctta.seeding import stable_seed
 
 from .base import register
 from .common.first_session import FirstSessionTuning
-from .common.incremental import IncrementalStrategy, mask_logits, num_outputs
+from .common.incremental import IncrementalStrategy, SessionClasses, mask_logits, num_outputs
 from .common.prototypes import PrototypeMemory, feature_dim
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
         self.register_buffer("real", torch.zeros(0, n_cls, dtype=torch.bool))  # K x C: computed from data
         self.register_buffer("owner", torch.full((n_cls,), -1, dtype=torch.long))  # session of each class
         self.setup_passes()
-        self._session_classes: Optional[Tensor] = None
-        self._segment_classes: Optional[List[int]] = None
+        self.session_classes = SessionClasses()
         self._build_optimizer()
         self.remember_initial_state()
 
@@ -193,9 +192,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
     # --- sessions -------------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
         super().segment_start(segment)
-        if getattr(segment, "kind", None) == "train":
-            classes = (getattr(segment, "meta", None) or {}).get("classes")
-            self._segment_classes = list(classes) if classes is not None else None
+        self.session_classes.segment_start(segment)
 
     def begin_session(self, session: int) -> None:
         """A new adapter (the earlier ones frozen), a fresh proxy head and optimizer, the session's class mask."""
@@ -205,10 +202,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
         self._trainable_adapter(self.num_subspaces - 1)
         self._reset_proxy_head(session)
         self._build_optimizer()
-        dev = self.train_weight.device
-        self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
-        if self._segment_classes is not None:
-            self._session_classes[torch.tensor(self._segment_classes, device=dev)] = True
+        self.session_classes.begin(self.seen.num_classes, self.train_weight.device)
 
     def train_features(self, x: Tensor) -> Tensor:
         """The newest subspace's feature (the proxy head's input while training)."""
@@ -217,13 +211,13 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
 
     def _train_logits(self, x: Tensor) -> Tensor:
         """The proxy head over this session's classes only (PILOT's ``aux_targets`` over ``proxy_fc``)."""
-        return mask_logits(super()._train_logits(x), self._session_classes)
+        return mask_logits(super()._train_logits(x), self.session_classes.mask)
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         """One SGD step of the newest adapter and the proxy head; returns the proxy logits before it."""
-        if self._session_classes is None:  # a resumed or hand-driven session without begin_session
-            self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=y.device)
-        self._session_classes.index_fill_(0, y, True)
+        if self.session_classes.mask is None:  # a resumed or hand-driven session without begin_session
+            self.session_classes.mask = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=y.device)
+        self.session_classes.add(y)
         return self.adapt_step(x, y)
 
     def end_session(self, session: int) -> None:
@@ -232,7 +226,7 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
         x, y = self.store.items()
         self.store.clear()
         self.end_passes()
-        self._segment_classes, self._session_classes = None, None
+        self.session_classes = SessionClasses()
         k = self.num_subspaces
         c = self.seen.num_classes
         if self.protos.shape[0] < k:  # a new subspace: a zero block of prototypes
@@ -261,16 +255,12 @@ class EASE(FirstSessionTuning, IncrementalStrategy):
         return self.adapter_parameters(self.num_subspaces - 1) + [self.train_weight, self.train_sigma]
 
     def extra(self) -> Any:
-        sc = self._session_classes
-        return {**self.passes_state(), "session_classes": None if sc is None else sc.cpu(),
-                "segment_classes": self._segment_classes}
+        return {**self.passes_state(), **self.session_classes.state()}
 
     def load_extra(self, state: Any) -> None:
         state = state or {}
         self.load_passes_state(state)
-        sc = state.get("session_classes")
-        self._session_classes = None if sc is None else sc.to(self.owner.device)
-        self._segment_classes = state.get("segment_classes")
+        self.session_classes.load_state(state, self.owner.device)
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         """Grow or shrink the adapters to the checkpoint's count first (the module keys must match)."""

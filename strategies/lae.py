@@ -41,7 +41,7 @@ from ctta.hparams import Count, NonNegative, NonNegInt, Positive, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
-from .common.incremental import IncrementalStrategy, mask_logits
+from .common.incremental import IncrementalStrategy, SessionClasses, mask_logits
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class LAE(IncrementalStrategy):
         self.offline_ready = False
         self._warmup = 0  # samples (or batches with freeze_batches) of the current session's warm-up
         self._done = 0
-        self._session_classes: Optional[Tensor] = None
-        self._segment_classes: Optional[List[int]] = None
+        self.session_classes = SessionClasses()
         self._segment_samples: Optional[int] = None
         self.remember_initial_state()
 
@@ -154,17 +153,13 @@ class LAE(IncrementalStrategy):
 
     # --- sessions --------------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
+        self.session_classes.segment_start(segment)
         if getattr(segment, "kind", None) == "train":
             self._segment_samples = int(segment.num_samples)
-            classes = (getattr(segment, "meta", None) or {}).get("classes")
-            self._segment_classes = list(classes) if classes is not None else None
 
     def begin_session(self, session: int) -> None:
         self.optimizer.state.clear()  # a new optimizer per session, as the official code
-        dev = self.pets[0].device
-        self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
-        if self._segment_classes is not None:
-            self._session_classes[torch.tensor(self._segment_classes, device=dev)] = True
+        self.session_classes.begin(self.seen.num_classes, self.pets[0].device)
         self._done = 0
         if session == 0:
             self._warmup = 0
@@ -183,7 +178,7 @@ class LAE(IncrementalStrategy):
             self.offline_ready = True
 
     def end_session(self, session: int) -> None:
-        self._segment_classes = None
+        self.session_classes.segment = None
         self._segment_samples = None
         for p in self.pets:
             p.requires_grad_(True)
@@ -197,12 +192,11 @@ class LAE(IncrementalStrategy):
         frozen = self.in_warmup()
         for p in self.pets:
             p.requires_grad_(not frozen)
-        assert self._session_classes is not None
-        self._session_classes.index_fill_(0, y, True)
+        keep = self.session_classes.add(y)
         self.model.eval()
         with torch.enable_grad():
             logits = self.model(x)
-            loss = F.cross_entropy(mask_logits(logits, self._session_classes), y)
+            loss = F.cross_entropy(mask_logits(logits, keep), y)
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,15 +211,12 @@ class LAE(IncrementalStrategy):
 
     def extra(self) -> Any:
         return {"offline_ready": self.offline_ready, "warmup": self._warmup, "done": self._done,
-                "session_classes": None if self._session_classes is None else self._session_classes.cpu(),
-                "segment_classes": self._segment_classes, "segment_samples": self._segment_samples}
+                **self.session_classes.state(), "segment_samples": self._segment_samples}
 
     def load_extra(self, state: Any) -> None:
         state = state or {}
         self.offline_ready = bool(state.get("offline_ready", False))
         self._warmup = int(state.get("warmup", 0))
         self._done = int(state.get("done", 0))
-        sc = state.get("session_classes")
-        self._session_classes = None if sc is None else sc.to(self.pets[0].device)
-        self._segment_classes = state.get("segment_classes")
+        self.session_classes.load_state(state, self.pets[0].device)
         self._segment_samples = state.get("segment_samples")

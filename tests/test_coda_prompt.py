@@ -160,7 +160,7 @@ def test_loss_is_session_masked_cross_entropy_plus_ortho():
     x, y = _data([0, 1], n_per=4)
     s.sessions.on_learn()
     s.begin_session(0)
-    s._session_classes[:2] = True
+    s.session_classes.mask[:2] = True
     logits, ortho = s.prompted(x, train=True)
     expected = sum(0.5 * (ortho_penalty(s.slices("k", l)[0]) + ortho_penalty(s.slices("a", l)[0])
                           + ortho_penalty(s.slices("p", l)[0].flatten(1))) for l in s.layers)

@@ -35,15 +35,13 @@ def fresh_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
             p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(p))
 
 
-def train_segment_epochs(segment: Any) -> Optional[Tuple[int, int, Optional[List[int]]]]:
-    """For a train segment: (epochs it repeats, samples per epoch, its classes or None) from the stream's metadata;
-    None for any other segment (the per-epoch schedules of CoSO and CODA-Prompt read it)."""
+def train_segment_epochs(segment: Any) -> Optional[Tuple[int, int]]:
+    """For a train segment: (epochs it repeats, samples per epoch) from the stream's metadata; None for any other
+    segment (the per-epoch schedules of CoSO and CODA-Prompt read it)."""
     if getattr(segment, "kind", None) != "train":
         return None
-    meta = getattr(segment, "meta", None) or {}
-    epochs = max(int(meta.get("epochs", 1)), 1)
-    classes = meta.get("classes")
-    return epochs, max(int(segment.num_samples) // epochs, 1), (list(classes) if classes is not None else None)
+    epochs = max(int((getattr(segment, "meta", None) or {}).get("epochs", 1)), 1)
+    return epochs, max(int(segment.num_samples) // epochs, 1)
 
 
 class SeenClasses(nn.Module):
@@ -96,6 +94,42 @@ def num_outputs(model: nn.Module) -> int:
         raise UnsupportedError(f"cannot tell the number of classes of {type(model).__name__}: it has no "
                                f"num_classes attribute and no nn.Linear head")
     return int(last.out_features)
+
+
+class SessionClasses:
+    """The current session's classes as a boolean mask over the ``num_classes`` outputs, for the session-masked
+    cross-entropy of LAE, CoSO, the prompt learners and EASE: the classes the train segment names (stream metadata),
+    plus every label learned in the session. Checkpointed as ``session_classes`` / ``segment_classes``."""
+
+    def __init__(self) -> None:
+        self.segment: Optional[List[int]] = None  # the classes the current train segment names (None: unknown)
+        self.mask: Optional[Tensor] = None  # None until the first session begins
+
+    def segment_start(self, segment: Any) -> None:
+        """Read the classes a train segment names; other segments change nothing."""
+        if getattr(segment, "kind", None) == "train":
+            classes = (getattr(segment, "meta", None) or {}).get("classes")
+            self.segment = list(classes) if classes is not None else None
+
+    def begin(self, num_classes: int, device: torch.device) -> Tensor:
+        """A new session: the mask of the segment's classes (all False when the stream names none)."""
+        self.mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        if self.segment is not None:
+            self.mask[torch.tensor(self.segment, device=device)] = True
+        return self.mask
+
+    def add(self, y: Tensor) -> Tensor:
+        """Mark the labels of a batch learned in this session; returns the mask."""
+        assert self.mask is not None, "begin() a session before learning in it"
+        return self.mask.index_fill_(0, y, True)
+
+    def state(self) -> Dict[str, Any]:
+        return {"session_classes": None if self.mask is None else self.mask.cpu(), "segment_classes": self.segment}
+
+    def load_state(self, state: Dict[str, Any], device: torch.device) -> None:
+        sc = state.get("session_classes")
+        self.mask = None if sc is None else sc.to(device)
+        self.segment = state.get("segment_classes")
 
 
 class SessionTracker:

@@ -33,7 +33,7 @@ from ctta.backbones.peft import head_parameter_names
 from ctta.errors import ConfigError
 from ctta.seeding import stable_seed
 
-from .incremental import IncrementalStrategy, mask_logits
+from .incremental import IncrementalStrategy, SessionClasses, mask_logits
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
@@ -251,8 +251,7 @@ class PromptStrategy(IncrementalStrategy):
             raise ConfigError(f"{self.name}: head_init must be 'reset' or 'keep', got {head_init!r}")
         self.head = frozen_but_head(self.model, self.head_names)  # the reference's dropout and drop-path are 0
         self.lr, self.weight_decay, self.pull_coeff = float(lr), float(weight_decay), float(pull_coeff)
-        self._session_classes: Optional[Tensor] = None
-        self._segment_classes: Optional[List[int]] = None
+        self.session_classes = SessionClasses()
 
     def setup(self, prompt_parameters: Sequence[nn.Parameter]) -> None:
         """Adam over the prompt parameters and the head (constant lr, as the reference's ``scheduler: constant``)."""
@@ -271,30 +270,24 @@ class PromptStrategy(IncrementalStrategy):
 
     # --- sessions -----------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
-        if getattr(segment, "kind", None) == "train":
-            classes = (getattr(segment, "meta", None) or {}).get("classes")
-            self._segment_classes = list(classes) if classes is not None else None
+        self.session_classes.segment_start(segment)
 
     def begin_session(self, session: int) -> None:
         """A fresh Adam state and the session's class mask (from the segment's classes, else the labels seen)."""
         self.optimizer.state.clear()  # the reference's reinit_optimizer: a new Adam at every task
-        dev = self.head[0].device
-        self._session_classes = torch.zeros(self.seen.num_classes, dtype=torch.bool, device=dev)
-        if self._segment_classes is not None:
-            self._session_classes[torch.tensor(self._segment_classes, device=dev)] = True
+        self.session_classes.begin(self.seen.num_classes, self.head[0].device)
 
     def end_session(self, session: int) -> None:
-        self._segment_classes = None
+        self.session_classes.segment = None
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
         """One Adam step on ``CE(session-masked logits) - coeff * pull``; returns the seen-masked logits before it."""
-        assert self._session_classes is not None
-        self._session_classes.index_fill_(0, y, True)
+        keep = self.session_classes.add(y)
         self.model.eval()
         query = frozen_query(self.model, x)
         with torch.enable_grad():
             logits, pull = self.prompted(x, query, True)
-            loss = F.cross_entropy(mask_logits(logits, self._session_classes), y) - self.pull_coeff * pull
+            loss = F.cross_entropy(mask_logits(logits, keep), y) - self.pull_coeff * pull
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -304,14 +297,10 @@ class PromptStrategy(IncrementalStrategy):
         return self.prompt_params + self.head
 
     def extra(self) -> Any:
-        return {"session_classes": None if self._session_classes is None else self._session_classes.cpu(),
-                "segment_classes": self._segment_classes}
+        return self.session_classes.state()
 
     def load_extra(self, state: Any) -> None:
-        state = state or {}
-        sc = state.get("session_classes")
-        self._session_classes = None if sc is None else sc.to(self.head[0].device)
-        self._segment_classes = state.get("segment_classes")
+        self.session_classes.load_state(state or {}, self.head[0].device)
 
 
 __all__ = ["PromptPool", "PromptStrategy", "fresh_head", "frozen_but_head", "frozen_query", "insert_prompt_tokens",
