@@ -53,10 +53,10 @@ from ctta.hparams import Count, Momentum, NonNegative, NonNegInt, Positive, Unit
 from ctta.seeding import stable_seed
 
 from .base import register
+from .common.first_session import SessionPasses
 from .common.gaussians import ClassGaussians
 from .common.incremental import IncrementalStrategy, num_outputs
 from .common.prototypes import feature_dim
-from .common.replay import GrowingStore
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def session_norm_logits(logits: Tensor, sessions: Tensor, temperature: float) ->
 
 
 @register
-class SLCA(IncrementalStrategy):
+class SLCA(SessionPasses, IncrementalStrategy):
     """Slow backbone / fast head fine-tuning per session, class Gaussians, classifier alignment on sampled features.
     See the module docstring."""
 
@@ -140,12 +140,9 @@ class SLCA(IncrementalStrategy):
         self.register_buffer("aligned_weight", torch.zeros(0))  # the head after the last alignment (C x D)
         self.register_buffer("aligned_bias", torch.zeros(0))
         self.class_order: List[int] = []  # classes in the order they were learned (the reference's head columns)
-        self.store = GrowingStore()  # the session's images, one pass (for the statistics at its end)
+        self.setup_passes()  # ``store``: the session's images, one pass (for the statistics at its end)
         self._session_classes: List[int] = []
         self._segment_classes: Optional[List[int]] = None
-        self._pass: Optional[int] = None
-        self._epochs = 1
-        self._done = 0
         self.model.eval()
         self.remember_initial_state()
 
@@ -167,16 +164,14 @@ class SLCA(IncrementalStrategy):
 
     # --- sessions ------------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
+        super().segment_start(segment)  # the session's passes
         if getattr(segment, "kind", None) == "train":
-            meta = getattr(segment, "meta", None) or {}
-            self._epochs = int(meta.get("epochs", 1))
-            self._pass = int(segment.num_samples) // self._epochs
-            classes = meta.get("classes")
+            classes = (getattr(segment, "meta", None) or {}).get("classes")
             self._segment_classes = [int(c) for c in classes] if classes is not None else None
 
     def begin_session(self, session: int) -> None:
         self.optimizer.state.clear()  # a new optimiser per session, as the reference
-        self._done = 0
+        super().begin_session(session)
         self._session_classes = [c for c in (self._segment_classes or []) if c not in self.class_order]
 
     def epoch_lr(self, epoch: int) -> None:
@@ -186,11 +181,9 @@ class SLCA(IncrementalStrategy):
             group["lr"] = base * factor
 
     def learn_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        b = int(x.shape[0])
         epoch = self._done // self._pass if self._pass else 0
-        keep = b if self._pass is None else max(0, min(b, self._pass - self._done))
-        self._done += b
-        self.store.add(x[:keep], y[:keep])
+        first = self._first_pass(int(x.shape[0]))
+        self.store.add(x[first], y[first])
         for c in torch.unique(y).tolist():  # classes met outside the engine's segment list join the session
             if c not in self._session_classes and c not in self.class_order:
                 self._session_classes.append(c)
@@ -227,7 +220,8 @@ class SLCA(IncrementalStrategy):
     def end_session(self, session: int) -> None:
         x, y = self.store.items()
         self.store.clear()
-        self._pass, self._epochs, self._segment_classes = None, 1, None
+        self.end_passes()
+        self._segment_classes = None
         new = list(self._session_classes)
         self._session_classes = []
         if not new:
@@ -282,16 +276,13 @@ class SLCA(IncrementalStrategy):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def extra(self) -> Any:
-        return {"class_order": list(self.class_order), "store": self.store.state(), "pass": self._pass,
-                "epochs": self._epochs, "done": self._done, "session_classes": list(self._session_classes),
-                "segment_classes": self._segment_classes}
+        return {"class_order": list(self.class_order), **self.passes_state(),
+                "session_classes": list(self._session_classes), "segment_classes": self._segment_classes}
 
     def load_extra(self, state: Any) -> None:
         state = state or {}
         self.class_order = [int(c) for c in state.get("class_order", [])]
-        self.store.load_state(state.get("store"))
-        self._pass, self._epochs = state.get("pass"), int(state.get("epochs", 1))
-        self._done = int(state.get("done", 0))
+        self.load_passes_state(state)
         self._session_classes = [int(c) for c in state.get("session_classes", [])]
         self._segment_classes = state.get("segment_classes")
 

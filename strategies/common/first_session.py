@@ -50,11 +50,10 @@ def penultimate_dim(model: nn.Module) -> int:
         return int(penultimate_features(model.eval(), torch.zeros(1, *size)).shape[1])
 
 
-class FirstSessionTuning:
-    """Mixin: session-0 training of ``params`` with a cosine head, per-epoch cosine learning rate, first-pass images
-    kept in ``store``. The host calls :meth:`setup_first_session` (or :meth:`setup_passes` alone when it does not
-    adapt) in its ``__init__``; it provides ``adapting``, ``features`` and ``head_logits`` and inherits ``logits`` /
-    ``learn_batch`` (or overrides them and uses :meth:`adapt_step` as its session-0 ``learn_batch``)."""
+class SessionPasses:
+    """Mixin: the passes of a session that the stream repeats for several epochs (samples per pass from the train
+    segment), so a method keeps each image once: :meth:`_first_pass` gives a batch's first-pass rows, ``store``
+    holds what the host keeps of them. The host calls :meth:`setup_passes` in its ``__init__``."""
 
     def setup_passes(self) -> None:
         """The pass bookkeeping and the store (every host)."""
@@ -63,17 +62,6 @@ class FirstSessionTuning:
         self._epochs = 1
         self._done = 0
 
-    def setup_first_session(self, params: Sequence[nn.Parameter], num_classes: int, dim: int, lr: float,
-                            momentum: float, weight_decay: float, min_lr: float) -> None:
-        """The training head (``train_weight`` C x D U(-1/sqrt D, 1/sqrt D), ``train_sigma`` 1) and SGD over
-        ``params`` and the head."""
-        self.lr, self.min_lr = float(lr), float(min_lr)
-        self.train_weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim)))
-        self.train_sigma = nn.Parameter(torch.ones(1))
-        self.optimizer = torch.optim.SGD(list(params) + [self.train_weight, self.train_sigma], lr=self.lr,
-                                         momentum=momentum, weight_decay=weight_decay)
-
-    # --- passes ---------------------------------------------------------------------------------------------------
     def segment_start(self, segment: Any) -> None:
         if getattr(segment, "kind", None) == "train":
             self._epochs = int((getattr(segment, "meta", None) or {}).get("epochs", 1))
@@ -100,6 +88,23 @@ class FirstSessionTuning:
     def load_passes_state(self, state: dict) -> None:
         self.store.load_state(state.get("store"))
         self._pass, self._epochs, self._done = state.get("pass"), int(state.get("epochs", 1)), int(state.get("done", 0))
+
+
+class FirstSessionTuning(SessionPasses):
+    """Mixin: session-0 training of ``params`` with a cosine head, per-epoch cosine learning rate, first-pass images
+    kept in ``store``. The host calls :meth:`setup_first_session` (or :meth:`setup_passes` alone when it does not
+    adapt) in its ``__init__``; it provides ``adapting``, ``features`` and ``head_logits`` and inherits ``logits`` /
+    ``learn_batch`` (or overrides them and uses :meth:`adapt_step` as its session-0 ``learn_batch``)."""
+
+    def setup_first_session(self, params: Sequence[nn.Parameter], num_classes: int, dim: int, lr: float,
+                            momentum: float, weight_decay: float, min_lr: float) -> None:
+        """The training head (``train_weight`` C x D U(-1/sqrt D, 1/sqrt D), ``train_sigma`` 1) and SGD over
+        ``params`` and the head."""
+        self.lr, self.min_lr = float(lr), float(min_lr)
+        self.train_weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-1 / math.sqrt(dim), 1 / math.sqrt(dim)))
+        self.train_sigma = nn.Parameter(torch.ones(1))
+        self.optimizer = torch.optim.SGD(list(params) + [self.train_weight, self.train_sigma], lr=self.lr,
+                                         momentum=momentum, weight_decay=weight_decay)
 
     # --- training -------------------------------------------------------------------------------------------------
     def _train_logits(self, x: Tensor) -> Tensor:
@@ -162,4 +167,4 @@ class FirstSessionTuning:
             self.store.add(torch.cat(feats), y)
 
 
-__all__ = ["FirstSessionTuning", "add_ffn_adapters", "penultimate_dim"]
+__all__ = ["FirstSessionTuning", "SessionPasses", "add_ffn_adapters", "penultimate_dim"]
