@@ -132,6 +132,14 @@ class Strategy(nn.Module):
             raise RuntimeError(f"strategy {self.name!r} did not record its initial state")
         self.load_checkpoint_state(copy.deepcopy(self._initial))
 
+    def restore_initial_model(self) -> None:
+        """Load the backbone weights recorded by :meth:`remember_initial_state` into ``self.model`` (retraining from
+        the start at a session end: GDumb, joint), without keeping a second copy of them."""
+        if self._initial is None:
+            raise RuntimeError(f"strategy {self.name!r} did not record its initial state")
+        module = self._initial["module"]
+        self.model.load_state_dict({k[len("model."):]: v for k, v in module.items() if k.startswith("model.")})
+
     def checkpoint_state(self) -> Dict[str, Any]:
         """Everything needed to resume: module tensors, optimizer state and random generator state."""
         return {

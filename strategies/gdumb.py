@@ -30,7 +30,6 @@ best test accuracy over the passes (here the last pass's network).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Literal
 
@@ -71,7 +70,6 @@ class GDumb(IncrementalStrategy):
         self.model.requires_grad_(True)
         self.model.eval()
         self.optimizer = self.new_optimizer()  # the retraining's (rebuilt at each): what the cost report counts
-        self._initial_weights = copy.deepcopy(self.model.state_dict())
         self._evict_gen = torch.Generator().manual_seed(seed)  # the greedy sampler's draws (host)
         self._rng = np.random.default_rng(seed)  # cutmix's scalar draws (host)
         self.remember_initial_state()
@@ -101,7 +99,7 @@ class GDumb(IncrementalStrategy):
         """Back to the initial weights, then ``epochs`` passes over the memory (warm-up, cosine warm restarts)."""
         if len(self.buffer) == 0:
             return
-        self.model.load_state_dict(self._initial_weights)
+        self.restore_initial_model()
         self.optimizer = self.new_optimizer()
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=1, T_mult=2,
                                                                          eta_min=self.minlr)

@@ -52,7 +52,6 @@ class Joint(SGDLearner):
         self.passes = passes
         self.batch_size = 0
         self.store = GrowingStore()
-        self._initial_weights = copy.deepcopy(self.model.state_dict())
         self._initial_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.remember_initial_state()
 
@@ -71,7 +70,7 @@ class Joint(SGDLearner):
         session's epochs over the union of the sessions)."""
         if self.mode != "retrain" or len(self.store) == 0:
             return
-        self.model.load_state_dict(self._initial_weights)
+        self.restore_initial_model()
         self.optimizer.load_state_dict(self._initial_optimizer)
         x, y = self.store.items()
         bs = self.batch_size
